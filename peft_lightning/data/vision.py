@@ -1,0 +1,243 @@
+"""Image classification data on Hugging Face ``datasets``: a hub name, a local image folder, or parquet/arrow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from peft_lightning.errors import UsageError
+
+if TYPE_CHECKING:
+    import datasets
+
+IMAGENET_DEFAULT = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+                    "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
+
+
+def load_hf_dataset(dataset: str, config_name: str | None = None, cache_dir: str | None = None,
+                    what: str = "images") -> datasets.DatasetDict:
+    """Load a dataset from a local path (``save_to_disk`` folder, image folder, parquet/csv/json files) or the
+    Hugging Face hub, stopping with one clear line when it cannot be had."""
+    import datasets
+
+    path = Path(dataset).expanduser()
+    if path.exists():
+        try:
+            if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+                ds = datasets.load_from_disk(str(path))
+            else:  # `load_dataset` infers the builder: imagefolder, parquet, arrow, csv, json ...
+                ds = datasets.load_dataset(str(path), config_name, cache_dir=cache_dir)
+        except Exception as err:
+            raise UsageError(f"cannot read a dataset from {str(path)!r} ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:160]}): expected {what} in class subfolders, "
+                             "parquet/arrow files or a save_to_disk folder") from None
+    elif dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
+        raise UsageError(f"dataset path {dataset!r} does not exist: pass an existing folder with --data.dataset")
+    else:
+        try:
+            ds = datasets.load_dataset(dataset, config_name, cache_dir=cache_dir)
+        except Exception as err:
+            raise UsageError(
+                f"could not load dataset {dataset!r} from the Hugging Face hub ({type(err).__name__}; offline and "
+                f"not cached in {datasets.config.HF_DATASETS_CACHE}?): download it once with network, or point "
+                "--data.dataset at a local copy (image folder with class subfolders, parquet files or a "
+                "save_to_disk folder)") from None
+    if isinstance(ds, datasets.Dataset):
+        ds = datasets.DatasetDict({"train": ds})
+    return ds
+
+
+def find_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    import datasets
+
+    if image_column is None:
+        image_column = next((k for k, v in features.items() if isinstance(v, datasets.Image)), None)
+    if label_column is None:
+        label_column = next((k for k, v in features.items() if isinstance(v, datasets.ClassLabel)), None)
+        label_column = label_column or next((k for k in ("label", "labels") if k in features), None)
+    for kind, col in (("image", image_column), ("label", label_column)):
+        if col is None or col not in features:
+            raise UsageError(f"the dataset has no {kind} column {col or ''} (columns: {', '.join(features)}): "
+                             f"pass --data.{kind}_column NAME")
+    return image_column, label_column
+
+
+class ImageDataModule(LightningDataModule):
+    """Train/val/test image data with timm preprocessing for the model being tuned.
+
+    Args:
+        dataset: a hub name (``uoft-cs/cifar10``), a local image folder (class subfolders, optionally under
+            ``train/`` ``validation/`` ``test/``), parquet/arrow files, or a ``save_to_disk`` folder.
+        config_name: the hub dataset's configuration, if it has several.
+        train_split: name of the training split.
+        val_split: name of the validation split; when the dataset has none, ``val_fraction`` of train is carved
+            out, stratified by label and seeded.
+        test_split: name of the test split; carved from train like ``val_split`` when missing.
+        val_fraction: fraction of train used for a missing val (and test) split.
+        image_column: column holding images (default: the first ``Image`` feature).
+        label_column: column holding labels (default: the first ``ClassLabel``, else ``label``).
+        image_size: square input side; default: the model's pretrained input size.
+        crop_pct: eval centre-crop fraction; default: the model's (1.0 keeps small images whole).
+        train_crop_scale: area range of the training random-resized-crop.
+        hflip: probability of a horizontal flip in training.
+        auto_augment: timm auto-augment policy, e.g. ``rand-m9-mstd0.5``; None for none.
+        batch_size: per-device batch size.
+        eval_batch_size: per-device batch size for val/test/predict (default: 2 × batch_size).
+        num_workers: DataLoader worker processes.
+        pin_memory: pin host memory (speeds up copies to a GPU).
+        persistent_workers: keep workers alive between epochs.
+        max_train_samples: use a seeded random subset of this many training images.
+        max_val_samples: cap on validation images.
+        max_test_samples: cap on test images.
+        seed: seed of the splits and subsets.
+        cache_dir: ``datasets`` cache folder (default: ``HF_DATASETS_CACHE``).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "",
+        config_name: str | None = None,
+        train_split: str = "train",
+        val_split: str = "validation",
+        test_split: str = "test",
+        val_fraction: float = 0.1,
+        image_column: str | None = None,
+        label_column: str | None = None,
+        image_size: int | None = None,
+        crop_pct: float | None = None,
+        train_crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: float = 0.5,
+        auto_augment: str | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        max_test_samples: int | None = None,
+        seed: int = 42,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}: pass e.g. --data.batch_size 64")
+        if not 0 < val_fraction < 0.5:
+            raise UsageError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+        if num_workers < 0:
+            raise UsageError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.splits: dict[str, Any] = {}
+        self.class_names: list[str] = []
+        self.data_config: dict[str, Any] | None = None
+
+    # --- loading ---
+    def load_splits(self) -> datasets.DatasetDict:
+        """Return the raw splits. Subclasses override this for sources ``datasets`` cannot read."""
+        if not self.hparams.dataset:
+            raise UsageError("no dataset given: pass --data.dataset NAME_OR_PATH")
+        return load_hf_dataset(self.hparams.dataset, self.hparams.config_name, self.hparams.cache_dir)
+
+    def prepare_data(self) -> None:
+        self.load_splits()  # downloads once, on one process; `setup` then reads the cache
+
+    def _carve(self, ds: datasets.DatasetDict, name: str, label: str) -> None:
+        hp = self.hparams
+        train = ds[hp.train_split]
+        stratify = label if type(train.features[label]).__name__ == "ClassLabel" else None
+        parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed, stratify_by_column=stratify)
+        ds[hp.train_split], ds[name] = parts["train"], parts["test"]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        hp = self.hparams
+        ds = self.load_splits()
+        if hp.train_split not in ds:
+            raise UsageError(f"the dataset has no split {hp.train_split!r} (splits: {', '.join(ds)}): "
+                             "pass --data.train_split NAME")
+        image_col, label_col = find_columns(ds[hp.train_split].features, hp.image_column, hp.label_column)
+        for split in (hp.test_split, hp.val_split):  # carve test first so val never overlaps it
+            if split not in ds:
+                self._carve(ds, split, label_col)
+        feature = ds[hp.train_split].features[label_col]
+        if hasattr(feature, "names"):
+            self.class_names = list(feature.names)
+        else:
+            self.class_names = [str(v) for v in sorted(set(ds[hp.train_split][label_col]))]
+        caps = {hp.train_split: hp.max_train_samples, hp.val_split: hp.max_val_samples,
+                hp.test_split: hp.max_test_samples}
+        self.data_config = self.resolve_data_config()
+        for split, cap in caps.items():
+            d = ds[split].select_columns([image_col, label_col])
+            if len(d) == 0:
+                raise UsageError(f"split {split!r} is empty: check --data.dataset and the split names")
+            if cap is not None and cap < len(d):
+                d = d.shuffle(seed=hp.seed).select(range(cap))
+            self.splits[split] = d.with_transform(self._transform(split == hp.train_split, image_col, label_col))
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.class_names) or None
+
+    # --- preprocessing ---
+    def resolve_data_config(self) -> dict[str, Any]:
+        """timm's preprocessing of the attached model (or ImageNet defaults), with ``image_size``/``crop_pct``."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        cfg = dict(module.data_config()) if hasattr(module, "data_config") else dict(IMAGENET_DEFAULT)
+        if self.hparams.image_size is not None:
+            cfg["input_size"] = (3, self.hparams.image_size, self.hparams.image_size)
+        if self.hparams.crop_pct is not None:
+            cfg["crop_pct"] = self.hparams.crop_pct
+        return cfg
+
+    def _transform(self, train: bool, image_col: str, label_col: str):
+        from timm.data import create_transform
+
+        hp = self.hparams
+        cfg = self.data_config or IMAGENET_DEFAULT
+        common = {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std")}
+        if train:
+            tf = create_transform(**common, is_training=True, scale=hp.train_crop_scale, hflip=hp.hflip,
+                                  auto_augment=hp.auto_augment, color_jitter=None)
+        else:
+            tf = create_transform(**common, crop_pct=cfg.get("crop_pct"), crop_mode=cfg.get("crop_mode"))
+
+        def apply(batch: dict[str, list]) -> dict[str, Any]:
+            # Grey, palette and RGBA images all become RGB: pretrained models expect three channels.
+            images = [tf(img.convert("RGB") if img.mode != "RGB" else img) for img in batch[image_col]]
+            return {"pixel_values": images, "labels": batch[label_col]}
+
+        return apply
+
+    # --- loaders ---
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        hp = self.hparams
+        if not self.splits:
+            self.setup()
+        workers = hp.num_workers
+        return DataLoader(
+            self.splits[split],
+            batch_size=hp.batch_size if train else (hp.eval_batch_size or 2 * hp.batch_size),
+            shuffle=train,
+            num_workers=workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.train_split, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.val_split)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.test_split)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.test_split)

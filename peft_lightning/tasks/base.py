@@ -1,0 +1,138 @@
+"""The base every domain task shares: optimizer and scheduler wiring, named parameter groups, recipe metadata.
+
+A *recipe* is a subclass of a domain task (``FineTuneTask`` → ``ImageClassifier`` → ``EffnetFashion``) that
+sets the class attributes below and the defaults of ``__init__``; the CLI reads them to build its parser, and a
+notebook uses the same class directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, ClassVar, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import nn
+
+LayerGroups = list[tuple[str, list[str]]]
+"""Ordered (name, parameter names) pairs, from the input side (stem/embeddings) to the head."""
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0, kind: str = "cosine"):
+    """LR multiplier for ``LambdaLR``: linear warmup, then cosine/linear decay to ``min_ratio`` or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * shape
+
+    return factor
+
+
+class FineTuneTask(LightningModule):
+    """Base LightningModule of every domain: optimizer, LR schedule and parameter groups named by layer group.
+
+    Args:
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (with Nesterov momentum).
+        lr: peak learning rate of the head; lower groups get ``lr * layer_lr_scales[group]``.
+        weight_decay: decoupled weight decay; never applied to biases and normalisation weights.
+        momentum: SGD momentum (ignored by Adam/AdamW).
+        scheduler: LR shape after warmup: ``cosine``, ``linear`` (both decay to ``min_lr_ratio * lr``) or
+            ``constant``.
+        warmup: warmup length: a fraction of all training steps if < 1, else a number of steps.
+        min_lr_ratio: the LR at the end of the decay, as a fraction of the peak.
+    """
+
+    # --- recipe metadata (read by the CLI and `list`; recipes override) ---
+    domain: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    datamodule_class: ClassVar[type[LightningDataModule] | None] = None
+    data_defaults: ClassVar[dict[str, Any]] = {}
+    trainer_defaults: ClassVar[dict[str, Any]] = {}
+    finetuning_defaults: ClassVar[dict[str, Any]] = {}
+    monitor: ClassVar[str] = "val/acc"
+    monitor_mode: ClassVar[Literal["min", "max"]] = "max"
+
+    def __init__(
+        self,
+        optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        momentum: float = 0.9,
+        scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        warmup: float = 0.0,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}: pass e.g. --model.lr 1e-3")
+        if weight_decay < 0 or warmup < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError("weight_decay and warmup must be >= 0 and min_lr_ratio in [0, 1]")
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.scheduler_name = scheduler
+        self.warmup = warmup
+        self.min_lr_ratio = min_lr_ratio
+        # Multipliers of `lr` per layer group name; the FineTuning callback sets them (layer-wise LR decay).
+        self.layer_lr_scales: dict[str, float] = {}
+
+    # --- what each domain supplies ---
+    def layer_groups(self) -> LayerGroups:
+        """Ordered (name, parameter names) pairs from the input side to the head; override per domain."""
+        return [("all", [n for n, _ in self.named_parameters()])]
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """Whether this recipe's data and weights can be had on this machine now, and a short reason."""
+        return True, "no local assets needed"
+
+    # --- optimizer wiring ---
+    def _iter_param_groups(self) -> Iterator[dict[str, Any]]:
+        params = dict(self.named_parameters())
+        seen: set[str] = set()
+        for name, names in self.layer_groups():
+            names = [n for n in names if n in params and n not in seen]
+            seen.update(names)
+            scale = self.layer_lr_scales.get(name, 1.0)
+            # Biases and norm weights (1-D) take no weight decay: the timm / HF convention.
+            decay = [params[n] for n in names if params[n].ndim > 1]
+            no_decay = [params[n] for n in names if params[n].ndim <= 1]
+            if decay:
+                yield {"name": name, "params": decay, "lr": self.lr * scale, "weight_decay": self.weight_decay}
+            if no_decay:
+                yield {"name": f"{name}.no_wd", "params": no_decay, "lr": self.lr * scale, "weight_decay": 0.0}
+        rest = [p for n, p in params.items() if n not in seen]
+        if rest:
+            yield {"name": "other", "params": rest, "lr": self.lr, "weight_decay": self.weight_decay}
+
+    def configure_optimizers(self) -> Any:
+        # Every parameter is in the optimizer from the start, frozen or not: frozen ones get no gradient, so the
+        # optimizer skips them, and unfreezing later needs no `add_param_group` (which LR schedulers mishandle and
+        # which breaks resuming). Each group is named after its layer group for the logged learning rates.
+        groups = list(self._iter_param_groups())
+        if self.optimizer_name == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=True)
+        elif self.optimizer_name == "adam":
+            opt = torch.optim.Adam(groups, lr=self.lr)
+        else:
+            opt = torch.optim.AdamW(groups, lr=self.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
+        factor = warmup_cosine(warmup, total, self.min_lr_ratio, self.scheduler_name)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- helpers for domains ---
+    @staticmethod
+    def count_parameters(module: nn.Module) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        total = sum(p.numel() for p in module.parameters())
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        return trainable, total
