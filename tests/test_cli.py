@@ -1,0 +1,73 @@
+"""The command line as a user meets it: help, list, unknown recipes, configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from peft_lightning.registry import builtin_names
+
+
+def test_help_and_import_do_not_load_heavy_libraries():
+    code = ("import sys, runpy; sys.argv=['peft_lightning','--help'];"
+            "import peft_lightning; runpy.run_module('peft_lightning', run_name='__main__');"
+            "heavy=[m for m in ('timm','transformers','datasets') if m in sys.modules]; print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "fit" in out and "HEAVY []" in out
+
+
+def test_list_shows_recipes_with_domain_and_availability():
+    res = run_cli("list")
+    assert res.returncode == 0, res.stderr
+    for name in ("effnet_fashion", "vit_cifar"):
+        line = next(line for line in res.stdout.splitlines() if line.startswith(name))
+        assert "vision" in line and ("yes" in line or "no" in line)
+
+
+@pytest.mark.parametrize("name, hint", [("nope", "known recipes"), ("effnet_fashon", "did you mean effnet_fashion")])
+def test_unknown_recipe_is_one_line_and_exit_2(name, hint):
+    res = run_cli("fit", "--recipe", name)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and hint in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_recipe_and_unknown_command():
+    assert run_cli("fit").returncode == 2
+    res = run_cli("frobnicate")
+    assert res.returncode == 2 and "unknown command" in res.stderr
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_every_recipe_prints_a_complete_config_that_parses_back(name, tmp_path):
+    res = run_cli("fit", "--recipe", name, "--print_config")
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["recipe"] == name
+    for section in ("trainer", "model", "data", "finetuning", "checkpoint"):
+        assert cfg[section], section
+    assert cfg["model"]["model_name"] and cfg["data"]["batch_size"] >= 1
+    # The printed config is a valid `-c` file: it round-trips, and `recipe` inside it picks the recipe.
+    path = tmp_path / "run.yaml"
+    path.write_text(res.stdout)
+    again = run_cli("fit", "-c", str(path), "--print_config")
+    assert again.returncode == 0, again.stderr
+    assert yaml.safe_load(again.stdout) == cfg
+
+
+def test_overrides_from_cli_and_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: effnet_fashion\nmodel:\n  lr: 0.0005\ndata:\n  batch_size: 16\n")
+    res = run_cli("fit", "-c", str(path), "--trainer.max_epochs", "7", "--finetuning.strategy", "gradual",
+                  "--print_config")
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["model"]["lr"] == 0.0005 and cfg["data"]["batch_size"] == 16
+    assert cfg["trainer"]["max_epochs"] == 7 and cfg["finetuning"]["strategy"] == "gradual"
+
+
+def test_wrong_type_is_a_usage_error():
+    res = run_cli("fit", "--recipe", "effnet_fashion", "--model.lr", "fast")
+    assert res.returncode == 2 and "lr" in res.stderr
