@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from peft_lightning.data.sampling import EpochShuffle
 from peft_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class ImageDataModule(LightningDataModule):
         train_crop_scale: area range of the training random-resized-crop.
         hflip: probability of a horizontal flip in training.
         auto_augment: timm auto-augment policy, e.g. ``rand-m9-mstd0.5``; None for none.
+        augment: random crops/flips in training; False preprocesses training images like eval images
+            (deterministic: what frozen-feature caching and exact-resume tests need).
         batch_size: per-device batch size.
         eval_batch_size: per-device batch size for val/test/predict (default: 2 × batch_size).
         num_workers: DataLoader worker processes.
@@ -112,6 +115,7 @@ class ImageDataModule(LightningDataModule):
         train_crop_scale: tuple[float, float] = (0.08, 1.0),
         hflip: float = 0.5,
         auto_augment: str | None = None,
+        augment: bool = True,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -201,7 +205,7 @@ class ImageDataModule(LightningDataModule):
         hp = self.hparams
         cfg = self.data_config or IMAGENET_DEFAULT
         common = {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std")}
-        if train:
+        if train and hp.augment:
             tf = create_transform(**common, is_training=True, scale=hp.train_crop_scale, hflip=hp.hflip,
                                   auto_augment=hp.auto_augment, color_jitter=None)
         else:
@@ -220,10 +224,16 @@ class ImageDataModule(LightningDataModule):
         if not self.splits:
             self.setup()
         workers = hp.num_workers
+        data = self.splits[split]
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        # Single process: an epoch-seeded order (exact resume). Under DDP, Lightning puts a DistributedSampler
+        # (also seeded per epoch) in place of `shuffle=True`.
+        sampler = EpochShuffle(len(data), hp.seed) if train and not distributed else None
         return DataLoader(
-            self.splits[split],
+            data,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or 2 * hp.batch_size),
-            shuffle=train,
+            shuffle=train and distributed,
+            sampler=sampler,
             num_workers=workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and workers > 0,

@@ -42,8 +42,9 @@ class FineTuneTask(LightningModule):
         lr: peak learning rate of the head; lower groups get ``lr * layer_lr_scales[group]``.
         weight_decay: decoupled weight decay; never applied to biases and normalisation weights.
         momentum: SGD momentum (ignored by Adam/AdamW).
-        scheduler: LR shape after warmup: ``cosine``, ``linear`` (both decay to ``min_lr_ratio * lr``) or
-            ``constant``.
+        scheduler: LR shape after warmup: ``cosine``, ``linear`` (both decay to ``min_lr_ratio * lr``),
+            ``constant``, ``onecycle`` (torch's OneCycleLR; ``warmup`` is its rising fraction) or ``plateau``
+            (ReduceLROnPlateau on the recipe's monitored metric, halving the LR after 1 flat epoch; no warmup).
         warmup: warmup length: a fraction of all training steps if < 1, else a number of steps.
         min_lr_ratio: the LR at the end of the decay, as a fraction of the peak.
     """
@@ -64,7 +65,7 @@ class FineTuneTask(LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         momentum: float = 0.9,
-        scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        scheduler: Literal["cosine", "linear", "constant", "onecycle", "plateau"] = "cosine",
         warmup: float = 0.0,
         min_lr_ratio: float = 0.0,
     ) -> None:
@@ -80,8 +81,10 @@ class FineTuneTask(LightningModule):
         self.scheduler_name = scheduler
         self.warmup = warmup
         self.min_lr_ratio = min_lr_ratio
-        # Multipliers of `lr` per layer group name; the FineTuning callback sets them (layer-wise LR decay).
-        self.layer_lr_scales: dict[str, float] = {}
+        # Set by the FineTuning callback (or by hand), read live by the LR schedule at every step:
+        self.layer_lr_scales: dict[str, float] = {}  # multiplier of `lr` per layer group (layer-wise LR decay)
+        self.phase_lr_scale: float = 1.0  # multiplier of every group's LR in the current phase / round
+        self.schedule_epochs: int | None = None  # schedule length; None: the whole run (retune: one round)
 
     # --- what each domain supplies ---
     def layer_groups(self) -> LayerGroups:
@@ -123,11 +126,29 @@ class FineTuneTask(LightningModule):
             opt = torch.optim.Adam(groups, lr=self.lr)
         else:
             opt = torch.optim.AdamW(groups, lr=self.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = int(self.trainer.estimated_stepping_batches)
+        if self.schedule_epochs and self.trainer.max_epochs and self.trainer.max_epochs > 0:
+            total = total * self.schedule_epochs // self.trainer.max_epochs
+        total = max(1, total)
         warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
-        factor = warmup_cosine(warmup, total, self.min_lr_ratio, self.scheduler_name)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        if self.scheduler_name == "plateau":
+            sched: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=self.monitor_mode, factor=0.5, patience=1)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch"}}
+        if self.scheduler_name == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=self.warmup or 0.3)
+        else:
+            shape = warmup_cosine(warmup, total, self.min_lr_ratio, self.scheduler_name)
+            # One lambda per group, reading the layer and phase scales live: the callback can change them between
+            # epochs (milestones, retune rounds) without touching the optimizer, and a resumed run recomputes them.
+            names = [g["name"].removesuffix(".no_wd") for g in groups]
+            for g in opt.param_groups:  # the scales are applied by the lambdas below
+                g["lr"] = g["initial_lr"] = self.lr
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, [self._group_lambda(shape, n) for n in names])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _group_lambda(self, shape: Any, name: str) -> Any:
+        return lambda step: shape(step) * self.layer_lr_scales.get(name, 1.0) * self.phase_lr_scale
 
     # --- helpers for domains ---
     @staticmethod

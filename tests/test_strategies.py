@@ -1,0 +1,118 @@
+"""Every strategy, phase by phase: which groups changed and at which LR; schedulers; re-tuning rounds; resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from conftest import run_cli
+from helpers import PhaseRecorder, StopAfterEpoch, train
+from peft_lightning.callbacks.finetuning import FineTuning, Milestone
+
+ALL = ["stem", *[f"blocks.{i}" for i in range(6)], "head"]
+
+
+@pytest.mark.parametrize("strategy, kw, phases", [
+    ("head", {}, [["head"], ["head"]]),
+    ("full", {}, [ALL, ALL]),
+    ("freeze_unfreeze", {"unfreeze_at_epoch": 1, "unfreeze_groups": 2}, [["head"], ["blocks.5", "head"]]),
+    ("gradual", {"unfreeze_every": 1}, [["head"], ["blocks.5", "head"], ["blocks.4", "blocks.5", "head"]]),
+    ("milestones", {"milestones": [Milestone(1, 3, 0.5), Milestone(2, 1)]},
+     [["head"], ["blocks.4", "blocks.5", "head"], ["head"]]),
+])
+def test_phase_by_phase(image_folder, strategy, kw, phases):
+    rec = PhaseRecorder()
+    train(image_folder, FineTuning(strategy, **kw), epochs=len(phases), extra=[rec], model_kw={"scheduler": "constant"})
+    assert rec.changed == phases
+    if strategy == "milestones":  # the milestone's LR scale applies to every group in its phase
+        assert [round(lrs["head"], 6) for lrs in rec.lrs] == [1e-2, 5e-3, 1e-2]
+
+
+def test_param_groups_never_change_across_unfreezes(image_folder):
+    ft = FineTuning("gradual")
+    _, trainer = train(image_folder, ft, epochs=3)
+    names = [g["name"] for g in trainer.optimizers[0].param_groups]
+    assert names[0] == "stem" and "head" in names and len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "plateau"])
+def test_schedulers_run_across_an_unfreeze(image_folder, scheduler):
+    rec = PhaseRecorder()
+    model, trainer = train(image_folder, FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, lr_decay=0.5), epochs=3,
+                           extra=[rec], model_kw={"scheduler": scheduler, "warmup": 0.2})
+    assert rec.changed[0] == ["head"] and rec.changed[1] == ALL
+    first, last = rec.lrs[0], rec.lrs[-1]
+    if scheduler == "cosine":
+        steps_per_epoch = trainer.num_training_batches
+        total = steps_per_epoch * 3
+        from peft_lightning.tasks.base import warmup_cosine
+
+        shape = warmup_cosine(int(0.2 * total), total)
+        # The LR of each group follows the one schedule through the unfreeze, scaled by its layer decay.
+        assert last["head"] == pytest.approx(1e-2 * shape(2 * steps_per_epoch))
+        assert last["blocks.5"] == pytest.approx(0.5 * last["head"])
+        assert first["stem"] == pytest.approx(1e-2 * 0.5 ** 7 * shape(0))
+    else:
+        assert all(v > 0 for v in last.values())
+
+
+def test_retune_rounds_unfreeze_restore_best_and_print_a_table(image_folder, capsys):
+    ft = FineTuning("retune", monitor="val/loss", mode="min", patience=1, round_epochs=2, retune_groups=2,
+                    max_rounds=3)
+    rec = PhaseRecorder()
+    optimizers = []
+
+    class Opt(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            optimizers.append(trainer.optimizers[0])
+
+    model, trainer = train(image_folder, ft, epochs=20, extra=[rec, Opt()])
+    assert 2 <= len(ft.history) <= 3
+    assert [r["groups"] for r in ft.history] == [1 + 2 * i for i in range(len(ft.history))]
+    assert rec.changed[0] == ["head"]
+    # Round 1 trains two more groups, with a fresh optimizer.
+    first_of_round1 = ft.history[0]["epochs"]
+    assert rec.changed[first_of_round1] == ["blocks.4", "blocks.5", "head"]
+    assert optimizers[first_of_round1] is not optimizers[first_of_round1 - 1]
+    # The final weights are the best seen: their val loss equals the best recorded.
+    val = trainer.validate(model, trainer.datamodule, verbose=False)[0]["val/loss"]
+    assert val == pytest.approx(ft.best, rel=1e-4)
+    table = capsys.readouterr().out
+    assert "round" in table and "trainable" in table and "best val/loss" in table
+
+
+@pytest.mark.parametrize("strategy, kw, stop_after", [
+    ("freeze_unfreeze", {"unfreeze_at_epoch": 2}, 0),  # mid-phase
+    ("freeze_unfreeze", {"unfreeze_at_epoch": 2}, 2),  # just after the unfreeze
+    ("retune", {"monitor": "val/loss", "mode": "min", "round_epochs": 2, "patience": 1}, 1),  # mid-round / at a turn
+])
+def test_resume_matches_an_uninterrupted_run(image_folder, tmp_path, strategy, kw, stop_after):
+    epochs = 4
+    full, _ = train(image_folder, FineTuning(strategy, **kw), epochs)
+    train(image_folder, FineTuning(strategy, **kw), epochs, root=tmp_path, extra=[StopAfterEpoch(stop_after)])
+    resumed, _ = train(image_folder, FineTuning(strategy, **kw), epochs, root=tmp_path / "again",
+                       ckpt_path=str(tmp_path / "last.ckpt"))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_show_groups_prints_and_exits(tmp_path):
+    res = run_cli("fit", "--recipe", "effnet_fashion", "--finetuning.show_groups", "true", "--finetuning.lr_decay",
+                  "0.5", "--trainer.default_root_dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("group"))
+    rows = [line.split() for line in lines[start + 1:] if line.strip()]
+    assert [r[0] for r in rows] == ["stem", *[f"blocks.{i}" for i in range(7)], "head"]
+    assert rows[-1][1] == "12,810" and rows[-1][2] == "1" and rows[-2][2] == "0.5"
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
+
+
+def test_milestones_from_yaml_via_the_cli(tmp_path):
+    cfg = tmp_path / "ms.yaml"
+    cfg.write_text("recipe: effnet_fashion\nfinetuning:\n  strategy: milestones\n  milestones:\n"
+                   "    - {epoch: 0, groups: 1}\n    - {epoch: 1, groups: 3, lr_scale: 0.3}\n")
+    res = run_cli("fit", "-c", str(cfg), "--print_config")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "lr_scale: 0.3" in res.stdout
