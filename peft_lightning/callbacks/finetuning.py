@@ -27,6 +27,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from peft_lightning.callbacks.feature_cache import FeatureCache
+
 log = logging.getLogger(__name__)
 
 Strategy = Literal["full", "head", "freeze_unfreeze", "gradual", "milestones", "retune"]
@@ -64,6 +66,10 @@ class FineTuning(Callback):
         retune_groups: ``retune``: groups unfrozen at the start of each new round.
         retune_lr_scale: ``retune``: LR multiplier applied once more in each new round (e.g. 0.5 halves it).
         max_rounds: ``retune``: most rounds; None: until nothing is left to unfreeze or a round brings nothing.
+        cache_features: while only the head trains, compute the frozen part's outputs once per training sample
+            and train the head on them (epochs after the first skip the backbone). Needs deterministic training
+            inputs (e.g. ``--data.augment false``) and a task that supports it; dropped the moment anything below
+            the head unfreezes.
         show_groups: print the layer groups with their parameter counts and LR scales; the CLI then exits.
 
     In ``retune``, round 0 trains the head. When the monitored metric stops improving, the best weights are
@@ -93,6 +99,7 @@ class FineTuning(Callback):
         retune_groups: int = 1,
         retune_lr_scale: float = 1.0,
         max_rounds: int | None = None,
+        cache_features: bool = False,
         show_groups: bool = False,
     ) -> None:
         if min(head_groups, unfreeze_every, patience, round_epochs, retune_groups) < 1 or unfreeze_at_epoch < 0:
@@ -122,6 +129,7 @@ class FineTuning(Callback):
         self.retune_groups = retune_groups
         self.retune_lr_scale = retune_lr_scale
         self.max_rounds = max_rounds
+        self.cache_features = cache_features
         self.show_groups = show_groups
         self._trainable: int | None = None  # groups from the top that train now (for logging changes)
         self._round_started = time.perf_counter()
@@ -173,6 +181,12 @@ class FineTuning(Callback):
                     params[n].requires_grad_(i >= len(groups) - k)
         pl_module.phase_lr_scale = self.phase_lr_scale(epoch)
         train_names = [name for name, _ in groups[len(groups) - k:]]
+        if self.cache_features:
+            head_only = k == 1 and getattr(pl_module, "supports_feature_cache", False)
+            if not head_only:
+                pl_module.feature_cache = None  # invalidated: the frozen part is about to change
+            elif getattr(pl_module, "feature_cache", None) is None:
+                pl_module.feature_cache = FeatureCache()
         if k != self._trainable:
             if self._trainable is not None:
                 rank_zero_info(f"epoch {epoch}: training {k}/{len(groups)} layer groups: {', '.join(train_names)}")
@@ -200,6 +214,14 @@ class FineTuning(Callback):
         self.mode = self.mode or getattr(pl_module, "monitor_mode", "min")
         if self.strategy == "retune":
             pl_module.schedule_epochs = self.round_epochs
+        if self.cache_features and stage == "fit":
+            dm = trainer.datamodule
+            if not getattr(pl_module, "supports_feature_cache", False):
+                raise ValueError(f"{type(pl_module).__name__} does not support feature caching: "
+                                 "drop --finetuning.cache_features")
+            if dm is None or not getattr(dm, "deterministic_train", False):
+                raise ValueError("feature caching needs deterministic training inputs (no random augmentation): "
+                                 "pass --data.augment false, or drop --finetuning.cache_features")
         # A group unfrozen after DDP wrapped the model must still be all-reduced: DDP registers every parameter
         # (nothing is frozen yet, see on_fit_start) and tolerates the ones that get no gradient.
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)

@@ -182,7 +182,14 @@ class ImageDataModule(LightningDataModule):
                 raise UsageError(f"split {split!r} is empty: check --data.dataset and the split names")
             if cap is not None and cap < len(d):
                 d = d.shuffle(seed=hp.seed).select(range(cap))
+            if split == hp.train_split:  # row numbers: the key of the frozen-feature cache
+                d = d.add_column("index", list(range(len(d))))
             self.splits[split] = d.with_transform(self._transform(split == hp.train_split, image_col, label_col))
+
+    @property
+    def deterministic_train(self) -> bool:
+        """Whether a training image always preprocesses to the same tensor (no random augmentation)."""
+        return not self.hparams.augment
 
     @property
     def num_classes(self) -> int | None:
@@ -214,7 +221,10 @@ class ImageDataModule(LightningDataModule):
         def apply(batch: dict[str, list]) -> dict[str, Any]:
             # Grey, palette and RGBA images all become RGB: pretrained models expect three channels.
             images = [tf(img.convert("RGB") if img.mode != "RGB" else img) for img in batch[image_col]]
-            return {"pixel_values": images, "labels": batch[label_col]}
+            out = {"pixel_values": images, "labels": batch[label_col]}
+            if "index" in batch:
+                out["index"] = batch["index"]
+            return out
 
         return apply
 

@@ -97,6 +97,7 @@ class ImageClassifier(FineTuneTask):
         self.label_smoothing = label_smoothing
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.build_model().to(memory_format=self.memory_format)
+        self.feature_cache: Any = None  # set by FineTuning(cache_features=True) while only the head trains
         self._build_metrics()
 
     # --- model ---
@@ -176,8 +177,25 @@ class ImageClassifier(FineTuneTask):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.contiguous(memory_format=self.memory_format))
 
+    @property
+    def supports_feature_cache(self) -> bool:
+        """True when the head group is exactly timm's classifier and nothing random runs before it."""
+        head = self.layer_groups()[-1][1]
+        classifier = f"model.{self.model.pretrained_cfg.get('classifier', 'head')}."
+        return all(n.startswith(classifier) for n in head) and not self.hparams.drop_rate
+
+    def _cached_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = self.feature_cache.get(batch["index"])
+        if features is None:
+            with torch.no_grad():
+                x = batch["pixel_values"].contiguous(memory_format=self.memory_format)
+                features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            self.feature_cache.put(batch["index"], features)
+        return self.model.get_classifier()(features)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["pixel_values"])
+        cached = self.feature_cache is not None and "index" in batch
+        logits = self._cached_logits(batch) if cached else self(batch["pixel_values"])
         loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
