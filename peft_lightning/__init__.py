@@ -18,6 +18,8 @@ _LAZY = {
     "FineTuneTask": "peft_lightning.tasks.base",
     "ImageClassifier": "peft_lightning.tasks.vision",
     "ImageDataModule": "peft_lightning.data.vision",
+    "TextClassifier": "peft_lightning.tasks.text",
+    "TextDataModule": "peft_lightning.data.text",
     "FineTuning": "peft_lightning.callbacks.finetuning",
     "get_recipe": "peft_lightning.registry",
     "list_recipes": "peft_lightning.registry",
@@ -27,9 +29,11 @@ __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft_lightning.callbacks.finetuning import FineTuning
+    from peft_lightning.data.text import TextDataModule
     from peft_lightning.data.vision import ImageDataModule
     from peft_lightning.registry import get_recipe, list_recipes
     from peft_lightning.tasks.base import FineTuneTask
+    from peft_lightning.tasks.text import TextClassifier
     from peft_lightning.tasks.vision import ImageClassifier
 
 

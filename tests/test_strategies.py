@@ -139,3 +139,18 @@ def test_feature_cache_refuses_random_augmentation(image_folder):
                       callbacks=[FineTuning("head", cache_features=True)])
     with pytest.raises(ValueError, match="--data.augment false"):
         trainer.fit(tiny_model(), tiny_data(image_folder, augment=True))
+
+
+def test_fsdp_is_configured_for_frozen_groups_and_deepspeed_is_refused():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from helpers import tiny_model
+
+    fsdp = FSDPStrategy()
+    FineTuning("gradual").setup(SimpleNamespace(strategy=fsdp, datamodule=None), tiny_model(), "fit")
+    assert fsdp.kwargs["use_orig_params"] is True
+    deepspeed = object.__new__(DeepSpeedStrategy)  # the class, without needing deepspeed installed
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        FineTuning("head").setup(SimpleNamespace(strategy=deepspeed, datamodule=None), tiny_model(), "fit")

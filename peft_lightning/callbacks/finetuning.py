@@ -227,6 +227,14 @@ class FineTuning(Callback):
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
         if isinstance(ddp_kwargs, dict) and self.strategy != "full":
             ddp_kwargs["find_unused_parameters"] = True
+        kind = type(trainer.strategy).__name__
+        if kind.startswith("DeepSpeed") and self.strategy != "full":
+            raise ValueError("FineTuning cannot freeze or unfreeze layer groups under DeepSpeed (its optimizer "
+                             "partitions only the parameters trainable at start): use --trainer.strategy fsdp or ddp")
+        if kind.startswith("FSDP") and self.strategy != "full":
+            # FSDP flattens each wrapped block's parameters into one; `use_orig_params` keeps requires_grad per
+            # original parameter, so a block may hold frozen and trainable weights and unfreeze later.
+            trainer.strategy.kwargs["use_orig_params"] = True
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
