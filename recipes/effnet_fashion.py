@@ -107,6 +107,8 @@ class EffnetFashion(ImageClassifier):
         # The file's keys name the same tensors in the same order as timm's, under other names: map by position,
         # checking every shape, and `load_weights` skips the 1000-class head.
         renamed = {}
+        if len(own) != len(state):
+            raise UsageError(f"EfficientNet-Lite0 weights hold {len(state)} tensors, timm expects {len(own)}")
         for (name, ref), value in zip(own.items(), state.values()):
             if ref.shape != value.shape and not name.startswith("classifier."):
                 raise UsageError(f"EfficientNet-Lite0 weights do not line up with timm at {name}")

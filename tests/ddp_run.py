@@ -14,9 +14,9 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import tiny_data, tiny_model  # noqa: E402
-
 from peft_lightning.callbacks.finetuning import FineTuning  # noqa: E402
+
+from helpers import tiny_data, tiny_model  # noqa: E402
 
 
 class SeenSamples(Callback):

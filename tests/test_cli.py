@@ -8,8 +8,9 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
 from peft_lightning.registry import builtin_names
+
+from conftest import ROOT, run_cli
 
 
 def test_help_and_import_do_not_load_heavy_libraries():

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_image_folder, run_cli
 from recipes.effnet_fashion import EffnetFashion
+
+from conftest import ROOT, make_image_folder, run_cli
 
 pytestmark = pytest.mark.slow
 

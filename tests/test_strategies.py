@@ -6,9 +6,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
+from peft_lightning.callbacks.finetuning import FineTuning, Milestone
+
 from conftest import run_cli
 from helpers import PhaseRecorder, StopAfterEpoch, train
-from peft_lightning.callbacks.finetuning import FineTuning, Milestone
 
 ALL = ["stem", *[f"blocks.{i}" for i in range(6)], "head"]
 
