@@ -70,6 +70,13 @@ def _make_cli_class():
 
     from peft_lightning.callbacks.finetuning import FineTuning
 
+    class Parser(LightningArgumentParser):
+        """jsonargparse prints the whole usage (100+ lines) before a parse error; one line is enough."""
+
+        def error(self, message: str, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+            flat = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+            raise UsageError(f"{flat[:400]} (see `fit --recipe NAME --help`)")
+
     class PeftLightningCLI(LightningCLI):
         """LightningCLI bound to one recipe: its classes, its defaults, and a test of the best checkpoint after fit."""
 
@@ -87,6 +94,8 @@ def _make_cli_class():
                 seed_everything_default=42,
                 # One road for the optimizer: the task's named, layer-wise param groups, not --optimizer.
                 auto_configure_optimizers=False,
+                parser_class=Parser,
+                parser_kwargs={"prog": "python -m peft_lightning"},
                 **kwargs,
             )
 

@@ -69,6 +69,12 @@ def test_overrides_from_cli_and_yaml(tmp_path):
     assert cfg["trainer"]["max_epochs"] == 7 and cfg["finetuning"]["strategy"] == "gradual"
 
 
-def test_wrong_type_is_a_usage_error():
-    res = run_cli("fit", "--recipe", "effnet_fashion", "--model.lr", "fast")
-    assert res.returncode == 2 and "lr" in res.stderr
+@pytest.mark.parametrize("args, needle", [
+    (["--model.lr", "fast"], "model.lr"),
+    (["--model.nope", "3"], "unrecognized arguments: --model.nope"),
+    (["--finetuning.strategy", "sometimes"], "finetuning.strategy"),
+])
+def test_bad_flags_are_one_line_usage_errors(args, needle):
+    res = run_cli("fit", "--recipe", "effnet_fashion", *args)
+    assert res.returncode == 2 and needle in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "usage:" not in res.stderr
