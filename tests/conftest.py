@@ -43,6 +43,24 @@ def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
+@pytest.fixture
+def cli(capsys):
+    """Run `python -m peft_lightning ARGS` in this process (fast: no interpreter start, imports done once);
+    returns (exit code, stdout, stderr)."""
+    from peft_lightning.cli import main
+
+    def run(*args: str):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run `python -m peft_lightning ARGS` as a user would."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

@@ -8,7 +8,6 @@ from lightning.pytorch import Callback
 
 from peft_lightning.callbacks.finetuning import FineTuning, Milestone
 
-from conftest import run_cli
 from helpers import PhaseRecorder, StopAfterEpoch, train
 
 ALL = ["stem", *[f"blocks.{i}" for i in range(6)], "head"]
@@ -98,11 +97,11 @@ def test_resume_matches_an_uninterrupted_run(image_folder, tmp_path, strategy, k
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_show_groups_prints_and_exits(tmp_path):
-    res = run_cli("fit", "--recipe", "effnet_fashion", "--finetuning.show_groups", "true", "--finetuning.lr_decay",
-                  "0.5", "--trainer.default_root_dir", str(tmp_path))
-    assert res.returncode == 0, res.stderr[-2000:]
-    lines = res.stdout.splitlines()
+def test_show_groups_prints_and_exits(tmp_path, cli):
+    code, out, err = cli("fit", "--recipe", "effnet_fashion", "--finetuning.show_groups", "true",
+                         "--finetuning.lr_decay", "0.5", "--trainer.default_root_dir", str(tmp_path))
+    assert code == 0, err[-2000:]
+    lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("group"))
     rows = [line.split() for line in lines[start + 1:] if line.strip()]
     assert [r[0] for r in rows] == ["stem", *[f"blocks.{i}" for i in range(7)], "head"]
@@ -110,13 +109,13 @@ def test_show_groups_prints_and_exits(tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
 
 
-def test_milestones_from_yaml_via_the_cli(tmp_path):
+def test_milestones_from_yaml_via_the_cli(tmp_path, cli):
     cfg = tmp_path / "ms.yaml"
     cfg.write_text("recipe: effnet_fashion\nfinetuning:\n  strategy: milestones\n  milestones:\n"
                    "    - {epoch: 0, groups: 1}\n    - {epoch: 1, groups: 3, lr_scale: 0.3}\n")
-    res = run_cli("fit", "-c", str(cfg), "--print_config")
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "lr_scale: 0.3" in res.stdout
+    code, out, err = cli("fit", "-c", str(cfg), "--print_config")
+    assert code == 0, err[-2000:]
+    assert "lr_scale: 0.3" in out
 
 
 def test_feature_cache_trains_the_head_like_the_uncached_run_and_is_dropped_at_unfreeze(image_folder):
