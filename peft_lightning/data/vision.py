@@ -84,6 +84,8 @@ class ImageDataModule(LightningDataModule):
         image_size: square input side; default: the model's pretrained input size.
         crop_pct: eval centre-crop fraction; default: the model's (1.0 keeps small images whole).
         train_crop_scale: area range of the training random-resized-crop.
+        train_crop_ratio: aspect-ratio range of that crop; with ``train_crop_scale`` (1, 1) and this (1, 1) the
+            crop is a plain resize (only flips remain random).
         hflip: probability of a horizontal flip in training.
         auto_augment: timm auto-augment policy, e.g. ``rand-m9-mstd0.5``; None for none.
         augment: random crops/flips in training; False preprocesses training images like eval images
@@ -113,6 +115,7 @@ class ImageDataModule(LightningDataModule):
         image_size: int | None = None,
         crop_pct: float | None = None,
         train_crop_scale: tuple[float, float] = (0.08, 1.0),
+        train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
         auto_augment: str | None = None,
         augment: bool = True,
@@ -213,7 +216,8 @@ class ImageDataModule(LightningDataModule):
         cfg = self.data_config or IMAGENET_DEFAULT
         common = {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std")}
         if train and hp.augment:
-            tf = create_transform(**common, is_training=True, scale=hp.train_crop_scale, hflip=hp.hflip,
+            tf = create_transform(**common, is_training=True, scale=hp.train_crop_scale,
+                                  ratio=hp.train_crop_ratio, hflip=hp.hflip,
                                   auto_augment=hp.auto_augment, color_jitter=None)
         else:
             tf = create_transform(**common, crop_pct=cfg.get("crop_pct"), crop_mode=cfg.get("crop_mode"))
