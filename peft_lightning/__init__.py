@@ -21,6 +21,8 @@ _LAZY = {
     "TextClassifier": "peft_lightning.tasks.text",
     "TextDataModule": "peft_lightning.data.text",
     "FineTuning": "peft_lightning.callbacks.finetuning",
+    "Recommender": "peft_lightning.tasks.recsys",
+    "MovieLensDataModule": "peft_lightning.data.movielens",
     "get_recipe": "peft_lightning.registry",
     "list_recipes": "peft_lightning.registry",
 }
@@ -29,10 +31,12 @@ __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft_lightning.callbacks.finetuning import FineTuning
+    from peft_lightning.data.movielens import MovieLensDataModule
     from peft_lightning.data.text import TextDataModule
     from peft_lightning.data.vision import ImageDataModule
     from peft_lightning.registry import get_recipe, list_recipes
     from peft_lightning.tasks.base import FineTuneTask
+    from peft_lightning.tasks.recsys import Recommender
     from peft_lightning.tasks.text import TextClassifier
     from peft_lightning.tasks.vision import ImageClassifier
 
