@@ -17,7 +17,7 @@ Why these numbers: ``time_cut`` 0.5 puts half of the 100k ratings (20 Sept - 22 
 452 of the 586 users tested after it are new there; the encoder stays frozen (``head`` strategy over the two top
 groups: item projection/ID/bias and the user tower), which makes it a fixed feature extractor whose 1,682 item
 features are computed once per run instead of at every step (a full MiniLM fine-tune step runs at ~12-16 texts/s
-on 2 cores: hours per epoch); BPR with 16 negatives and L2 1e-2 as in ``mf_movielens``; 10 epochs fit the
+on 2 cores: hours per epoch); BPR with 16 negatives and L2 1e-2 as in ``bpr_movielens``; 10 epochs fit the
 few-minute budget (measured: ~6 min to pretrain, ~3 min to fine-tune).
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from peft_lightning.data.movielens import MovieLensDataModule
 from peft_lightning.tasks.recsys import Recommender
-from recipes.mf_movielens import movielens_availability
+from recipes.bpr_movielens import movielens_availability
 
 
 class TwotowerMovielens(Recommender):

@@ -433,12 +433,12 @@ def test_fine_tuning_on_the_target_period_beats_the_pretrained_model(tmp_path):
 # --------------------------------------------------------------------------- CLI
 @pytest.mark.slow
 @needs_ml100k
-def test_cli_fit_mf_movielens_small_budget_prints_the_summary(tmp_path):
-    res = run_cli("fit", "--recipe", "mf_movielens", "--trainer.default_root_dir", str(tmp_path),
+def test_cli_fit_bpr_movielens_small_budget_prints_the_summary(tmp_path):
+    res = run_cli("fit", "--recipe", "bpr_movielens", "--trainer.default_root_dir", str(tmp_path),
                   "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "10", "--trainer.limit_val_batches",
                   "1", "--trainer.enable_progress_bar", "false", env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    summary = [line for line in res.stdout.splitlines() if line.startswith("mf_movielens: test/")]
+    summary = [line for line in res.stdout.splitlines() if line.startswith("bpr_movielens: test/")]
     assert summary, res.stdout[-2000:]
     ndcg = float(summary[0].split("test/ndcg@10 ")[1].split()[0])
     assert 0.05 < ndcg < 1  # 10 BPR steps already beat random ranking (~0.01) on all 943 users
@@ -446,7 +446,7 @@ def test_cli_fit_mf_movielens_small_budget_prints_the_summary(tmp_path):
 
 
 def test_cli_missing_data_folder_is_one_line():
-    res = run_cli("fit", "--recipe", "mf_movielens", "--data.dataset", "/no/such/dir")
+    res = run_cli("fit", "--recipe", "bpr_movielens", "--data.dataset", "/no/such/dir")
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("error: --data.dataset '/no/such/dir': the folder does not exist"), res.stderr

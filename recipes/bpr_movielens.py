@@ -24,7 +24,7 @@ from peft_lightning.data.movielens import MovieLensDataModule, recbole_ml100k_di
 from peft_lightning.tasks.recsys import Recommender
 
 
-class MfMovielens(Recommender):
+class BprMovielens(Recommender):
     description = "BPR matrix factorisation on MovieLens-100k (stratified 75/25): offline, 2 CPU cores, ~6 min"
     datamodule_class = MovieLensDataModule
     data_defaults = {
@@ -65,4 +65,4 @@ def movielens_availability() -> tuple[bool, str]:
     return True, f"ml-100k in {Path(folder).parent.parent.name} wheel"
 
 
-RECIPE = MfMovielens
+RECIPE = BprMovielens
