@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("caching",)
+BENCHMARKS = ("caching", "adapters")
 
 
 def machine() -> dict:

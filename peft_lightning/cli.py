@@ -3,6 +3,7 @@
     python -m peft_lightning fit --recipe effnet_fashion --trainer.max_epochs 3
     python -m peft_lightning fit --recipe my_pkg.recipes:MyFlowers -c my_run.yaml
     python -m peft_lightning list
+    python -m peft_lightning export --recipe effnet_fashion --ckpt_path last.ckpt --out adapter/ --merge
 
 ``--recipe`` picks the LightningModule (the recipe class), its LightningDataModule and their defaults; everything
 else is plain LightningCLI. This module is the only one that reads the environment (``PEFT_LIGHTNING_DEBUG``).
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from peft_lightning.tasks.base import FineTuneTask
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-HELP = """usage: python -m peft_lightning {fit,validate,test,predict,list} [--recipe NAME] [options]
+HELP = """usage: python -m peft_lightning {fit,validate,test,predict,list,export} [--recipe NAME] [options]
 
 Fine-tune pretrained models with recipes on Lightning.
 
@@ -32,9 +33,11 @@ commands:
   test       evaluate on the test split
   predict    predict on the test split
   list       list the recipes, their domain and whether their data and weights are here
+  export     write a checkpoint's adapter in the peft format (and the merged model with --merge);
+             see `python -m peft_lightning export --help`
 
 Every Lightning CLI convention holds: --trainer.*, --model.*, --data.*, --finetuning.*, --checkpoint.*,
--c run.yaml, --print_config, --ckpt_path. See `python -m peft_lightning fit --recipe NAME --help`.
+-c run.yaml, --print_config, --ckpt_path. Adapters from peft: --peft.method lora --peft.r 8 ... See `python -m peft_lightning fit --recipe NAME --help`.
 Set PEFT_LIGHTNING_DEBUG=1 (or pass --debug) for full tracebacks.
 """
 
@@ -68,6 +71,7 @@ def _make_cli_class():
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+    from peft_lightning.adapters import AdapterConfig
     from peft_lightning.callbacks.finetuning import FineTuning
 
     class Parser(LightningArgumentParser):
@@ -107,6 +111,9 @@ def _make_cli_class():
             parser.add_argument("--debug", type=bool, default=False, help="show full tracebacks on errors")
             parser.add_lightning_class_args(FineTuning, "finetuning")
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            # Adapters are a model init argument (so checkpoints carry them) shown at top level as --peft.*.
+            parser.add_class_arguments(AdapterConfig, "peft")
+            parser.link_arguments("peft", "model.peft", compute_fn=_adapter_config)
             recipe = self.recipe
             defaults: dict[str, Any] = {
                 "checkpoint.monitor": recipe.monitor,
@@ -143,6 +150,38 @@ def _make_cli_class():
     return PeftLightningCLI
 
 
+def _adapter_config(value: Any) -> Any:
+    """The linked ``--peft.*`` group as the model's ``peft`` argument (a Namespace on parse, a dataclass later)."""
+    from peft_lightning.adapters import AdapterConfig
+
+    return value if isinstance(value, AdapterConfig) or value is None else AdapterConfig(**dict(vars(value)))
+
+
+def export_command(argv: list[str]) -> None:
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # type: ignore[override]
+            raise UsageError(f"export: {message} (see `python -m peft_lightning export --help`)")
+
+    parser = Parser(
+        prog="python -m peft_lightning export",
+        description="Write a checkpoint's adapter in the standard peft format (adapter_config.json + "
+                    "adapter_model.safetensors, loadable by PeftModel.from_pretrained) and, with --merge, the merged "
+                    "model (model.safetensors for timm, merged/ with save_pretrained for transformers).")
+    parser.add_argument("--recipe", required=True, help="the recipe the checkpoint was trained with")
+    parser.add_argument("--ckpt_path", required=True, help="a Lightning checkpoint from fit (adapter-only or full)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--merge", action="store_true", help="also write the model with the adapters merged in")
+    args = parser.parse_args(argv)
+    from peft_lightning.adapters import export, load_task
+    from peft_lightning.registry import get_recipe
+
+    task = load_task(get_recipe(args.recipe), args.ckpt_path)
+    for path in export(task, args.out, merge=args.merge):
+        print(path)
+
+
 def list_command() -> None:
     from peft_lightning.registry import list_recipes
 
@@ -163,8 +202,11 @@ def main(args: list[str] | None = None) -> None:
         if argv[0] == "list":
             list_command()
             return
+        if argv[0] == "export":
+            export_command(argv[1:])
+            return
         if argv[0] not in SUBCOMMANDS:
-            raise UsageError(f"unknown command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}, list")
+            raise UsageError(f"unknown command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}, list, export")
         name = _recipe_arg(argv)
         if name is None:
             raise UsageError("no recipe given: pass --recipe NAME (see `python -m peft_lightning list`)")

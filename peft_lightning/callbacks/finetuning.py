@@ -175,10 +175,12 @@ class FineTuning(Callback):
         groups = pl_module.layer_groups()
         k = self.trainable_top_groups(epoch, len(groups))
         params = dict(pl_module.named_parameters())
+        # With adapters, the task names what may ever train (adapters and head): frozen base weights stay frozen.
+        allowed = getattr(pl_module, "trainable_parameter_names", lambda: None)()
         for i, (_, names) in enumerate(groups):
             for n in names:
                 if n in params:
-                    params[n].requires_grad_(i >= len(groups) - k)
+                    params[n].requires_grad_(i >= len(groups) - k and (allowed is None or n in allowed))
         pl_module.phase_lr_scale = self.phase_lr_scale(epoch)
         train_names = [name for name, _ in groups[len(groups) - k:]]
         if self.cache_features:
@@ -275,7 +277,9 @@ class FineTuning(Callback):
             self.bad_epochs += 1
         if self.best is None or sign * (value - self.best) > 0:
             self.best = value
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+            # Only what training changes (with adapters: not the frozen base), so checkpoints stay adapter-sized.
+            state = getattr(pl_module, "trainable_state_dict", pl_module.state_dict)()
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         if self.bad_epochs < self.patience and self.round_epochs_done < self.round_epochs:
             return
         n_groups = len(pl_module.layer_groups())
@@ -299,7 +303,9 @@ class FineTuning(Callback):
 
     def _restore_best(self, pl_module: LightningModule) -> None:
         if self.best_state is not None:
-            pl_module.load_state_dict(self.best_state)
+            # With adapters the frozen base is left out of best_state on purpose: only then is a partial load fine.
+            partial = getattr(pl_module, "trainable_parameter_names", lambda: None)() is not None
+            pl_module.load_state_dict(self.best_state, strict=not partial)
 
     def _next_round(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore_best(pl_module)

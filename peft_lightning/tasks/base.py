@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
 
+from peft_lightning.adapters import AdapterConfig
+
 LayerGroups = list[tuple[str, list[str]]]
 """Ordered (name, parameter names) pairs, from the input side (stem/embeddings) to the head."""
 
@@ -47,6 +49,9 @@ class FineTuneTask(LightningModule):
             (ReduceLROnPlateau on the recipe's monitored metric, halving the LR after 1 flat epoch; no warmup).
         warmup: warmup length: a fraction of all training steps if < 1, else a number of steps.
         min_lr_ratio: the LR at the end of the decay, as a fraction of the peak.
+        peft: parameter-efficient adapters from ``peft`` on the backbone (``--peft.method lora --peft.r 8``);
+            None or method ``none``: every weight may train. With adapters, only the adapters and the head ever
+            train, and checkpoints hold only them (the base is re-created from the recipe's pretrained source).
     """
 
     # --- recipe metadata (read by the CLI and `list`; recipes override) ---
@@ -58,6 +63,9 @@ class FineTuneTask(LightningModule):
     finetuning_defaults: ClassVar[dict[str, Any]] = {}
     monitor: ClassVar[str] = "val/acc"
     monitor_mode: ClassVar[Literal["min", "max"]] = "max"
+    default_adapter_targets: ClassVar[str | list[str] | None] = None
+    """Modules that get adapters when ``--peft.target_modules`` is not given (names, last parts or regexes; only
+    the module types a method supports are kept). None: the user must name them."""
 
     def __init__(
         self,
@@ -68,6 +76,7 @@ class FineTuneTask(LightningModule):
         scheduler: Literal["cosine", "linear", "constant", "onecycle", "plateau"] = "cosine",
         warmup: float = 0.0,
         min_lr_ratio: float = 0.0,
+        peft: AdapterConfig | None = None,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -81,6 +90,10 @@ class FineTuneTask(LightningModule):
         self.scheduler_name = scheduler
         self.warmup = warmup
         self.min_lr_ratio = min_lr_ratio
+        from peft_lightning.adapters import as_config
+
+        self.adapter_config = as_config(peft)  # None when adapters are off
+        self._base_fingerprint: str | None = None
         # Set by the FineTuning callback (or by hand), read live by the LR schedule at every step:
         self.layer_lr_scales: dict[str, float] = {}  # multiplier of `lr` per layer group (layer-wise LR decay)
         self.phase_lr_scale: float = 1.0  # multiplier of every group's LR in the current phase / round
@@ -91,10 +104,86 @@ class FineTuneTask(LightningModule):
         """Ordered (name, parameter names) pairs from the input side to the head; override per domain."""
         return [("all", [n for n, _ in self.named_parameters()])]
 
+    def adapter_head(self, model: nn.Module) -> list[str]:
+        """Module names in the backbone that train in full beside the adapters (the classifier); override."""
+        return []
+
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         """Whether this recipe's data and weights can be had on this machine now, and a short reason."""
         return True, "no local assets needed"
+
+    # --- adapters (peft): the domain builds its backbone and passes it through `add_adapters` ---
+    def add_adapters(self, model: nn.Module, base_name: str | None = None) -> nn.Module:
+        """``model`` wrapped with the configured adapters (and ``adapter_head`` trained in full), or unchanged."""
+        if self.adapter_config is None:
+            return model
+        from peft_lightning.adapters import wrap
+
+        return wrap(model, self.adapter_config, default_targets=self.default_adapter_targets,
+                    head=self.adapter_head(model), base_name=base_name)
+
+    def trainable_parameter_names(self) -> set[str] | None:
+        """Names of the parameters that may ever train: None (all of them) without adapters; with adapters, the
+        adapters and the head. The FineTuning callback never unfreezes anything else."""
+        from peft_lightning.adapters import trainable_names
+
+        return trainable_names(self) if self.adapter_config is not None else None
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training can change: the whole ``state_dict`` without adapters; with them, the trainable
+        parameters and every buffer (e.g. BatchNorm statistics), not the frozen base weights."""
+        state = self.state_dict()
+        keep = self.trainable_parameter_names()
+        if keep is None:
+            return state
+        params = {n for n, _ in self.named_parameters()}
+        return {k: v for k, v in state.items() if k in keep or k not in params}
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        keep = self.trainable_parameter_names() or set()
+        return {n: p for n, p in self.named_parameters() if n not in keep}
+
+    def _base_fingerprint_now(self) -> str:
+        from peft_lightning.adapters import fingerprint
+
+        # The head's original copy (peft keeps it beside the trained one) is never used and may be freshly
+        # initialised (a new num_classes): it is no part of the base.
+        return fingerprint({n: p for n, p in self._base_weights().items() if ".original_module." not in n})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from dataclasses import asdict
+
+        hp = checkpoint.get("hyper_parameters", {})
+        if isinstance(hp.get("peft"), AdapterConfig):  # a plain dict loads under torch's weights_only=True
+            hp["peft"] = asdict(hp["peft"])
+        if self.adapter_config is None:
+            return
+        # The frozen base is not saved: it is re-created from the recipe's pretrained source on load, and the
+        # fingerprint proves it is the same base the adapters were trained on.
+        if self._base_fingerprint is None:
+            self._base_fingerprint = self._base_fingerprint_now()
+        keep = set(self.trainable_state_dict())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["adapter_only"] = {"method": self.adapter_config.method, "base_fingerprint": self._base_fingerprint}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from peft_lightning.errors import UsageError
+
+        info = checkpoint.get("adapter_only")
+        if info is None:
+            return
+        if self.adapter_config is None:
+            raise UsageError(f"the checkpoint holds only {info['method']} adapters and this model has none: pass the "
+                             f"run's adapter options (--peft.method {info['method']} ..., or -c its config.yaml)")
+        base = self._base_weights()
+        if self._base_fingerprint is None:
+            self._base_fingerprint = self._base_fingerprint_now()
+        if self._base_fingerprint != info["base_fingerprint"]:
+            raise UsageError("the checkpoint's adapters were trained on other base weights than this recipe builds: "
+                             "load it with the same model_name, checkpoint_path and pretrained settings")
+        # Fill in the frozen base so the strict load sees a whole state_dict.
+        checkpoint["state_dict"] = {**{k: v.detach() for k, v in base.items()}, **checkpoint["state_dict"]}
 
     # --- optimizer wiring ---
     def _iter_param_groups(self) -> Iterator[dict[str, Any]]:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_lightning import adapters
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
 
@@ -76,6 +77,10 @@ class ImageClassifier(FineTuneTask):
     """
 
     domain = "vision"
+    # Adapters go on the numbered blocks' linears and convolutions (a ViT's qkv/proj/fc1/fc2, an EfficientNet's
+    # conv_pw/conv_pwl, a ResNet's conv1-3) and on a convnet's conv_head; the method keeps the types it supports
+    # (LoRA/DoRA skip depthwise convolutions). The stem and the classifier get none: the classifier trains in full.
+    default_adapter_targets = r"(.*\.)?(blocks|stages|layers|layer\d+)\.\d+\..*|conv_head"
 
     def __init__(
         self,
@@ -96,7 +101,7 @@ class ImageClassifier(FineTuneTask):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = self.build_model().to(memory_format=self.memory_format)
+        self.model = self.add_adapters(self.build_model(), base_name=model_name).to(memory_format=self.memory_format)
         self.feature_cache: Any = None  # set by FineTuning(cache_features=True) while only the head trains
         self._build_metrics()
 
@@ -147,17 +152,28 @@ class ImageClassifier(FineTuneTask):
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}): is it a checkpoint of another architecture?"
             )
 
+    def adapter_head(self, model: nn.Module) -> list[str]:
+        classifier = model.pretrained_cfg.get("classifier", "head")
+        return [classifier] if isinstance(classifier, str) else list(classifier)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The timm model (with its adapter layers, if any): what ``group_matcher`` and the data config read."""
+        return adapters.unwrap(self.model)
+
     def layer_groups(self) -> LayerGroups:
         from timm.models import group_parameters
 
-        groups = group_parameters(self.model, self.model.group_matcher(coarse=True))
-        return [(n, [f"model.{p}" for p in ps]) for n, ps in name_groups(groups)]
+        # Adapter parameters sit under their block's name (blocks.3.attn.qkv.lora_A...): timm groups them with it.
+        prefix = "model." + adapters.inner_prefix(self.model)
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
+        return [(n, [prefix + p for p in ps]) for n, ps in name_groups(groups)]
 
     def data_config(self) -> dict[str, Any]:
         """timm's preprocessing for this model (input size, mean/std, interpolation, crop)."""
         import timm
 
-        return timm.data.resolve_model_data_config(self.model)
+        return timm.data.resolve_model_data_config(self.backbone)
 
     # --- steps ---
     def _build_metrics(self) -> None:
@@ -181,7 +197,7 @@ class ImageClassifier(FineTuneTask):
     def supports_feature_cache(self) -> bool:
         """True when the head group is exactly timm's classifier and nothing random runs before it."""
         head = self.layer_groups()[-1][1]
-        classifier = f"model.{self.model.pretrained_cfg.get('classifier', 'head')}."
+        classifier = f"model.{adapters.inner_prefix(self.model)}{self.backbone.pretrained_cfg.get('classifier', 'head')}."
         return all(n.startswith(classifier) for n in head) and not self.hparams.drop_rate
 
     def _cached_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

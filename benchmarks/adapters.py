@@ -1,0 +1,143 @@
+"""Full fine-tuning vs LoRA vs head-only, side by side: trainable parameters, peak memory, step time, checkpoint
+size and the validation accuracy reached.
+
+Contenders run interleaved (full, lora, head, full, ...), each in a fresh subprocess, so that peak memory is the
+process's own: ``ru_maxrss`` (peak resident set size) after training, minus the same figure measured after the
+model was built and before the first step, gives the training's extra memory (activations kept for backward,
+gradients, optimizer state). On a CPU that is the honest analogue of peak GPU memory; the absolute peak is reported
+too. Step time is the median of the steps after a warm-up. The checkpoint is Lightning's ``last.ckpt`` (adapter-only
+for LoRA: adapters, head, BatchNorm statistics and optimizer state).
+
+Models: ``effnet_fashion`` (EfficientNet-Lite0 with real ImageNet weights on real Fashion-MNIST at 32 px) and a
+small timm ViT (``vit_tiny_patch16_224`` shape at 64 px, random weights: no pretrained ViT is reachable offline, so
+its accuracy figures say nothing about transfer, only its costs do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONTENDERS = {
+    "full": {"strategy": "full", "peft": None},
+    "lora": {"strategy": "full", "peft": {"method": "lora", "r": 8, "alpha": 16.0}},
+    "head": {"strategy": "head", "peft": None},
+}
+
+
+def _small_vit_class():
+    from peft_lightning.tasks.vision import ImageClassifier
+
+    class SmallVit(ImageClassifier):
+        """ViT-Tiny/16 built for 64 px inputs (16 patches): a ViT step a 2-core CPU can afford."""
+
+        def build_model(self):
+            import timm
+
+            return timm.create_model(self.hparams.model_name, pretrained=False, num_classes=self.num_classes,
+                                     img_size=64)
+
+    return SmallVit
+
+
+def one_run(model: str, contender: str, samples: int, epochs: int, root: str) -> dict:
+    """Runs inside a fresh subprocess (see ``main``): trains, returns the figures."""
+    import resource
+
+    import torch
+    from lightning.pytorch import Callback, Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from peft_lightning.adapters import AdapterConfig
+    from peft_lightning.callbacks.finetuning import FineTuning
+    from recipes.effnet_fashion import EffnetFashion, FashionMNIST
+
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread keeps the contenders comparable
+    spec = CONTENDERS[contender]
+    seed_everything(0)
+    peft = AdapterConfig(**spec["peft"]) if spec["peft"] else None
+    if model == "effnet":
+        task = EffnetFashion(peft=peft)
+        image_size = 32
+    else:
+        task = _small_vit_class()("vit_tiny_patch16_224", num_classes=10, pretrained=False, lr=1e-3, peft=peft)
+        image_size = 64
+    data = FashionMNIST(**{**EffnetFashion.data_defaults, "image_size": image_size, "max_train_samples": samples,
+                           "max_val_samples": 500, "augment": False, "num_workers": 0, "batch_size": 32})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+
+    class Steps(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            self.times.append(time.perf_counter() - self._t)
+
+    steps = Steps()
+    ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
+    trainer = Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=[FineTuning(spec["strategy"]), steps, ckpt])
+    trainer.fit(task, data)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in task.parameters())
+    return {"model": model, "contender": contender, "trainable_params": trainable, "total_params": total,
+            "peak_rss_mib": round(peak, 1), "train_extra_rss_mib": round(peak - before, 1),
+            "step_s": statistics.median(steps.times[3:] or steps.times),
+            "checkpoint_mib": round(Path(root, "last.ckpt").stat().st_size / 2**20, 3),
+            "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan")))}
+
+
+def _subprocess(model: str, contender: str, samples: int, epochs: int, root: Path) -> dict:
+    code = (f"import json, benchmarks.adapters as b; print('RESULT', json.dumps(b.one_run({model!r}, {contender!r}, "
+            f"{samples}, {epochs}, {str(root)!r})))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{model}/{contender} failed: {res.stderr[-1500:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def run(quick: bool = False) -> dict:
+    import tempfile
+
+    samples, epochs, repeats = (256, 1, 1) if quick else (5_000, 2, 3)
+    models = ("effnet", "vit")
+    runs: dict[str, dict[str, list[dict]]] = {m: {c: [] for c in CONTENDERS} for m in models}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            for i in range(repeats):  # A B C A B C ...
+                for contender in CONTENDERS:
+                    root = Path(tmp, f"{model}-{contender}-{i}")
+                    runs[model][contender].append(_subprocess(model, contender, samples, epochs, root))
+    table = {}
+    for model, by in runs.items():
+        for contender, rs in by.items():
+            table[f"{model}/{contender}"] = {
+                key: statistics.median(r[key] for r in rs)
+                for key in ("trainable_params", "total_params", "peak_rss_mib", "train_extra_rss_mib", "step_s",
+                            "checkpoint_mib", "val_acc")}
+    eff = {c: table[f"effnet/{c}"] for c in CONTENDERS}
+    return {
+        "setup": {"samples": samples, "epochs": epochs, "repeats": repeats, "models": models, "torch_threads": 1,
+                  "batch_size": 32, "lora": CONTENDERS["lora"]["peft"]},
+        "runs": runs,
+        "table": table,
+        "headline": {
+            "effnet_trainable_full_lora_head": [eff[c]["trainable_params"] for c in CONTENDERS],
+            "effnet_ckpt_mib_full_lora_head": [eff[c]["checkpoint_mib"] for c in CONTENDERS],
+            "effnet_step_s_full_lora_head": [round(eff[c]["step_s"], 4) for c in CONTENDERS],
+            "effnet_train_extra_rss_mib_full_lora_head": [eff[c]["train_extra_rss_mib"] for c in CONTENDERS],
+            "effnet_val_acc_full_lora_head": [round(eff[c]["val_acc"], 4) for c in CONTENDERS],
+        },
+    }
