@@ -154,3 +154,10 @@ def test_fsdp_is_configured_for_frozen_groups_and_deepspeed_is_refused():
     deepspeed = object.__new__(DeepSpeedStrategy)  # the class, without needing deepspeed installed
     with pytest.raises(ValueError, match="DeepSpeed"):
         FineTuning("head").setup(SimpleNamespace(strategy=deepspeed, datamodule=None), tiny_model(), "fit")
+
+
+def test_retune_cut_short_by_max_epochs_still_reports_its_round(image_folder, capsys):
+    ft = FineTuning("retune", monitor="val/loss", mode="min", round_epochs=5)
+    train(image_folder, ft, epochs=2)
+    assert [r["epochs"] for r in ft.history] == [2]
+    assert "best val/loss" in capsys.readouterr().out

@@ -324,7 +324,12 @@ class FineTuning(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.strategy == "retune" and self.history and trainer.is_global_zero:
+        if self.strategy != "retune":
+            return
+        if self.pending is None and self.round_epochs_done:  # max_epochs ended the run mid-round
+            self._close_round(pl_module)
+            self._restore_best(pl_module)
+        if self.history and trainer.is_global_zero:
             print(self.round_table())
 
     def round_table(self) -> str:
