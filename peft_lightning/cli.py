@@ -103,6 +103,26 @@ def _make_cli_class():
                 **kwargs,
             )
 
+        def _parse_ckpt_path(self) -> None:
+            # A checkpoint's hyperparameters fill in the model's arguments, except `peft`: it is linked from the
+            # top-level --peft.* group (a link target cannot be re-parsed), so that group must say it again;
+            # a mismatch stops with a message naming the flags (FineTuneTask.on_load_checkpoint).
+            import torch
+
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            try:
+                ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            except Exception as err:
+                raise UsageError(f"cannot read checkpoint {ckpt_path!r} ({type(err).__name__}): it is corrupt, "
+                                 "truncated or not a Lightning checkpoint") from None
+            hparams = dict(ckpt.get("hyper_parameters", {}))
+            for key in ("_instantiator", "_class_path", "peft"):
+                hparams.pop(key, None)
+            if hparams:
+                self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_argument("--recipe", type=str, default=self.recipe_name,
                                 help="built-in recipe name or package.module:Class (see `list`)")
@@ -194,6 +214,11 @@ def list_command() -> None:
 
 def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
+    import warnings
+
+    # jsonargparse warns that it cannot dump the AdapterConfig instance the --peft.* link builds; the config it
+    # saves and prints carries the --peft.* group itself, so nothing is lost.
+    warnings.filterwarnings("ignore", message=r"(?s).*Unable to serialize instance AdapterConfig")
     debug = bool(os.environ.get("PEFT_LIGHTNING_DEBUG")) or "--debug" in argv or "--debug=true" in argv
     try:
         if not argv or argv[0] in ("-h", "--help"):

@@ -156,6 +156,10 @@ class ImageDataModule(LightningDataModule):
         hp = self.hparams
         train = ds[hp.train_split]
         stratify = label if type(train.features[label]).__name__ == "ClassLabel" else None
+        n_classes = len(train.features[label].names) if stratify else 0
+        if stratify and round(hp.val_fraction * len(train)) < n_classes:
+            raise UsageError(f"cannot carve a stratified {name!r} split of {hp.val_fraction:g} x {len(train)} images "
+                             f"with {n_classes} classes: raise --data.val_fraction or give the dataset a {name} split")
         parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed, stratify_by_column=stratify)
         ds[hp.train_split], ds[name] = parts["train"], parts["test"]
 
