@@ -134,9 +134,9 @@ class MinilmAusten(TextClassifier):
     data_defaults: ClassVar[dict[str, Any]] = {
         "dataset": AUSTEN_DIR,
         "max_length": 96,
-        # ~9,900 training passages exist; the compute budget is what 2 cores do in ~5 minutes, half the limit, as
-        # machines are often shared. One pass over 3,000 fresh passages (188 steps) costs ~60% of the 2 epochs x
-        # 2,400 measured at 20 CPU-minutes (docs/text.md) and sees more distinct text than a second epoch would.
+        # ~9,900 training passages exist. One pass over 3,000 (188 steps) measured 3 minutes end to end on 2 free
+        # cores for 79.2% test accuracy, 10.5 minutes with other jobs loading the machine; 2 epochs x 2,400
+        # reached 82.6% for ~1.6x the CPU time: too close to the limit on a shared machine (docs/text.md).
         "max_train_samples": 3_000,
         "max_val_samples": 600,  # forward only; picks the checkpoint
         "batch_size": 16,  # more optimizer steps per passage than 32, which matters with under 200 steps
@@ -145,9 +145,9 @@ class MinilmAusten(TextClassifier):
         "num_workers": 0,  # padding a batch takes microseconds: worker processes would only compete for 2 cores
         "val_fraction": 0.1,
     }
-    # fp32: this CPU has AVX2 but no AVX-512 BF16/AMX, so bf16 autocast is emulated: measured ~13x slower than
-    # fp32 for a MiniLM training step here (see docs/text.md). On CPUs with AMX or on GPUs pass
-    # --trainer.precision bf16-mixed.
+    # fp32: these CPUs have AVX2 but no AVX-512 BF16/AMX, so bf16 autocast is emulated: a training step of this
+    # recipe measured 3.6x slower than fp32 (a bare MiniLM step 13x; docs/text.md). On CPUs with AMX or on GPUs
+    # pass --trainer.precision bf16-mixed.
     trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 1, "precision": "32-true", "log_every_n_steps": 10}
     # Train the top 3 of the 6 blocks and the head (pooler + classifier) from the first step; the embeddings (half
     # of MiniLM's 22.7M weights) and the lower blocks stay frozen. The backward pass then stops halfway down, a

@@ -91,6 +91,27 @@ def test_layer_groups_run_from_embeddings_to_head_and_cover_every_parameter(tiny
     assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())  # every parameter, once
 
 
+@pytest.mark.parametrize("arch, blocks, head_has", [
+    ("gpt2", ["h.0", "h.1"], ["model.transformer.ln_f.weight", "model.score.weight"]),
+    ("distilbert", ["layer.0", "layer.1"], ["model.pre_classifier.weight", "model.classifier.weight"]),
+    ("roberta", ["layer.0", "layer.1"], ["model.classifier.dense.weight", "model.classifier.out_proj.weight"]),
+])
+def test_layer_groups_of_other_architectures(arch, blocks, head_has, tmp_path):
+    import transformers
+
+    sizes = {"gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "pad_token_id": 0},
+             "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 37},
+             "roberta": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "intermediate_size": 37}}[arch]
+    config = transformers.AutoConfig.for_model(arch, vocab_size=99, **sizes)
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    model = TextClassifier(str(tmp_path), num_labels=3)
+    groups = dict(model.layer_groups())
+    assert list(groups) == ["embeddings", *blocks, "head"]
+    assert set(head_has) <= set(groups["head"])
+    assert sorted(p for ps in groups.values() for p in ps) == sorted(n for n, _ in model.named_parameters())
+
+
 def test_head_is_reset_to_num_labels_and_the_body_is_loaded(tiny_bert):
     from safetensors.torch import load_file
 
@@ -318,6 +339,29 @@ def test_austen_novels_make_a_six_class_task_with_disjoint_splits(tmp_path):
     assert not texts["train"] & texts["test"] and not texts["train"] & texts["validation"]
     assert not any("CHAPTER" in t or "Chapter 1" in t for t in texts["test"])
     assert sorted(set(ds["test"]["label"])) == list(range(6))
+
+
+@pytest.mark.slow
+def test_bert_sst2_runs_on_local_copies(tiny_bert, tmp_path):
+    """The recipe's split plan on an SST-2-shaped local copy: GLUE's dev set is the test split, val is carved."""
+    data = tmp_path / "sst2"
+    data.mkdir()
+    rng = random.Random(1)
+    for split, n in (("train", 100), ("validation", 20)):
+        with open(data / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["idx", "sentence", "label"])
+            for i in range(n):
+                word = rng.choice(CLASS_WORDS["pos" if i % 2 else "neg"])
+                w.writerow([i, f"{spell(i)} the movie was {word}", i % 2])
+    res = run_cli("fit", "--recipe", "bert_sst2", "--model.model_name", tiny_bert, "--data.dataset", str(data),
+                  "--data.num_workers", "0", "--data.batch_size", "8", "--trainer.precision", "32-true",
+                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+                  "--trainer.default_root_dir", str(tmp_path / "run"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "bert_sst2: test/acc" in res.stdout
+    hparams = next((tmp_path / "run").rglob("config.yaml")).read_text()
+    assert "test_split: validation" in hparams and "val_split: heldout" in hparams
 
 
 @pytest.mark.slow

@@ -46,7 +46,14 @@ def load_text_dataset(dataset: str, config_name: str | None = None, cache_dir: s
         elif (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
             ds = datasets.load_from_disk(str(path))
         elif path.is_dir():
-            ds = datasets.load_dataset(str(path), config_name, cache_dir=cache_dir)
+            try:
+                ds = datasets.load_dataset(str(path), config_name, cache_dir=cache_dir)
+            except ValueError as err:
+                # A plain folder of files has only a default config: a recipe's hub config name (GLUE's `sst2`)
+                # does not apply to the user's local copy of that one config.
+                if not config_name or "Available: ['default']" not in str(err):
+                    raise
+                ds = datasets.load_dataset(str(path), cache_dir=cache_dir)
         elif dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
             raise UsageError(f"dataset path {dataset!r} does not exist: pass an existing file or folder with "
                              "--data.dataset")
