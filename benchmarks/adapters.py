@@ -1,6 +1,9 @@
 """Full fine-tuning vs LoRA vs head-only, side by side: trainable parameters, peak memory, step time, checkpoint
 size and the validation accuracy reached.
 
+    python -m benchmarks.run adapters            # the measured table (~1 h on 2 quiet CPU cores)
+    python -m benchmarks.run adapters --quick    # a smoke run of every cell (< 2 min)
+
 Contenders run interleaved (full, lora, head, full, ...), each in a fresh subprocess, so that peak memory is the
 process's own: ``ru_maxrss`` (peak resident set size) after training, minus the same figure measured after the
 model was built and before the first step, gives the training's extra memory (activations kept for backward,
@@ -8,9 +11,13 @@ gradients, optimizer state). On a CPU that is the honest analogue of peak GPU me
 too. Step time is the median of the steps after a warm-up. The checkpoint is Lightning's ``last.ckpt`` (adapter-only
 for LoRA: adapters, head, BatchNorm statistics and optimizer state).
 
-Models: ``effnet_fashion`` (EfficientNet-Lite0 with real ImageNet weights on real Fashion-MNIST at 32 px) and a
+Models: ``effnet_fashion`` (EfficientNet-Lite0 with real ImageNet weights on real Fashion-MNIST at 32 px), a
 small timm ViT (``vit_tiny_patch16_224`` shape at 64 px, random weights: no pretrained ViT is reachable offline, so
-its accuracy figures say nothing about transfer, only its costs do).
+its accuracy figures say nothing about transfer, only its costs do) and ``minilm_austen`` (all-MiniLM-L6-v2, real
+weights, on the six Jane Austen novels, 96 tokens).
+
+Each contender trains at its own learning rate: full fine-tuning at the recipe's, LoRA (r 8, alpha 16, every
+linear of the blocks) and the head alone higher, as usual for them (``LR``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,21 @@ CONTENDERS = {
     "full": {"strategy": "full", "peft": None},
     "lora": {"strategy": "full", "peft": {"method": "lora", "r": 8, "alpha": 16.0}},
     "head": {"strategy": "head", "peft": None},
+}
+# Learning rate per model and contender; None: the recipe's (effnet_fashion, minilm_austen) or the ViT's 1e-3.
+# LoRA on MiniLM: 5e-4, the LoRA paper's RoBERTa-base GLUE setting (r 8), 5x the recipe's full fine-tuning LR;
+# the head alone (pooler + classifier on frozen features) takes 1e-3.
+LR: dict[str, dict[str, float | None]] = {
+    "effnet": {"full": None, "lora": None, "head": None},
+    "vit": {"full": None, "lora": None, "head": None},
+    "text": {"full": None, "lora": 5e-4, "head": 1e-3},
+}
+MODELS = ("effnet", "vit", "text")
+NOTES = {
+    "effnet": "effnet_fashion: EfficientNet-Lite0, real ImageNet weights, Fashion-MNIST at 32 px",
+    "vit": "vit_tiny_patch16_224 shape at 64 px with RANDOM weights (no pretrained ViT offline): its costs are "
+           "real, its accuracy says nothing about transfer",
+    "text": "minilm_austen: all-MiniLM-L6-v2, real weights, six Austen novels, 96 tokens",
 }
 
 
@@ -45,7 +67,16 @@ def _small_vit_class():
     return SmallVit
 
 
-def one_run(model: str, contender: str, samples: int, epochs: int, root: str) -> dict:
+def _text_task(peft, lr: float | None, samples: int, val_samples: int):
+    from recipes.minilm_austen import AustenNovels, MinilmAusten
+
+    task = MinilmAusten(peft=peft, **({"lr": lr} if lr else {}))
+    data = AustenNovels(**{**MinilmAusten.data_defaults, "max_train_samples": samples,
+                           "max_val_samples": val_samples, "num_workers": 0})
+    return task, data
+
+
+def one_run(model: str, contender: str, samples: int, epochs: int, root: str, val_samples: int = 500) -> dict:
     """Runs inside a fresh subprocess (see ``main``): trains, returns the figures."""
     import resource
 
@@ -61,14 +92,19 @@ def one_run(model: str, contender: str, samples: int, epochs: int, root: str) ->
     spec = CONTENDERS[contender]
     seed_everything(0)
     peft = AdapterConfig(**spec["peft"]) if spec["peft"] else None
-    if model == "effnet":
-        task = EffnetFashion(peft=peft)
-        image_size = 32
+    lr = LR[model][contender]
+    if model == "text":
+        task, data = _text_task(peft, lr, samples, val_samples)
     else:
-        task = _small_vit_class()("vit_tiny_patch16_224", num_classes=10, pretrained=False, lr=1e-3, peft=peft)
-        image_size = 64
-    data = FashionMNIST(**{**EffnetFashion.data_defaults, "image_size": image_size, "max_train_samples": samples,
-                           "max_val_samples": 500, "augment": False, "num_workers": 0, "batch_size": 32})
+        if model == "effnet":
+            task = EffnetFashion(peft=peft, **({"lr": lr} if lr else {}))
+            image_size = 32
+        else:
+            task = _small_vit_class()("vit_tiny_patch16_224", num_classes=10, pretrained=False, lr=lr or 1e-3,
+                                      peft=peft)
+            image_size = 64
+        data = FashionMNIST(**{**EffnetFashion.data_defaults, "image_size": image_size, "max_train_samples": samples,
+                               "max_val_samples": val_samples, "augment": False, "num_workers": 0, "batch_size": 32})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
 
     class Steps(Callback):
@@ -89,16 +125,16 @@ def one_run(model: str, contender: str, samples: int, epochs: int, root: str) ->
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     total = sum(p.numel() for p in task.parameters())
-    return {"model": model, "contender": contender, "trainable_params": trainable, "total_params": total,
+    return {"model": model, "contender": contender, "lr": task.lr, "trainable_params": trainable, "total_params": total,
             "peak_rss_mib": round(peak, 1), "train_extra_rss_mib": round(peak - before, 1),
             "step_s": statistics.median(steps.times[3:] or steps.times),
             "checkpoint_mib": round(Path(root, "last.ckpt").stat().st_size / 2**20, 3),
             "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan")))}
 
 
-def _subprocess(model: str, contender: str, samples: int, epochs: int, root: Path) -> dict:
+def _subprocess(model: str, contender: str, samples: int, epochs: int, root: Path, val_samples: int) -> dict:
     code = (f"import json, benchmarks.adapters as b; print('RESULT', json.dumps(b.one_run({model!r}, {contender!r}, "
-            f"{samples}, {epochs}, {str(root)!r})))")
+            f"{samples}, {epochs}, {str(root)!r}, {val_samples})))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1])
@@ -111,15 +147,23 @@ def _subprocess(model: str, contender: str, samples: int, epochs: int, root: Pat
 def run(quick: bool = False) -> dict:
     import tempfile
 
-    samples, epochs, repeats = (256, 1, 1) if quick else (5_000, 2, 3)
-    models = ("effnet", "vit")
+    # (train samples, val samples) per model. Text: the recipe's 3,000 passages (one epoch, as the recipe); quick:
+    # a smoke run of every cell, its figures say nothing.
+    if quick:
+        sizes, epochs, repeats = {"effnet": (128, 128), "vit": (128, 128), "text": (32, 32)}, 1, 1
+    else:
+        sizes, epochs, repeats = {"effnet": (5_000, 500), "vit": (5_000, 500), "text": (3_000, 600)}, 2, 3
+    models = MODELS
     runs: dict[str, dict[str, list[dict]]] = {m: {c: [] for c in CONTENDERS} for m in models}
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
+            samples, val_samples = sizes[model]
+            model_epochs = 1 if model == "text" else epochs
             for i in range(repeats):  # A B C A B C ...
                 for contender in CONTENDERS:
                     root = Path(tmp, f"{model}-{contender}-{i}")
-                    runs[model][contender].append(_subprocess(model, contender, samples, epochs, root))
+                    runs[model][contender].append(
+                        _subprocess(model, contender, samples, model_epochs, root, val_samples))
     table = {}
     for model, by in runs.items():
         for contender, rs in by.items():
@@ -128,9 +172,11 @@ def run(quick: bool = False) -> dict:
                 for key in ("trainable_params", "total_params", "peak_rss_mib", "train_extra_rss_mib", "step_s",
                             "checkpoint_mib", "val_acc")}
     eff = {c: table[f"effnet/{c}"] for c in CONTENDERS}
+    text = {c: table[f"text/{c}"] for c in CONTENDERS}
     return {
-        "setup": {"samples": samples, "epochs": epochs, "repeats": repeats, "models": models, "torch_threads": 1,
-                  "batch_size": 32, "lora": CONTENDERS["lora"]["peft"]},
+        "setup": {"samples": sizes, "epochs": epochs, "text_epochs": 1, "repeats": repeats, "models": models,
+                  "torch_threads": 1, "batch_size": {"effnet": 32, "vit": 32, "text": 16},
+                  "lora": CONTENDERS["lora"]["peft"], "lr": LR, "notes": NOTES},
         "runs": runs,
         "table": table,
         "headline": {
@@ -139,5 +185,10 @@ def run(quick: bool = False) -> dict:
             "effnet_step_s_full_lora_head": [round(eff[c]["step_s"], 4) for c in CONTENDERS],
             "effnet_train_extra_rss_mib_full_lora_head": [eff[c]["train_extra_rss_mib"] for c in CONTENDERS],
             "effnet_val_acc_full_lora_head": [round(eff[c]["val_acc"], 4) for c in CONTENDERS],
+            "text_trainable_full_lora_head": [text[c]["trainable_params"] for c in CONTENDERS],
+            "text_ckpt_mib_full_lora_head": [text[c]["checkpoint_mib"] for c in CONTENDERS],
+            "text_step_s_full_lora_head": [round(text[c]["step_s"], 4) for c in CONTENDERS],
+            "text_val_acc_full_lora_head": [round(text[c]["val_acc"], 4) for c in CONTENDERS],
+            "vit": "random init (no pretrained ViT offline): costs only",
         },
     }

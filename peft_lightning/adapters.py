@@ -2,8 +2,10 @@
 
 The glue between a ``FineTuneTask`` and ``peft``: which modules get adapters (the task's defaults or
 ``--peft.target_modules``), wrapping the backbone with ``get_peft_model`` while the classification head trains in
-full (``modules_to_save``), a fingerprint of the frozen base weights (an adapter-only checkpoint only makes sense
-on the base it was trained on), and the export of the standard ``peft`` format and of a merged model.
+full (``modules_to_save``), or loading a trained adapter folder (``--peft.adapter_path``, what ``export`` writes)
+with ``PeftModel.from_pretrained``; a fingerprint of the frozen base weights (an adapter-only checkpoint only makes
+sense on the base it was trained on), and the export of the standard ``peft`` format and of a merged model.
+See docs/adapters.md.
 
 ``peft`` is imported inside the functions: importing this module (the task base does) stays cheap.
 
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 
 Method = Literal["none", "lora", "dora", "ia3", "loha", "lokr"]
 METHODS: tuple[str, ...] = ("none", "lora", "dora", "ia3", "loha", "lokr")
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr"}  # peft's names; DoRA is LORA + use_dora
+# Every module inside a transformer's numbered blocks (BERT/RoBERTa `encoder.layer.N`, GPT-2 `h.N`, LLaMA `layers.N`,
+# T5 `block.N`); a method keeps the types it supports: BERT's query/key/value and its three `dense` linears.
+TRANSFORMER_BLOCKS = r"(.*\.)?(layers?|h|blocks?)\.\d+\..*"
 
 
 @dataclass
@@ -48,6 +54,10 @@ class AdapterConfig:
             ``attn.proj``, as in ``peft``) or a regular expression matched against whole names. None: the
             task's defaults (``default_adapter_targets``), keeping the module types the method supports.
         modules_to_save: more modules trained in full beside the head (names or last parts, as above).
+        adapter_path: a trained adapter folder (``adapter_config.json`` + safetensors, as ``export`` writes it)
+            to load onto the recipe's base model instead of new adapters: for ``predict``/``test`` from an export,
+            or to train on from it. Its ``adapter_config.json`` sets the method, rank and targets; the options
+            above are then not used (a different ``method`` stops).
     """
 
     method: Method = "none"
@@ -56,6 +66,7 @@ class AdapterConfig:
     dropout: float = 0.0
     target_modules: list[str] | None = None
     modules_to_save: list[str] | None = None
+    adapter_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,7 +79,7 @@ class AdapterConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.method != "none"
+        return self.method != "none" or self.adapter_path is not None
 
 
 def as_config(value: AdapterConfig | dict[str, Any] | None) -> AdapterConfig | None:
@@ -154,11 +165,14 @@ def resolve_targets(model: nn.Module, config: AdapterConfig, defaults: str | lis
     return found
 
 
-def peft_config(config: AdapterConfig, targets: list[str], modules_to_save: list[str]) -> Any:
-    """The ``peft`` config for ``config`` with explicit target module names."""
+def peft_config(config: AdapterConfig, targets: list[str], modules_to_save: list[str],
+                task_type: str | None = None) -> Any:
+    """The ``peft`` config for ``config`` with explicit target module names (``task_type``: peft's, e.g. ``SEQ_CLS``
+    for a transformers classifier, so ``PeftModel.from_pretrained`` gives the matching model class)."""
     import peft
 
-    common: dict[str, Any] = {"target_modules": targets, "modules_to_save": modules_to_save or None}
+    common: dict[str, Any] = {"target_modules": targets, "modules_to_save": modules_to_save or None,
+                              "task_type": task_type}
     if config.method in ("lora", "dora"):
         return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                use_dora=config.method == "dora", **common)
@@ -170,14 +184,17 @@ def peft_config(config: AdapterConfig, targets: list[str], modules_to_save: list
 
 
 def wrap(model: nn.Module, config: AdapterConfig, *, default_targets: str | list[str] | None, head: list[str],
-         base_name: str | None = None) -> nn.Module:
+         base_name: str | None = None, task_type: str | None = None) -> nn.Module:
     """``model`` wrapped by ``peft.get_peft_model``: base weights frozen, adapters on the targets, ``head`` (module
-    names) and ``config.modules_to_save`` trained in full."""
+    names) and ``config.modules_to_save`` trained in full. With ``config.adapter_path``, the saved adapter is
+    loaded instead (``load_adapter``)."""
     import peft
 
     missing = [h for h in head if h not in dict(model.named_modules())]
     if missing:
         raise UsageError(f"head module(s) {missing} not found in {type(model).__name__}")
+    if config.adapter_path is not None:
+        return load_adapter(model, config, head)
     extra = []
     for pattern in config.modules_to_save or []:
         hits = [n for n, _ in model.named_modules() if n and _matches(pattern, n)]
@@ -187,11 +204,55 @@ def wrap(model: nn.Module, config: AdapterConfig, *, default_targets: str | list
     keep = list(dict.fromkeys([*head, *extra]))
     targets = resolve_targets(model, config, default_targets, keep)
     try:
-        wrapped = peft.get_peft_model(model, peft_config(config, targets, keep))
+        wrapped = peft.get_peft_model(model, peft_config(config, targets, keep, task_type))
     except (ValueError, TypeError) as err:  # peft refuses a layer type or an option combination
         raise UsageError(f"peft cannot add {config.method} adapters here: {str(err).splitlines()[0][:300]}") from None
     if base_name is not None:  # informative, in adapter_config.json (timm models carry no name_or_path)
         wrapped.peft_config["default"].base_model_name_or_path = base_name
+    return wrapped
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of an adapter folder; stops with one line if there is none."""
+    import json
+
+    file = Path(path) / "adapter_config.json"
+    if not file.is_file():
+        raise UsageError(f"--peft.adapter_path {str(path)!r} has no adapter_config.json: pass a folder written by "
+                         "`python -m peft_lightning export` (or peft's save_pretrained)")
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read {str(file)!r} ({type(err).__name__}): is it a peft adapter folder?") from None
+
+
+def load_adapter(model: nn.Module, config: AdapterConfig, head: list[str]) -> nn.Module:
+    """``PeftModel.from_pretrained(model, config.adapter_path)``, trainable, after checking that the folder holds
+    a method this project knows and trains the head; ``config.method`` is set from the folder."""
+    import peft
+
+    saved = read_adapter_config(config.adapter_path)
+    method = PEFT_TYPES.get(str(saved.get("peft_type")))
+    if method == "lora" and saved.get("use_dora"):
+        method = "dora"
+    if method is None:
+        raise UsageError(f"--peft.adapter_path {config.adapter_path!r} holds a {saved.get('peft_type')} adapter: "
+                         f"only {', '.join(METHODS[1:])} are supported")
+    if config.method not in ("none", method):
+        raise UsageError(f"--peft.adapter_path {config.adapter_path!r} holds a {method} adapter, not "
+                         f"{config.method}: drop --peft.method or pass --peft.method {method}")
+    saved_heads = saved.get("modules_to_save") or []
+    untrained = [h for h in head if not any(h == s or h.endswith("." + s) for s in saved_heads)]
+    if untrained:
+        raise UsageError(f"the adapter in {config.adapter_path!r} does not hold the head {untrained} (its "
+                         f"modules_to_save: {saved_heads}): it was not trained for this task")
+    try:
+        wrapped = peft.PeftModel.from_pretrained(model, config.adapter_path, is_trainable=True)
+    except (ValueError, RuntimeError, KeyError) as err:  # other targets, shapes (num_classes) or base
+        raise UsageError(f"cannot load the adapter in {config.adapter_path!r} onto {type(model).__name__} "
+                         f"({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}): was it "
+                         "exported from this recipe with the same model and number of classes?") from None
+    config.method = method  # what checkpoints and messages report
     return wrapped
 
 
@@ -242,11 +303,31 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 # --- export ---
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """A merged copy of ``model`` (a ``PeftModel``): the adapters folded into the base weights and each head the
+    trained copy, as plain modules. The heads are swapped in first: peft 0.21's generic unload (IA3's) assigns a
+    ``weight`` to every unloaded module and fails on heads that are containers (BERT's pooler, RoBERTa's
+    classifier)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    model = copy.deepcopy(model)
+    inner = model.get_base_model()
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            trained = module.modules_to_save[module.active_adapter]
+            setattr(inner.get_submodule(parent) if parent else inner, child, trained)
+    return model.merge_and_unload()
+
+
 def export(task: nn.Module, out: str | Path, merge: bool = False) -> list[Path]:
     """Write the task's adapter in the standard ``peft`` format (``adapter_config.json`` and
     ``adapter_model.safetensors``, which ``PeftModel.from_pretrained(base, out)`` loads) and, with ``merge``, the
-    merged full model: ``save_pretrained`` for transformers models, else a safetensors state_dict
-    (``model.safetensors``). A task without adapters can only be exported merged (its plain weights)."""
+    merged full model: ``merged/`` with ``save_pretrained`` (and the tokenizer) for transformers models, else a
+    safetensors state_dict (``model.safetensors``). A task without adapters can only be exported merged (its plain
+    weights). Where weights outside the adapted module train too (a recommender's ID embeddings and towers), the
+    adapter folder alone is not the model: ``merge`` is required and ``model.safetensors`` holds the whole task
+    (what ``--model.init_from`` loads)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -254,22 +335,37 @@ def export(task: nn.Module, out: str | Path, merge: bool = False) -> list[Path]:
     if found is None and not merge:
         raise UsageError("this checkpoint has no adapters (trained with --peft.method none): pass --merge to export "
                          "its full weights")
+    outside = []
+    if found is not None:
+        trainable = getattr(task, "trainable_parameter_names", lambda: None)() or set()
+        outside = sorted(n for n in trainable if not n.startswith(found[0]))
+        if outside and not merge:
+            raise UsageError(f"the adapters are only part of what this model trained (also {outside[0]} and "
+                             f"{len(outside) - 1} more): pass --merge to export the whole merged model")
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if found is not None:
-        model = found[1]
+        prefix, model = found
         model.save_pretrained(str(out))
         written += [out / "adapter_config.json", out / "adapter_model.safetensors"]
-        merged = copy.deepcopy(model).merge_and_unload() if merge else None
+        merged = merge_and_unload(model) if merge else None
     else:
-        merged = copy.deepcopy(getattr(task, "model", task)) if merge else None
-    if merged is not None:
-        if hasattr(merged, "save_pretrained"):  # transformers: config + safetensors, loadable by from_pretrained
-            merged.save_pretrained(str(out / "merged"))
-            written.append(out / "merged")
-        else:
-            save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, str(out / "model.safetensors"))
-            written.append(out / "model.safetensors")
+        prefix, merged = "model.", copy.deepcopy(getattr(task, "model", task)) if merge else None
+    if merged is None:
+        return written
+    if outside:  # the whole task, with the adapted module merged in place: loadable by the task itself
+        state = {k: v for k, v in task.state_dict().items() if not k.startswith(prefix)}
+        state.update({prefix + k: v for k, v in merged.state_dict().items()})
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+        written.append(out / "model.safetensors")
+    elif hasattr(merged, "save_pretrained"):  # transformers: config + safetensors, loadable by from_pretrained
+        merged.save_pretrained(str(out / "merged"))
+        if callable(getattr(task, "load_tokenizer", None)):  # a folder that --model.model_name can point at
+            task.load_tokenizer().save_pretrained(str(out / "merged"))
+        written.append(out / "merged")
+    else:
+        save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, str(out / "model.safetensors"))
+        written.append(out / "model.safetensors")
     return written
 
 

@@ -4,6 +4,7 @@
     python -m peft_lightning fit --recipe my_pkg.recipes:MyFlowers -c my_run.yaml
     python -m peft_lightning list
     python -m peft_lightning export --recipe effnet_fashion --ckpt_path last.ckpt --out adapter/ --merge
+    python -m peft_lightning plot runs/effnet_fashion/20260101-120000 runs/effnet_fashion/20260102-090000
 
 ``--recipe`` picks the LightningModule (the recipe class), its LightningDataModule and their defaults; everything
 else is plain LightningCLI. This module is the only one that reads the environment (``PEFT_LIGHTNING_DEBUG``).
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from peft_lightning.tasks.base import FineTuneTask
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-HELP = """usage: python -m peft_lightning {fit,validate,test,predict,list,export} [--recipe NAME] [options]
+HELP = """usage: python -m peft_lightning {fit,validate,test,predict,list,export,plot} [--recipe NAME] [options]
 
 Fine-tune pretrained models with recipes on Lightning.
 
@@ -35,6 +36,10 @@ commands:
   list       list the recipes, their domain and whether their data and weights are here
   export     write a checkpoint's adapter in the peft format (and the merged model with --merge);
              see `python -m peft_lightning export --help`
+  plot       draw training curves of one run folder, or overlay several: plot RUN_DIR [RUN_DIR ...] [--out FILE]
+
+Each run writes one folder, runs/RECIPE/YYYYmmdd-HHMMSS (under --trainer.default_root_dir): config.yaml,
+metrics.csv, tensorboard/, checkpoints/ and curves.png. --quiet: no progress bar or info lines (CI logs).
 
 Every Lightning CLI convention holds: --trainer.*, --model.*, --data.*, --finetuning.*, --checkpoint.*,
 -c run.yaml, --print_config, --ckpt_path. Adapters from peft: --peft.method lora --peft.r 8 ... See `python -m peft_lightning fit --recipe NAME --help`.
@@ -68,10 +73,12 @@ def _recipe_arg(argv: list[str]) -> str | None:
 
 def _make_cli_class():
     # Lightning is imported here, not at module import, so `--help` and `list` stay fast.
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+    from peft_lightning import engine
     from peft_lightning.adapters import AdapterConfig
+    from peft_lightning.callbacks.checkpoint import ResumableCheckpoint
     from peft_lightning.callbacks.finetuning import FineTuning
 
     class Parser(LightningArgumentParser):
@@ -88,8 +95,14 @@ def _make_cli_class():
             self.recipe = recipe
             self.recipe_name = recipe_name
             self.started = time.perf_counter()
+            # default_root_dir: each run gets its own folder below it, <root>/<recipe>/<timestamp> (see
+            # instantiate_trainer and peft_lightning/report.py).
             trainer_defaults = {"callbacks": [LearningRateMonitor(logging_interval="step")],
-                                **recipe.trainer_defaults}
+                                "default_root_dir": "runs", **recipe.trainer_defaults}
+            # A recipe's "precision": "auto" becomes bf16-mixed or 32-true for this machine (engine.auto_precision),
+            # a plain default that --print_config shows and --trainer.precision overrides.
+            note = engine.resolve_auto_precision(trainer_defaults, engine.detect_hardware())
+            trainer_defaults["callbacks"] = [*trainer_defaults["callbacks"], engine.RunSummary(note)]
             super().__init__(
                 model_class=recipe,
                 datamodule_class=recipe.datamodule_class,
@@ -107,21 +120,32 @@ def _make_cli_class():
             # A checkpoint's hyperparameters fill in the model's arguments, except `peft`: it is linked from the
             # top-level --peft.* group (a link target cannot be re-parsed), so that group must say it again;
             # a mismatch stops with a message naming the flags (FineTuneTask.on_load_checkpoint).
-            import torch
+            from peft_lightning.callbacks.checkpoint import read_checkpoint, resolve_ckpt_path
+            from peft_lightning.report import run_dir
 
-            ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+            if not self.config.get("subcommand"):
+                return
+            config = self.config[self.config.subcommand]
+            # `last`: the newest last.ckpt of this recipe's runs (each run has its own folder; Lightning's own
+            # "last" looks only in the new run's empty one), or a fresh start when there is none yet.
+            root = Path((config.get("trainer") or {}).get("default_root_dir") or "runs")
+            recipe_root = run_dir(root, self.recipe_name).parent
+            config.ckpt_path = ckpt_path = resolve_ckpt_path(
+                config.get("ckpt_path"), root=recipe_root if recipe_root.is_dir() else root,
+                dirpath=(config.get("checkpoint") or {}).get("dirpath"))
             if not ckpt_path or not Path(ckpt_path).is_file():
                 return
-            try:
-                ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-            except Exception as err:
-                raise UsageError(f"cannot read checkpoint {ckpt_path!r} ({type(err).__name__}): it is corrupt, "
-                                 "truncated or not a Lightning checkpoint") from None
+            ckpt = read_checkpoint(ckpt_path)  # weights_only=True: one line for a corrupt or hostile file
             hparams = dict(ckpt.get("hyper_parameters", {}))
             for key in ("_instantiator", "_class_path", "peft"):
                 hparams.pop(key, None)
             if hparams:
-                self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+                try:
+                    self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+                except UsageError:
+                    raise UsageError(f"checkpoint {ckpt_path!r} was not written by recipe {self.recipe_name!r}: its "
+                                     f"model arguments ({', '.join(sorted(hparams))}) do not fit this recipe; pass the "
+                                     "--recipe that wrote it") from None
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_argument("--recipe", type=str, default=self.recipe_name,
@@ -129,8 +153,14 @@ def _make_cli_class():
             parser.add_argument("--test_after_fit", type=bool, default=True,
                                 help="after fit, test the best checkpoint and print the test metrics")
             parser.add_argument("--debug", type=bool, default=False, help="show full tracebacks on errors")
+            from jsonargparse import ActionYesNo
+
+            parser.add_argument("--quiet", action=ActionYesNo, default=False,
+                                help="for CI logs: no progress bar, no model summary, only warnings from Lightning; "
+                                     "the summary at the end still prints (--quiet, or quiet: true in a config)")
             parser.add_lightning_class_args(FineTuning, "finetuning")
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            # ModelCheckpoint plus a recent, whole, finite last.ckpt and graceful SIGTERM/SIGINT (docs/reliability.md)
+            parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
             # Adapters are a model init argument (so checkpoints carry them) shown at top level as --peft.*.
             parser.add_class_arguments(AdapterConfig, "peft")
             parser.link_arguments("peft", "model.peft", compute_fn=_adapter_config)
@@ -146,6 +176,43 @@ def _make_cli_class():
             defaults.update({f"data.{k}": v for k, v in recipe.data_defaults.items()})
             parser.set_defaults(defaults)
 
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            # The run folder, its loggers and the progress bar (peft_lightning/report.py). A logger or progress bar
+            # the user configured is kept as given; `--trainer.logger false` keeps the folder for checkpoints.
+            import logging
+
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from peft_lightning.report import PhaseProgressBar, RunReport, run_dir, run_loggers
+
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            trainer = config.get("trainer", {})
+            self.run_dir = run_dir(trainer.get("default_root_dir") or "runs", self.recipe_name)
+            kwargs.setdefault("default_root_dir", str(self.run_dir))
+            if trainer.get("logger") in (None, True):
+                kwargs.setdefault("logger", run_loggers(self.run_dir))
+            callbacks = list(trainer.get("callbacks") or [])
+            self.report = RunReport()
+            callbacks.append(self.report)
+            quiet = bool(config.get("quiet", False))
+            if quiet:
+                kwargs.setdefault("enable_progress_bar", False)
+                kwargs.setdefault("enable_model_summary", False)
+                for name in ("lightning.pytorch", "lightning.fabric"):
+                    logging.getLogger(name).setLevel(logging.WARNING)
+            elif trainer.get("enable_progress_bar") is not False and not any(
+                    isinstance(c, ProgressBar) for c in callbacks):
+                callbacks.append(PhaseProgressBar())
+            kwargs.setdefault("callbacks", callbacks)
+            # --trainer.strategy fsdp -> FSDPStrategy over the task's blocks; 16-mixed on a CPU stays float16.
+            kwargs.update(engine.trainer_overrides(trainer, self.model))
+            return super().instantiate_trainer(**kwargs)
+
+        def before_instantiate_classes(self) -> None:
+            # Before any weights or data load: a launch that cannot run here stops with one line.
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            engine.check_launch(config.get("trainer") or {}, config.get("model") or {}, os.environ)
+
         def before_fit(self) -> None:
             callback = next((c for c in self.trainer.callbacks if isinstance(c, FineTuning)), None)
             if callback is not None and callback.show_groups:
@@ -155,17 +222,42 @@ def _make_cli_class():
 
         def after_fit(self) -> None:
             config = self.config[self.subcommand]
-            if self.trainer.interrupted or not config.get("test_after_fit", True):
-                return
             best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
-            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None,
-                                        verbose=False)
-            metrics = results[0] if results else {}
+            metrics: dict[str, float] = {}
+            if not self.trainer.interrupted and config.get("test_after_fit", True):
+                results = self.trainer.test(self.model, datamodule=self.datamodule,
+                                            ckpt_path="best" if best else None, verbose=False)
+                metrics = results[0] if results else {}
+            self._summary(metrics, best)
+
+        def _summary(self, metrics: dict[str, float], best: str) -> None:
+            from peft_lightning.report import format_wall, print_summary, summary_rows
+
             wall = time.perf_counter() - self.started
+            if not self.trainer.is_global_zero:
+                return
+            # One grep-able line first (CI logs, tests), then the table.
             shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.endswith("loss"))
-            if self.trainer.is_global_zero:
-                print(f"\n{self.recipe_name}: {shown}  wall {wall / 60:.0f}m{wall % 60:02.0f}s"
-                      f"  ({'best checkpoint ' + best if best else 'final weights'})")
+            if not shown and self.report.best is not None:
+                shown = f"best {self.report.best['metric']} {self.report.best['value']:.4f}"
+            stopped = "  (interrupted)" if self.trainer.interrupted else ""
+            print(f"\n{self.recipe_name}: {shown}  wall {format_wall(wall)}"
+                  f"  ({'best checkpoint ' + best if best else 'final weights'}){stopped}")
+            print_summary(summary_rows(self.trainer, self.model, recipe=self.recipe_name, report=self.report,
+                                       test_metrics=metrics, wall=wall, datamodule=self.datamodule))
+
+        def after_validate(self) -> None:
+            self._print_run_dir()
+
+        def after_test(self) -> None:
+            self._print_run_dir()
+
+        def after_predict(self) -> None:
+            self._print_run_dir()
+
+        def _print_run_dir(self) -> None:
+            if self.trainer.is_global_zero and Path(self.run_dir).is_dir():
+                print(f"run folder: {self.run_dir}")
 
     return PeftLightningCLI
 
@@ -202,6 +294,33 @@ def export_command(argv: list[str]) -> None:
         print(path)
 
 
+def plot_command(argv: list[str]) -> None:
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # type: ignore[override]
+            raise UsageError(f"plot: {message} (see `python -m peft_lightning plot --help`)")
+
+    parser = Parser(
+        prog="python -m peft_lightning plot",
+        description="Training curves from run folders' metrics.csv, as a PNG. One run: loss, the monitored metric "
+                    "and the learning rate per layer group, with unfreeze points and re-tuning rounds marked, written "
+                    "to RUN_DIR/curves.png. Several runs (or a folder of runs): overlaid, written to --out.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run folders (runs/RECIPE/TIMESTAMP), their metrics.csv, or folders holding runs")
+    parser.add_argument("--out", help="output image (default: RUN_DIR/curves.png for one run, comparison.png for "
+                                      "several)")
+    parser.add_argument("--x", choices=("step", "epoch"), default="step", help="x axis (default: step)")
+    args = parser.parse_args(argv)
+    from peft_lightning.plots import find_runs, plot_compare, plot_run
+
+    runs = find_runs(args.runs)
+    if len(runs) == 1:
+        print(plot_run(runs[0], args.out, x=args.x))
+    else:
+        print(plot_compare(runs, args.out or "comparison.png", x=args.x))
+
+
 def list_command() -> None:
     from peft_lightning.registry import list_recipes
 
@@ -230,27 +349,59 @@ def main(args: list[str] | None = None) -> None:
         if argv[0] == "export":
             export_command(argv[1:])
             return
+        if argv[0] == "plot":
+            plot_command(argv[1:])
+            return
         if argv[0] not in SUBCOMMANDS:
-            raise UsageError(f"unknown command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}, list, export")
+            raise UsageError(f"unknown command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}, list, export, plot")
         name = _recipe_arg(argv)
         if name is None:
             raise UsageError("no recipe given: pass --recipe NAME (see `python -m peft_lightning list`)")
         from peft_lightning.registry import get_recipe
 
         recipe = get_recipe(name)
-        _make_cli_class()(recipe, name, args=args)
+        import logging
+
+        # --quiet lowers Lightning's log level for the run; put it back for whoever runs next in this process.
+        levels = {n: logging.getLogger(n).level for n in ("lightning.pytorch", "lightning.fabric")}
+        try:
+            _make_cli_class()(recipe, name, args=args)
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
     except UsageError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: torch wraps the message in a traceback
+            message = message.strip().splitlines()[-1].split("UsageError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as stop:
+        if type(stop).__name__ != "SIGTERMException":  # Lightning's graceful stop on SIGTERM (and our SIGINT)
+            raise
+        import signal
+
+        from peft_lightning.callbacks.checkpoint import stop_signal
+
+        signum = stop_signal() or signal.SIGTERM
+        print(f"stopped by {signal.Signals(signum).name}: last.ckpt saved; resume with the same command and "
+              "--ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signum)  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     except Exception as err:  # one line, not 40: the traceback is there for whoever asks
         if debug:
             raise
+        if type(err).__name__ == "MisconfigurationException":  # Lightning's word for a Trainer flag it cannot honour
+            flat = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            print(f"error: {flat[:400]} (see --trainer.* in `fit --recipe NAME --help`)", file=sys.stderr)
+            sys.exit(2)
         first = (str(err).strip().splitlines() or [""])[0][:300]
+        if isinstance(err, ModuleNotFoundError):  # a flag whose backend is an optional package (transformer-engine)
+            print(f"error: {first}: install it, or choose a setting that does not need it", file=sys.stderr)
+            sys.exit(2)
         print(f"error: {type(err).__name__}: {first} (set PEFT_LIGHTNING_DEBUG=1 for the traceback)",
               file=sys.stderr)
         sys.exit(1)

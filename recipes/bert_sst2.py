@@ -36,7 +36,7 @@ class BertSst2(TextClassifier):
         "group_by_length": True,  # dynamic padding over length-sorted chunks: fewer pad tokens, same result
         "num_workers": 4,
     }
-    trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 3, "precision": "bf16-mixed"}
+    trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 3, "precision": "auto"}  # bf16-mixed on a GPU
     finetuning_defaults: ClassVar[dict[str, Any]] = {"strategy": "full"}
 
     def __init__(

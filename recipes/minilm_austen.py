@@ -145,10 +145,10 @@ class MinilmAusten(TextClassifier):
         "num_workers": 0,  # padding a batch takes microseconds: worker processes would only compete for 2 cores
         "val_fraction": 0.1,
     }
-    # fp32: these CPUs have AVX2 but no AVX-512 BF16/AMX, so bf16 autocast is emulated: a training step of this
-    # recipe measured 3.6x slower than fp32 (a bare MiniLM step 13x; docs/text.md). On CPUs with AMX or on GPUs
-    # pass --trainer.precision bf16-mixed.
-    trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 1, "precision": "32-true", "log_every_n_steps": 10}
+    # "auto" (peft_lightning.engine.auto_precision): bf16-mixed on GPUs and on CPUs with AMX / AVX-512 BF16, fp32
+    # elsewhere: on AVX2-only CPUs bf16 autocast is emulated, and a training step of this recipe measured 3.6x slower
+    # than fp32 (a bare MiniLM step 13x; docs/text.md).
+    trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 1, "precision": "auto", "log_every_n_steps": 10}
     # Train the top 3 of the 6 blocks and the head (pooler + classifier) from the first step; the embeddings (half
     # of MiniLM's 22.7M weights) and the lower blocks stay frozen. The backward pass then stops halfway down, a
     # step ~1.4x cheaper than full fine-tuning: on 2 cores that buys more passages per minute than the lower

@@ -9,7 +9,7 @@ cut-off are served from their history. The workflow, run as two commands (docs/r
 
     python -m peft_lightning fit --recipe twotower_movielens --trainer.default_root_dir runs/pretrain
     python -m peft_lightning fit --recipe twotower_movielens --data.phase finetune \\
-        --model.init_from runs/pretrain/lightning_logs/version_0/checkpoints/last.ckpt
+        --model.init_from runs/pretrain/twotower_movielens/<YYYYmmdd-HHMMSS>/checkpoints/last.ckpt
 
 Both test on the same held-out last 25% of each user's ratings after the cut-off.
 

@@ -29,7 +29,7 @@ class VitCifar(ImageClassifier):
         "num_workers": 8,
         "val_fraction": 0.05,  # 2,500 of the 50,000 training images: CIFAR-10 ships no validation split
     }
-    trainer_defaults = {"max_epochs": 10, "precision": "bf16-mixed", "accumulate_grad_batches": 4,
+    trainer_defaults = {"max_epochs": 10, "precision": "auto", "accumulate_grad_batches": 4,
                         "gradient_clip_val": 1.0}
     finetuning_defaults = {"strategy": "full"}
 

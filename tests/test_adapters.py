@@ -139,6 +139,13 @@ def test_export_round_trips_and_merge_preserves_outputs(vit_weights, tmp_path, m
         assert torch.allclose(loaded(x), expected, atol=1e-5)
         assert torch.allclose(merged.eval()(x), expected, atol=1e-4)
         assert not torch.allclose(base().eval()(x), expected, atol=1e-3)  # the adapters and head do matter
+        # what `predict` builds from the adapter folder (--peft.adapter_path) and the merged file
+        from_adapter = ImageClassifier("test_vit", num_classes=3, checkpoint_path=vit_weights,
+                                       peft=AdapterConfig(adapter_path=str(tmp_path))).eval()
+        assert from_adapter.adapter_config.method == method
+        assert torch.allclose(from_adapter(x), expected, atol=1e-5)
+        from_merged = ImageClassifier("test_vit", num_classes=3, checkpoint_path=str(tmp_path / "model.safetensors"))
+        assert torch.allclose(from_merged.eval()(x), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("peft, match", [

@@ -330,11 +330,11 @@ def test_two_tower_layer_groups_and_one_step(synth, tiny_encoder):
     assert "item_text.projection.weight" in dict(groups)["item_tower"]
     assert set(dict(groups)["user_tower"]) == {"user_embedding.weight", "history_projection.weight",
                                                "history_projection.bias"}
-    # Adapter targets name modules of the text tower only.
-    targets = {n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in model.default_lora_targets}
-    assert targets == set(model.default_lora_targets)
-    assert all(n.startswith("item_text.encoder.") for n, _ in model.named_modules()
-               if n.split(".")[-1] in model.default_lora_targets)
+    # Adapter targets (relative to the text encoder) are its blocks' linears.
+    from peft_lightning.adapters import AdapterConfig, resolve_targets
+
+    targets = resolve_targets(model.item_text.encoder, AdapterConfig("lora"), model.default_adapter_targets, [])
+    assert {n.split(".")[-1] for n in targets} == {"query", "key", "value", "dense"} and len(targets) == 2 * 6
     before = params_of(model, "")
     dm = MovieLensDataModule(str(synth), val_fraction=0.2, num_negatives=3, batch_size=32)
     fit(model, dm, max_steps=1, limit_val_batches=0)

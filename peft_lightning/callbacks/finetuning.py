@@ -28,6 +28,7 @@ from torch import nn
 from typing_extensions import override
 
 from peft_lightning.callbacks.feature_cache import FeatureCache
+from peft_lightning.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,14 @@ class FineTuning(Callback):
         show_groups: bool = False,
     ) -> None:
         if min(head_groups, unfreeze_every, patience, round_epochs, retune_groups) < 1 or unfreeze_at_epoch < 0:
-            raise ValueError("head_groups, unfreeze_every, patience, round_epochs and retune_groups must be >= 1, "
+            raise UsageError("head_groups, unfreeze_every, patience, round_epochs and retune_groups must be >= 1, "
                              "unfreeze_at_epoch >= 0")
         if unfreeze_groups is not None and unfreeze_groups < 1:
-            raise ValueError(f"unfreeze_groups must be >= 1 or None, got {unfreeze_groups}")
+            raise UsageError(f"unfreeze_groups must be >= 1 or None, got {unfreeze_groups}")
         if not 0 < lr_decay <= 1 or retune_lr_scale <= 0:
-            raise ValueError(f"lr_decay must be in (0, 1] and retune_lr_scale > 0, got {lr_decay}, {retune_lr_scale}")
+            raise UsageError(f"lr_decay must be in (0, 1] and retune_lr_scale > 0, got {lr_decay}, {retune_lr_scale}")
         if strategy == "milestones" and not milestones:
-            raise ValueError("strategy 'milestones' needs --finetuning.milestones, e.g. "
+            raise UsageError("strategy 'milestones' needs --finetuning.milestones, e.g. "
                              "'[{epoch: 0, groups: 1}, {epoch: 2, groups: 4, lr_scale: 0.5}]'")
         self.strategy = strategy
         self.head_groups = head_groups
@@ -219,10 +220,10 @@ class FineTuning(Callback):
         if self.cache_features and stage == "fit":
             dm = trainer.datamodule
             if not getattr(pl_module, "supports_feature_cache", False):
-                raise ValueError(f"{type(pl_module).__name__} does not support feature caching: "
+                raise UsageError(f"{type(pl_module).__name__} does not support feature caching: "
                                  "drop --finetuning.cache_features")
             if dm is None or not getattr(dm, "deterministic_train", False):
-                raise ValueError("feature caching needs deterministic training inputs (no random augmentation): "
+                raise UsageError("feature caching needs deterministic training inputs (no random augmentation): "
                                  "pass --data.augment false, or drop --finetuning.cache_features")
         # A group unfrozen after DDP wrapped the model must still be all-reduced: DDP registers every parameter
         # (nothing is frozen yet, see on_fit_start) and tolerates the ones that get no gradient.
@@ -231,7 +232,7 @@ class FineTuning(Callback):
             ddp_kwargs["find_unused_parameters"] = True
         kind = type(trainer.strategy).__name__
         if kind.startswith("DeepSpeed") and self.strategy != "full":
-            raise ValueError("FineTuning cannot freeze or unfreeze layer groups under DeepSpeed (its optimizer "
+            raise UsageError("FineTuning cannot freeze or unfreeze layer groups under DeepSpeed (its optimizer "
                              "partitions only the parameters trainable at start): use --trainer.strategy fsdp or ddp")
         if kind.startswith("FSDP") and self.strategy != "full":
             # FSDP flattens each wrapped block's parameters into one; `use_orig_params` keeps requires_grad per
@@ -242,6 +243,13 @@ class FineTuning(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.apply(pl_module, trainer.current_epoch)
         self._round_started = time.perf_counter()
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A checkpoint is restored after `on_fit_start` (which saw epoch 0), and a run resumed mid-epoch gets no
+        # `on_train_epoch_start` for that epoch: apply the restored epoch's groups here.
+        self.apply(pl_module, trainer.current_epoch)
+        self._freeze_bn(pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

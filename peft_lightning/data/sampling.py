@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class EpochShuffle(Sampler[int]):
@@ -20,13 +21,58 @@ class EpochShuffle(Sampler[int]):
         self.length = length
         self.seed = seed
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, samples) already trained on before a resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume(self, epoch: int, samples: int) -> None:
+        """Continue ``epoch`` after its first ``samples`` indices, which a checkpoint saved mid-epoch has trained on.
+
+        Lightning restores its loop counters mid-epoch but restarts the loader's iterator; without this, the
+        resumed epoch would train on its first batches again and never see its last ones.
+        """
+        self.epoch = epoch  # worker processes may draw indices before Lightning's `set_epoch` call
+        self._skip = (epoch, samples) if samples > 0 else None
+
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=g).tolist())
+        order = torch.randperm(self.length, generator=g).tolist()
+        if self._skip is not None:
+            epoch, samples = self._skip
+            self._skip = None
+            if epoch == self.epoch:
+                order = order[samples:]
+        return iter(order)
 
     def __len__(self) -> int:
         return self.length
+
+
+def train_progress(trainer: object) -> dict[str, int]:
+    """Where a fit stands: the epoch and how many of its training batches have run, for a data module's
+    ``state_dict`` (Lightning saves it in every checkpoint). Empty outside ``fit``."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None or getattr(getattr(trainer, "state", None), "fn", None) != "fit":
+        return {}
+    return {"epoch": int(trainer.current_epoch), "batches": int(loop.epoch_loop.batch_progress.current.processed)}
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` over an ``EpochShuffle`` that a checkpoint saved mid-epoch resumes where it stopped.
+
+    Lightning saves the ``state_dict`` of a loader that has one in every checkpoint and gives it back before the
+    resumed epoch starts (its ``_Stateful`` protocol); the state is the fit's position, read from ``progress``
+    (``train_progress``): the loader's own iterator runs ahead of training (worker prefetching).
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], dict[str, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        return self.progress()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if isinstance(self.sampler, EpochShuffle) and state_dict:
+            self.sampler.resume(state_dict["epoch"], state_dict["batches"] * (self.batch_size or 1))

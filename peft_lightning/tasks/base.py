@@ -52,6 +52,11 @@ class FineTuneTask(LightningModule):
         peft: parameter-efficient adapters from ``peft`` on the backbone (``--peft.method lora --peft.r 8``);
             None or method ``none``: every weight may train. With adapters, only the adapters and the head ever
             train, and checkpoints hold only them (the base is re-created from the recipe's pretrained source).
+        scale_lr: scale ``lr`` with the global batch (per-device batch x devices x nodes x accumulation) relative
+            to ``reference_batch()``: ``linear`` (SGD), ``sqrt`` (Adam/AdamW) or ``none`` (see docs/parallel.md).
+        compile: ``torch.compile`` the model's blocks (``fsdp_block_classes``) in place before training.
+        activation_checkpointing: recompute each block's activations in the backward pass (less memory, ~30%
+            more compute), through FSDP's ``activation_checkpointing_policy``: needs ``--trainer.strategy fsdp``.
     """
 
     # --- recipe metadata (read by the CLI and `list`; recipes override) ---
@@ -77,14 +82,22 @@ class FineTuneTask(LightningModule):
         warmup: float = 0.0,
         min_lr_ratio: float = 0.0,
         peft: AdapterConfig | None = None,
+        scale_lr: Literal["none", "linear", "sqrt"] = "none",
+        compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        from peft_lightning.errors import UsageError
+
         if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}: pass e.g. --model.lr 1e-3")
+            raise UsageError(f"lr must be > 0, got {lr}: pass e.g. --model.lr 1e-3")
         if weight_decay < 0 or warmup < 0 or not 0 <= min_lr_ratio <= 1:
-            raise ValueError("weight_decay and warmup must be >= 0 and min_lr_ratio in [0, 1]")
+            raise UsageError("weight_decay and warmup must be >= 0 and min_lr_ratio in [0, 1]")
         self.optimizer_name = optimizer
-        self.lr = lr
+        self.lr = self.base_lr = lr  # `lr` becomes base_lr x the global-batch factor of `scale_lr` at fit
+        self.scale_lr = scale_lr
+        self.compile_blocks = compile
+        self.activation_checkpointing = activation_checkpointing
         self.weight_decay = weight_decay
         self.momentum = momentum
         self.scheduler_name = scheduler
@@ -108,20 +121,58 @@ class FineTuneTask(LightningModule):
         """Module names in the backbone that train in full beside the adapters (the classifier); override."""
         return []
 
+    def fsdp_block_classes(self) -> set[type[nn.Module]]:
+        """The model's repeated block classes: FSDP wraps each instance in its own unit, activation checkpointing
+        and ``compile`` work per block. Default: found by name (``blocks.N``, ``layer.N`` ..., see
+        ``engine.block_classes``); a domain overrides it when its blocks are named otherwise."""
+        from peft_lightning.engine import block_classes
+
+        return block_classes(self)
+
+    reference_global_batch: ClassVar[int | None] = None
+    """The global batch the recipe's ``lr`` was tuned at; None: the recipe's defaults on one device
+    (``data_defaults["batch_size"] x trainer_defaults["accumulate_grad_batches"]``)."""
+
+    @classmethod
+    def reference_batch(cls) -> int:
+        """The global batch ``scale_lr`` scales from (see ``reference_global_batch``)."""
+        if cls.reference_global_batch:
+            return int(cls.reference_global_batch)
+        batch = cls.data_defaults.get("batch_size")
+        if not batch:
+            from peft_lightning.errors import UsageError
+
+            raise UsageError(f"{cls.__name__} has no reference batch for --model.scale_lr: set its "
+                             "`reference_global_batch` (or data_defaults batch_size), or drop scale_lr")
+        return int(batch) * int(cls.trainer_defaults.get("accumulate_grad_batches", 1))
+
+    def configure_model(self) -> None:
+        if self.compile_blocks:
+            from peft_lightning.engine import compile_modules
+
+            blocks = tuple(self.fsdp_block_classes())
+            modules = [m for m in self.modules() if blocks and isinstance(m, blocks)]
+            if not modules:
+                from peft_lightning.errors import UsageError
+
+                raise UsageError(f"{type(self).__name__} has no blocks to compile: drop --model.compile")
+            compile_modules(modules)
+
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         """Whether this recipe's data and weights can be had on this machine now, and a short reason."""
         return True, "no local assets needed"
 
     # --- adapters (peft): the domain builds its backbone and passes it through `add_adapters` ---
-    def add_adapters(self, model: nn.Module, base_name: str | None = None) -> nn.Module:
-        """``model`` wrapped with the configured adapters (and ``adapter_head`` trained in full), or unchanged."""
+    def add_adapters(self, model: nn.Module, base_name: str | None = None, task_type: str | None = None) -> nn.Module:
+        """``model`` wrapped with the configured adapters (and ``adapter_head`` trained in full), or unchanged.
+        ``task_type``: peft's task type (``SEQ_CLS`` for a transformers classifier), written to the export."""
         if self.adapter_config is None:
             return model
         from peft_lightning.adapters import wrap
 
         return wrap(model, self.adapter_config, default_targets=self.default_adapter_targets,
-                    head=self.adapter_head(model), base_name=base_name)
+                    head=self.adapter_head(model), base_name=base_name, task_type=task_type)
 
     def trainable_parameter_names(self) -> set[str] | None:
         """Names of the parameters that may ever train: None (all of them) without adapters; with adapters, the
@@ -155,8 +206,10 @@ class FineTuneTask(LightningModule):
         from dataclasses import asdict
 
         hp = checkpoint.get("hyper_parameters", {})
-        if isinstance(hp.get("peft"), AdapterConfig):  # a plain dict loads under torch's weights_only=True
-            hp["peft"] = asdict(hp["peft"])
+        if "peft" in hp:
+            # A plain dict loads under torch's weights_only=True. The task's own config, not the saved argument:
+            # under the CLI that is jsonargparse's "Unable to serialize instance AdapterConfig(...)" string.
+            hp["peft"] = asdict(self.adapter_config) if self.adapter_config is not None else None
         if self.adapter_config is None:
             return
         # The frozen base is not saved: it is re-created from the recipe's pretrained source on load, and the
@@ -208,6 +261,14 @@ class FineTuneTask(LightningModule):
         # Every parameter is in the optimizer from the start, frozen or not: frozen ones get no gradient, so the
         # optimizer skips them, and unfreezing later needs no `add_param_group` (which LR schedulers mishandle and
         # which breaks resuming). Each group is named after its layer group for the logged learning rates.
+        from peft_lightning.engine import global_batch, lr_scale
+
+        batch = global_batch(self.trainer) if self.scale_lr != "none" else None
+        if self.scale_lr != "none" and batch is None:
+            from peft_lightning.errors import UsageError
+
+            raise UsageError("--model.scale_lr needs the per-device batch size (the datamodule's batch_size)")
+        self.lr = self.base_lr * (lr_scale(self.scale_lr, batch.size, self.reference_batch()) if batch else 1.0)
         groups = list(self._iter_param_groups())
         if self.optimizer_name == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=True)

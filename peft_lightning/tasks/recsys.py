@@ -11,6 +11,9 @@ item for each user (the user's known items excluded) with ``torchmetrics.retriev
 
 A frozen text encoder is a fixed feature extractor: its item features are computed once, in eval mode, and
 reused until its weights change, so a two-tower run with a frozen encoder costs little more than ``mf``.
+
+Adapters (``--peft.method lora`` ...) go where there is a pretrained network to adapt: the ``two_tower`` item
+tower's text encoder (see ``Recommender``). Everything else trains in full and is in every checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_lightning import adapters
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
 
@@ -45,7 +49,7 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"init_from {str(path)!r} does not exist: pass a .ckpt from an earlier run (e.g. "
-                         "lightning_logs/version_0/checkpoints/last.ckpt) or a .safetensors/.pth state_dict")
+                         "runs/<recipe>/<timestamp>/checkpoints/last.ckpt) or a .safetensors/.pth state_dict")
     from peft_lightning.tasks.vision import load_state_dict  # the safe reader every domain uses
 
     return load_state_dict(path)
@@ -91,6 +95,10 @@ class ItemTextTower(nn.Module):
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.encoder.parameters())
 
+    @property
+    def hidden_size(self) -> int:
+        return adapters.unwrap(self.encoder).config.hidden_size
+
     def _encode(self, items: torch.Tensor) -> torch.Tensor:
         mask = self.attention_mask[items]
         length = int(mask.sum(1).max())
@@ -135,7 +143,7 @@ class ItemTextTower(nn.Module):
         was_training = self.encoder.training
         self.encoder.eval()
         order = self.attention_mask.sum(1).argsort()  # similar lengths together: less padding
-        out = torch.empty(self.num_texts, self.encoder.config.hidden_size, device=self.input_ids.device)
+        out = torch.empty(self.num_texts, self.hidden_size, device=self.input_ids.device)
         for chunk in order.split(self.batch_size):
             out[chunk] = self._encode(chunk).to(out.dtype)
         self.encoder.train(was_training)
@@ -181,7 +189,17 @@ class Recommender(FineTuneTask):
         top_k: cut-off of the ranking metrics.
         init_from: start from these weights: a Lightning checkpoint of this task (``last.ckpt``/``best-*.ckpt``)
             or a safetensors/torch state_dict; every tensor must fit (the pretrain -> fine-tune workflow).
-        **kwargs: optimizer and schedule, see ``FineTuneTask``.
+        **kwargs: optimizer, schedule and adapters (``peft``), see ``FineTuneTask``.
+
+    Adapters: only ``two_tower`` takes them, on its text encoder: by default every linear of the encoder's blocks
+    (a BERT's query/key/value and three ``dense`` per block; all five methods apply). That is where the
+    pretrained, shared weights are, and a full encoder step is what costs (~12-16 texts/s for MiniLM on 2 CPU
+    cores). Everything else trains in full and is saved in every (adapter-only) checkpoint: the projection of the
+    text features, the item ID embeddings and biases, and the user tower: ID embeddings are per-entity
+    parameters with nothing pretrained to share (new users of a fine-tuning period have only random rows), so a
+    low-rank update of them would only restrict what new users and items can learn. For the same reason ``mf``,
+    which is only ID embeddings, stops with one line when asked for adapters. ``init_from`` weights are loaded
+    before the adapters are added, so a full pretrained two-tower checkpoint is fine-tuned through adapters.
 
     Example:
         >>> model = Recommender("mf", num_users=943, num_items=1682, loss="bpr")  # doctest: +SKIP
@@ -191,9 +209,9 @@ class Recommender(FineTuneTask):
     domain = "recsys"
     monitor = "val/ndcg@10"
     monitor_mode = "max"
-    default_lora_targets: ClassVar[list[str]] = ["query", "key", "value"]
-    """Adapter targets in the text tower: the BERT attention projections (names no other module here uses)."""
-    default_adapter_targets: ClassVar[list[str]] = default_lora_targets
+    default_adapter_targets: ClassVar[str | list[str] | None] = adapters.TRANSFORMER_BLOCKS
+    """Adapter targets inside the two-tower model's text encoder (names relative to it): every module of its
+    numbered blocks that the method supports."""
 
     def __init__(
         self,
@@ -253,6 +271,20 @@ class Recommender(FineTuneTask):
         self._build_metrics()
         if init_from:
             self.load_weights(load_weights_file(init_from), str(init_from))
+        if self.adapter_config is not None:
+            if self.item_text is None:
+                raise UsageError(f"--peft.method {self.adapter_config.method}: an mf model is only ID embeddings, "
+                                 "which train in full; adapters need a pretrained network: use --model.model_name "
+                                 "two_tower or --peft.method none")
+            self.item_text.encoder = self.add_adapters(self.item_text.encoder,
+                                                       base_name=text_encoder or default_text_encoder())
+
+    def trainable_parameter_names(self) -> set[str] | None:
+        """With adapters: the encoder's adapters and every parameter outside the encoder (see the class)."""
+        names = super().trainable_parameter_names()
+        if names is None:
+            return None
+        return names | {n for n, _ in self.named_parameters() if not n.startswith("item_text.encoder.")}
 
     # --- weights ---
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state_dict") -> None:
@@ -280,11 +312,13 @@ class Recommender(FineTuneTask):
 
         groups: LayerGroups = []
         if self.item_text is not None:
-            enc = self.item_text.encoder
-            groups.append(("text.embeddings", take("item_text.encoder.embeddings.")))
+            enc = adapters.unwrap(self.item_text.encoder)
+            # Adapter parameters sit under their block's name (encoder.layer.3.attention.self.query.lora_A...).
+            prefix = "item_text.encoder." + adapters.inner_prefix(self.item_text.encoder)
+            groups.append(("text.embeddings", take(prefix + "embeddings.")))
             layers = getattr(getattr(enc, "encoder", None), "layer", None)
             for i in range(len(layers) if layers is not None else 0):
-                groups.append((f"text.layer.{i}", take(f"item_text.encoder.encoder.layer.{i}.")))
+                groups.append((f"text.layer.{i}", take(f"{prefix}encoder.layer.{i}.")))
             grouped = {n for _, ns in groups for n in ns}
             rest = [n for n in take("item_text.encoder.") if n not in grouped]
             if rest:  # final norms of other encoder families

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_lightning import adapters
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
 
@@ -70,16 +71,26 @@ class TextClassifier(FineTuneTask):
         config_overrides: values set on the model config before loading, e.g. ``{"hidden_dropout_prob": 0.2}``.
         label_smoothing: cross-entropy label smoothing (single-label only).
         threshold: probability above which a label counts as present (multi-label only).
-        **kwargs: optimizer and schedule, see ``FineTuneTask``.
+        **kwargs: optimizer, schedule and adapters (``peft``), see ``FineTuneTask``.
+
+    Adapters (``--peft.method lora`` ...) go on every linear inside the numbered blocks by default (BERT's
+    query/key/value and its three ``dense`` layers per block, GPT-2's ``c_attn``/``c_proj``/``c_fc``, LLaMA's
+    projections); the classifier and the pooler, if any, train in full (peft's ``modules_to_save``). The layer
+    groups (``embeddings``, ``layer.N``, ``head``) hold each block's adapters, so the FineTuning strategies schedule
+    adapters block by block. ``export`` writes a ``SEQ_CLS`` adapter that
+    ``PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=N), dir)``
+    loads, and with ``--merge`` a ``save_pretrained`` folder with the tokenizer (``--model.model_name DIR``).
 
     Example:
         >>> model = TextClassifier("google-bert/bert-base-uncased", num_labels=2)  # doctest: +SKIP
     """
 
     domain = "text"
-    # Module names for LoRA on BERT-like encoders: attention projections and both feed-forward linears (and the
-    # pooler's dense). Recipes on other architectures override this (e.g. ["q_proj", "v_proj"] for LLaMA).
-    default_lora_targets: ClassVar[list[str]] = ["query", "key", "value", "dense"]
+    # Adapters on every module of the numbered blocks the method supports: for BERT-like encoders the attention's
+    # query/key/value and the attention-output, intermediate and output `dense` linears. The embeddings get none
+    # (half of a small model's weights, and the vocabulary is not what a task changes); the head trains in full.
+    # Recipes narrow it like peft users do, e.g. ["query", "value"] (the LoRA paper's choice).
+    default_adapter_targets: ClassVar[str | list[str] | None] = adapters.TRANSFORMER_BLOCKS
 
     def __init__(
         self,
@@ -107,12 +118,13 @@ class TextClassifier(FineTuneTask):
         self.threshold = threshold
         # `from_pretrained` returns the model in eval mode (dropout off); Lightning restores each module's own
         # mode after validation rather than calling train() on it, so start in train mode like any module.
-        self.model = self.build_model().train()
+        model = self.build_model().train()
         if gradient_checkpointing:
-            if not getattr(self.model, "supports_gradient_checkpointing", False):
-                raise UsageError(f"{type(self.model).__name__} does not support gradient checkpointing: "
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise UsageError(f"{type(model).__name__} does not support gradient checkpointing: "
                                  "drop --model.gradient_checkpointing")
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = self.add_adapters(model, base_name=model_name, task_type="SEQ_CLS")
         self._build_metrics()
 
     # --- model and tokenizer ---
@@ -141,6 +153,22 @@ class TextClassifier(FineTuneTask):
         except (OSError, ValueError) as err:
             raise hub_error("model weights", source, err, "--model.model_name") from None
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The transformers model (with its adapter layers, if any)."""
+        return adapters.unwrap(self.model)
+
+    def adapter_head(self, model: nn.Module) -> list[str]:
+        """What trains in full beside the adapters: every top-level module with weights outside the base model
+        (BERT's ``classifier``, DistilBERT's ``pre_classifier`` too, GPT-2's ``score``) and the base's pooler."""
+        base = model.base_model
+        head = [name for name, child in model.named_children()
+                if child is not base and any(True for _ in child.parameters())]
+        prefix = getattr(model, "base_model_prefix", "")
+        if getattr(base, "pooler", None) is not None and prefix and base is getattr(model, prefix, None):
+            head.append(f"{prefix}.pooler")
+        return head
+
     def load_tokenizer(self) -> Any:
         """The tokenizer saved with the model; ``TextDataModule`` calls this unless given its own."""
         hp = self.hparams
@@ -151,8 +179,8 @@ class TextClassifier(FineTuneTask):
         """``embeddings``, one group per numbered block (``layer.0`` ... for BERT), and ``head`` (pooler,
         classifier and anything after the last block, such as a final norm). Models without numbered blocks get
         ``body`` and ``head``."""
-        base = self.model.base_model
-        base_ids = {id(p) for p in base.parameters()} if base is not self.model else None
+        base = self.backbone.base_model
+        base_ids = {id(p) for p in base.parameters()} if base is not self.backbone else None
         embeddings: list[str] = []
         layers: dict[str, list[str]] = {}
         head: list[str] = []
@@ -264,5 +292,5 @@ class TextClassifier(FineTuneTask):
                              f"pass --model.problem_type {kind}")
         names = getattr(dm, "label_names", None)
         if names and len(names) == self.num_labels:  # saved with the model, for whoever reads its predictions
-            self.model.config.id2label = dict(enumerate(names))
-            self.model.config.label2id = {v: k for k, v in enumerate(names)}
+            self.backbone.config.id2label = dict(enumerate(names))
+            self.backbone.config.label2id = {v: k for k, v in enumerate(names)}

@@ -56,6 +56,18 @@ def name_groups(groups: dict[int, list[str]], n_head: int = 1) -> LayerGroups:
     return out
 
 
+def fresh_head(model: nn.Module, num_classes: int) -> None:
+    """Give a pretrained timm model a new ``num_classes`` head through timm's own ``reset_classifier``.
+
+    ``create_model(num_classes=N)`` initialises the new head with the architecture's from-scratch scheme, which
+    for EfficientNets draws weights ~11x larger than ``reset_classifier``'s ``nn.Linear`` default; on
+    ``effnet_fashion`` that large random head cost ~1.4 points of test accuracy after one epoch (89.8% against
+    91.2% for the same run with the small head), its early gradients disturbing the pretrained blocks.
+    """
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+
+
 class ImageClassifier(FineTuneTask):
     """Image classification with a timm model: pretrained weights, head reset to ``num_classes``.
 
@@ -133,7 +145,10 @@ class ImageClassifier(FineTuneTask):
         """Create the timm model with its pretrained weights and a fresh ``num_classes`` head. Recipes whose
         weights come from elsewhere override this."""
         if self.hparams.checkpoint_path is None:
-            return self._create(self.hparams.pretrained)
+            model = self._create(self.hparams.pretrained)
+            if self.hparams.pretrained:
+                fresh_head(model, self.num_classes)
+            return model
         model = self._create(pretrained=False)
         self.load_weights(model, load_state_dict(self.hparams.checkpoint_path))
         return model
@@ -151,6 +166,9 @@ class ImageClassifier(FineTuneTask):
                 f"weights do not fit {type(model).__name__}: {len(missing)} missing (e.g. {missing[:2]}), "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}): is it a checkpoint of another architecture?"
             )
+        out = getattr(model.get_classifier(), "out_features", None) if head else None
+        if out:
+            fresh_head(model, out)
 
     def adapter_head(self, model: nn.Module) -> list[str]:
         classifier = model.pretrained_cfg.get("classifier", "head")

@@ -1,0 +1,376 @@
+"""Checkpoints a run can always resume from: ``last.ckpt`` often, never torn, never from a broken run.
+
+``ResumableCheckpoint`` is Lightning's ``ModelCheckpoint`` (the CLI's ``--checkpoint.*``) with four additions,
+each closing a way a long run on a pre-emptible machine loses work:
+
+- ``last.ckpt`` is written every ``last_every_minutes`` (and/or ``last_every_n_train_steps``) mid-epoch, and at
+  every validation end. Lightning's own ``save_last`` only follows a *top-k* save (an epoch whose monitored metric
+  did not improve leaves ``last.ckpt`` behind), and its ``every_n_train_steps`` would also judge the top-k
+  checkpoint on stale validation metrics.
+- SIGTERM (what a pre-empted cluster job receives) and SIGINT (Ctrl+C) stop the run at the end of the current
+  training step, write ``last.ckpt`` and leave by ``SIGTERMException``; the CLI exits ``128 + signal`` (143 / 130)
+  with one line. A second Ctrl+C interrupts at once.
+- Every file is written to a temporary file beside its target, flushed to disk and renamed over it
+  (``AtomicCheckpointIO``): a kill during the write leaves the previous file whole. Lightning's own
+  ``_atomic_save`` stages the bytes in the system temp folder and ``shutil.move``s them, which is a plain (tearable)
+  copy when that folder is on another filesystem than the checkpoints, as on most clusters.
+- A non-finite training loss stops the run before its backward pass, and no checkpoint is ever written from
+  non-finite weights: the last good checkpoint stays the last one on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+from peft_lightning.errors import UsageError
+
+# The signal that stopped the last fit in this process (None: none did). The CLI turns it into the exit code.
+_stop_signal: int | None = None
+
+
+def stop_signal() -> int | None:
+    """The signal (``signal.SIGTERM`` / ``signal.SIGINT``) that made the last ``fit`` stop early, if any."""
+    return _stop_signal
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file in the target's folder, ``fsync``, then ``os.replace`` over the target.
+
+    A reader (or a resumed run) sees either the previous complete file or the new complete one, never a prefix, even
+    when the process is killed mid-write. A killed write can leave a ``.NAME.*.tmp`` file beside the target; it is
+    never read. Remote paths (``s3://`` ...) keep Lightning's fsspec transaction.
+    """
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(str(path).removeprefix("file://"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable (a power cut after it must not bring back the old entry)
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always recent, whole and finite; see the module docstring.
+
+    Args:
+        last_every_minutes: also write ``last.ckpt`` after a training step when this many minutes passed since the
+            last write (a SIGKILL loses at most about this much training). None or 0: off.
+        last_every_n_train_steps: also write ``last.ckpt`` every this many optimizer steps. 0: off.
+        stop_on_nonfinite_loss: stop with one line when the training loss is NaN or infinite, before its backward
+            pass changes any weight.
+        graceful_stop: on SIGTERM or SIGINT, finish the current step, write ``last.ckpt`` and stop.
+        **kwargs: ``ModelCheckpoint``'s arguments (``monitor``, ``save_top_k``, ``dirpath`` ...).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        last_every_minutes: float | None = 10.0,
+        last_every_n_train_steps: int = 0,
+        stop_on_nonfinite_loss: bool = True,
+        graceful_stop: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if last_every_n_train_steps < 0 or (last_every_minutes is not None and last_every_minutes < 0):
+            raise UsageError(
+                "--checkpoint.last_every_n_train_steps and --checkpoint.last_every_minutes must be >= 0"
+            )
+        self.last_every_minutes = last_every_minutes
+        self.last_every_n_train_steps = last_every_n_train_steps
+        self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
+        self.graceful_stop = graceful_stop
+        self._last_written_step: int | None = None
+        self._writes = 0  # last.ckpt writes so far
+        self._last_written_time = time.monotonic()
+        self._signal: int | None = None
+        self._saved_for_signal = False
+        self._previous_sigint: Any = None
+
+    # --- setup: atomic writes, signals ---
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # Only the plain torch writer is replaced; a strategy's own (sharded, remote) checkpoint IO is left alone.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        global _stop_signal
+        _stop_signal = None
+        self._signal, self._saved_for_signal = None, False
+        self._last_written_time = time.monotonic()
+        if self.graceful_stop:
+            self._install_signal_handlers()
+
+    def _install_signal_handlers(self) -> None:
+        # Lightning's SIGTERM handler (set `trainer.received_sigterm`: stop after this step) is in place by now.
+        # Ours records which signal came, and SIGINT takes the same road instead of a KeyboardInterrupt wherever it
+        # lands (mid optimizer step); a second Ctrl+C interrupts at once.
+        lightning_sigterm = signal.getsignal(signal.SIGTERM)
+
+        def on_signal(signum: int, frame: Any) -> None:
+            global _stop_signal
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._signal = _stop_signal = signum
+            rank_zero_info(
+                f"received {signal.Signals(signum).name}: stopping after this step and saving last.ckpt "
+                "(Ctrl+C again to interrupt at once)"
+            )
+            if callable(lightning_sigterm):
+                lightning_sigterm(signal.SIGTERM, frame)
+
+        try:
+            signal.signal(signal.SIGTERM, on_signal)
+            self._previous_sigint = signal.signal(signal.SIGINT, on_signal)
+        except (
+            ValueError
+        ):  # not the main thread (e.g. a notebook's worker): Lightning's SIGTERM handling only
+            self._previous_sigint = None
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            try:
+                signal.signal(signal.SIGINT, self._previous_sigint)
+            except ValueError:
+                pass
+            self._previous_sigint = None
+
+    # --- when last.ckpt is written ---
+    def _write_last(self, trainer: Trainer, again: bool = False) -> None:
+        """Write ``last.ckpt`` now, unless it already holds this step (``again``: unless it was just written)."""
+        if not self.save_last or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self._saved_last_now(trainer) and not again:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _saved_last_now(self, trainer: Trainer) -> bool:
+        return self._last_written_step == trainer.global_step
+
+    def _due(self, trainer: Trainer) -> bool:
+        step = trainer.global_step
+        if self._saved_last_now(trainer) or step == 0:
+            return False
+        due = bool(self.last_every_n_train_steps) and step % self.last_every_n_train_steps == 0
+        if self.last_every_minutes:
+            elapsed = time.monotonic() - self._last_written_time >= 60 * self.last_every_minutes
+            due = due or trainer.strategy.broadcast(elapsed)  # rank 0's clock decides: every rank must save
+        return due
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.received_sigterm and not self._saved_for_signal:
+            # Saved here, after the step, like a periodic save: the state Lightning resumes mid-epoch from.
+            self._write_last(trainer)
+            self._saved_for_signal = True
+        elif self._due(trainer):
+            self._write_last(trainer)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After validation the callbacks' state moved on (best scores, re-tuning decisions): last.ckpt must hold it
+        # even when a periodic save already wrote this step just before validation.
+        writes = self._writes
+        super().on_validation_end(trainer, pl_module)
+        if self._writes == writes:
+            self._write_last(trainer, again=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._write_last(trainer)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        # A signal that arrived during validation or between epochs stops there, not after a training step.
+        if isinstance(exception, SIGTERMException):
+            if not self._saved_for_signal:
+                self._write_last(trainer)
+                self._saved_for_signal = True
+            global _stop_signal
+            _stop_signal = _stop_signal or signal.SIGTERM
+            rank_zero_info(
+                f"stopped at epoch {trainer.current_epoch}, step {trainer.global_step}: "
+                f"resume with --ckpt_path last ({self.last_model_path})"
+            )
+
+    @override
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        module = trainer.lightning_module
+        bad = next(
+            (n for n, p in module.named_parameters() if p.is_floating_point() and not p.isfinite().all()),
+            None,
+        )
+        if bad is not None:
+            raise UsageError(
+                f"weight {bad} is not finite at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}: nothing was saved (the last good checkpoint is "
+                f"{self.last_model_path or 'none'}); lower --model.lr or use --trainer.gradient_clip_val"
+            )
+        saved_step = self._last_global_step_saved
+        super()._save_checkpoint(trainer, filepath)
+        if os.path.basename(filepath).startswith(self.CHECKPOINT_NAME_LAST):
+            # ModelCheckpoint skips any save at a step it already saved at: an extra last.ckpt (periodic, or at
+            # validation end) must not cost that step its top-k ("best") checkpoint.
+            self._last_global_step_saved = saved_step
+            self._last_written_step = trainer.global_step
+            self._writes += 1
+            self._last_written_time = time.monotonic()
+
+    # --- non-finite loss ---
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if not self.stop_on_nonfinite_loss:
+            return
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:  # one rank alone must not leave the others waiting in an all-reduce
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            value = float(loss.detach().float().mean()) if loss.numel() else math.nan
+            raise UsageError(
+                f"the training loss is {value} at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}: stopped before it changed any weight; the last good checkpoint "
+                f"is {self.last_model_path or 'none (nothing saved yet)'}. Lower --model.lr, set "
+                "--trainer.gradient_clip_val, or check the data and --trainer.precision"
+            )
+
+
+def find_last(root: str | os.PathLike, dirpath: str | None = None) -> Path | None:
+    """The newest ``last*.ckpt`` of a run: in ``dirpath`` when set, else in any ``checkpoints`` folder under
+    ``root`` (``lightning_logs/version_N/checkpoints``: a resumed run logs to a new version, so Lightning's own
+    ``ckpt_path="last"``, which looks in the new version's empty folder, would start over)."""
+    if dirpath:
+        found = [p for p in Path(dirpath).glob("last*.ckpt") if p.is_file()]
+    else:
+        found = [p for p in Path(root).rglob("last*.ckpt") if p.is_file() and p.parent.name == "checkpoints"]
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def resolve_ckpt_path(
+    value: str | None, *, root: str | os.PathLike, dirpath: str | None = None
+) -> str | None:
+    """``--ckpt_path`` as a file: ``last`` becomes the newest ``last*.ckpt`` under ``root`` (or ``dirpath``), or
+    None when there is none yet (a job can always pass ``--ckpt_path last``: its first run starts fresh). Other
+    names Lightning resolves itself (``best``, ``hpc``, URLs) pass through; a missing file stops with one line."""
+    if value is None:
+        return None
+    if value == "last":
+        found = find_last(root, dirpath)
+        if found is None:
+            rank_zero_info(f"--ckpt_path last: no last.ckpt under {dirpath or root} yet: starting a new run")
+        return str(found) if found else None
+    if value in ("best", "hpc") or "://" in value or Path(value).is_file():
+        return value
+    raise UsageError(
+        f"checkpoint {value!r} does not exist: pass a .ckpt file written by fit, or `last` for the "
+        f"newest last.ckpt under {root}"
+    )
+
+
+def names_code(path: str | os.PathLike) -> bool:
+    """Whether a pickle (plain, or the ``data.pkl`` of a torch zip file) imports anything beyond torch's and
+    Python's plain containers: what a hostile file needs to run code on load. Read with ``pickletools``, which
+    walks the opcodes without executing any."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = next((z.read(n) for n in z.namelist() if n.endswith("data.pkl")), b"")
+        else:
+            data = Path(path).read_bytes()
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name in ("GLOBAL", "INST"):
+                module = str(arg).split(" ")[0]
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                module = strings[-2]
+            else:
+                continue
+            if module.split(".")[0] not in ("torch", "collections", "numpy", "_codecs"):
+                return True
+    except Exception:  # not a readable pickle at all: damaged, not hostile
+        return False
+    return False
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's contents read safely (``weights_only=True``: tensors and plain containers, no code runs),
+    or one line saying why the file cannot be used."""
+    import pickle
+
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        # A file that names Python callables to run is refused; anything else is damaged bytes.
+        if "unsupported global" in str(err).lower() or names_code(path):
+            raise UsageError(
+                f"checkpoint {str(path)!r} holds Python objects that safe loading (weights_only=True) "
+                "refuses to run: use only checkpoints written by peft_lightning or from a source you "
+                "trust"
+            ) from None
+        raise UsageError(
+            f"cannot read checkpoint {str(path)!r} (UnpicklingError): it is corrupt, truncated or not a "
+            "Lightning checkpoint"
+        ) from None
+    except Exception as err:
+        raise UsageError(
+            f"cannot read checkpoint {str(path)!r} ({type(err).__name__}): it is corrupt, truncated or "
+            "not a Lightning checkpoint"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UsageError(
+            f"{str(path)!r} is not a Lightning checkpoint (no state_dict): pass a .ckpt written by fit; "
+            "plain weights go to --model.checkpoint_path"
+        )
+    return ckpt

@@ -1,0 +1,72 @@
+"""Callbacks the reliability tests add to real CLI runs (``--trainer.callbacks+=reliability_callbacks.KillAt``).
+
+They stand in for the outside world: a machine that dies (SIGKILL) or a scheduler that pre-empts (SIGTERM) at a
+chosen training step, and a record of every validation's metrics to compare runs by.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+from recipes.vit_cifar import VitCifar
+
+
+class KillAt(Callback):
+    """Send ``signum`` (default SIGKILL) to this process at global step ``step``: ``where="optimizer_step"`` in
+    the middle of that step (gradients computed, weights not yet updated), ``"batch_end"`` after it."""
+
+    def __init__(self, step: int, where: str = "optimizer_step", signum: int = int(signal.SIGKILL)) -> None:
+        self.step = step
+        self.where = where
+        self.signum = signum
+        self.sent = False
+
+    def _maybe(self, trainer, where: str) -> None:
+        if where == self.where and trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._maybe(trainer, "optimizer_step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._maybe(trainer, "batch_end")
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._maybe(trainer, "validation")
+
+
+class RecordMetrics(Callback):
+    """Append each validation's metrics (and the retune round) to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        row = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            **{k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        }
+        with Path(self.path).open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class NanAt(VitCifar):
+    """A recipe (``--recipe reliability_callbacks:NanAt``) whose training loss turns NaN at one step."""
+
+    def __init__(self, nan_at_step: int = 3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.nan_at_step = nan_at_step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == self.nan_at_step else loss

@@ -1,0 +1,213 @@
+"""What a run leaves and shows: one folder with config, metrics, TensorBoard, checkpoints and curves; the summary;
+the phase in the progress bar; --quiet; the `plot` command over several runs."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peft_lightning.cli import main
+from peft_lightning.report import format_wall, run_dir
+
+from conftest import ROOT, make_image_folder
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fit(root: Path, folder: Path, *extra: str) -> str:
+    """`fit --recipe vit_cifar` on a tiny random ViT in this process; returns what it printed."""
+    args = [
+        "fit",
+        "--recipe",
+        "vit_cifar",
+        "--model.model_name",
+        "test_vit",
+        "--model.pretrained",
+        "false",
+        "--model.num_classes",
+        "3",
+        "--model.lr",
+        "1e-3",
+        "--data.dataset",
+        str(folder),
+        "--data.image_size",
+        "160",
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "8",
+        "--data.val_fraction",
+        "0.25",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.accumulate_grad_batches",
+        "1",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.default_root_dir",
+        str(root),
+        *extra,
+    ]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(args)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two real runs of the same recipe: gradual unfreezing with the progress bar, and a quiet full fine-tune
+    without the final test."""
+    tmp = tmp_path_factory.mktemp("runs")
+    folder = make_image_folder(tmp / "imgs", splits=True, per_class=8)
+    root = tmp / "out"
+    gradual = fit(
+        root,
+        folder,
+        "--finetuning.strategy",
+        "gradual",
+        "--finetuning.unfreeze_at_epoch",
+        "1",
+        "--finetuning.lr_decay",
+        "0.5",
+    )
+    quiet = fit(root, folder, "--finetuning.strategy", "full", "--quiet", "--test_after_fit", "false")
+    folders = sorted((root / "vit_cifar").iterdir())
+    return {"root": root, "folders": folders, "gradual": gradual, "quiet": quiet}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_leaves_one_folder_with_config_metrics_checkpoints_and_curves(runs):
+    assert len(runs["folders"]) == 2  # two runs, two folders, both under <root>/<recipe>/
+    run = runs["folders"][0]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["recipe"] == "vit_cifar" and cfg["finetuning"]["strategy"] == "gradual"
+    rows = read_csv(run / "metrics.csv")
+    columns = set(rows[0])
+    assert {"train/loss", "val/acc", "val/loss", "test/acc", "finetune/groups"} <= columns
+    # The learning rates are logged per named layer group, and the unfreeze shows in finetune/groups.
+    # lr-SGD/head ...: vit_cifar trains with SGD
+    lrs = {c.split("/", 1)[1] for c in columns if c.startswith("lr-")}
+    assert {"head", "blocks.5", "stem"} <= lrs
+    groups = [float(r["finetune/groups"]) for r in rows if r["finetune/groups"]]
+    assert groups == [1.0, 2.0]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    curves = run / "curves.png"
+    assert curves.read_bytes()[:8] == PNG and curves.stat().st_size > 10_000
+    if importlib.util.find_spec("tensorboard"):
+        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # Nothing else is scattered around: the root holds only the recipe's folder.
+    assert [p.name for p in runs["root"].iterdir()] == ["vit_cifar"]
+
+
+def test_best_and_last_checkpoints_land_in_the_run_folder(runs):
+    names = {p.name for p in (runs["folders"][0] / "checkpoints").iterdir()}
+    assert "last.ckpt" in names and any(n.startswith("best-") for n in names), names
+    assert f"best checkpoint {runs['folders'][0] / 'checkpoints' / 'best-'}" in runs["gradual"]
+
+
+def test_the_summary_prints_every_field_and_the_run_folder(runs):
+    out, run = runs["gradual"], runs["folders"][0]
+    headline = next(line for line in out.splitlines() if line.startswith("vit_cifar: test/acc"))
+    assert "wall " in headline
+    for field in (
+        "recipe",
+        "model",
+        "parameters",
+        "effective batch",
+        "precision",
+        "strategy",
+        "phase 0 (gradual)",
+        "phase 1 (gradual)",
+        "best validation",
+        "test",
+        "throughput",
+        "wall time",
+        "run folder",
+    ):
+        assert f"│ {field} " in out, field
+    assert "test_vit" in out and "8 = 8 per device x 1 device(s) x 1 accumulation" in out
+    assert "1/8 groups (head)" in out and "2/8 groups (blocks.5, head)" in out
+    assert "samples/s training" in out and "32-true" in out
+    assert str(run) in out
+    assert "phase: 2/8 groups" in out  # the progress bar shows the fine-tuning phase
+
+
+def test_quiet_run_has_no_progress_bar_but_still_a_summary(runs):
+    out = runs["quiet"]
+    assert "phase:" not in out and "Epoch 1" not in out and "Total params" not in out
+    headline = next(line for line in out.splitlines() if line.startswith("vit_cifar: "))
+    assert "best val/acc" in headline and "test/acc" not in out  # --test_after_fit false: no test
+    assert "│ best validation " in out and "│ throughput " in out
+
+
+def test_plot_overlays_two_runs_without_importing_torch(runs, tmp_path):
+    out = tmp_path / "compare.png"
+    a, b = (str(p) for p in runs["folders"])
+    code = (
+        "import sys, runpy; sys.argv = ['peft_lightning', 'plot', *sys.argv[1:]];"
+        "runpy.run_module('peft_lightning', run_name='__main__');"
+        "print('HEAVY', [m for m in ('torch', 'lightning', 'timm') if m in sys.modules])"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, a, b, "--out", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert str(out) in res.stdout and "HEAVY []" in res.stdout
+    assert out.read_bytes()[:8] == PNG and out.stat().st_size > 10_000
+
+
+def test_plot_one_run_rewrites_its_curves_and_a_parent_folder_means_all_its_runs(runs, tmp_path, cli):
+    run = runs["folders"][0]
+    (run / "curves.png").unlink()
+    code, out, err = cli("plot", str(run))
+    assert code == 0, err
+    assert (run / "curves.png").read_bytes()[:8] == PNG
+    code, out, err = cli("plot", str(runs["root"]), "--out", str(tmp_path / "all.png"), "--x", "epoch")
+    assert code == 0, err
+    assert (tmp_path / "all.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda tmp: tmp / "nope", "does not exist"),
+        (lambda tmp: tmp, "holds no metrics.csv"),
+    ],
+)
+def test_a_bad_run_dir_stops_with_one_line(make, needle, tmp_path, cli):
+    code, out, err = cli("plot", str(make(tmp_path)))
+    assert code == 2 and needle in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_plot_bad_output_name_and_missing_args_are_one_line(runs, tmp_path, cli):
+    code, _, err = cli("plot", str(runs["folders"][0]), "--out", str(tmp_path / "curves.txt"))
+    assert code == 2 and ".png" in err and err.strip().count("\n") == 0
+    code, _, err = cli("plot")
+    assert code == 2 and "RUN_DIR" in err and err.strip().count("\n") == 0
+
+
+def test_wall_time_rounds_once_and_run_folders_never_collide(tmp_path):
+    assert format_wall(119.7) == "2m00s"  # not "1m60s"
+    assert format_wall(89.4) == "1m29s"  # not "2m29s" (rounding the minutes)
+    assert format_wall(3600) == "60m00s"
+    first = run_dir(tmp_path, "my_recipes:MyFlowers", now=0)
+    assert first.parent.name == "my_recipes_MyFlowers"
+    first.mkdir(parents=True)
+    second = run_dir(tmp_path, "my_recipes:MyFlowers", now=0)
+    assert second != first and second.name == f"{first.name}-2"
