@@ -307,15 +307,12 @@ def summary_rows(
     rows.append(("parameters", f"{trained} trained of {_count(total)} ({100 * peak / max(total, 1):.1f}%)"))
     dm = datamodule if datamodule is not None else getattr(trainer, "datamodule", None)
     batch = getattr(getattr(dm, "hparams", None), "batch_size", None) or getattr(dm, "batch_size", None)
-    accum = trainer.accumulate_grad_batches
-    if batch:
-        rows.append(
-            (
-                "effective batch",
-                f"{batch * accum * trainer.world_size} = {batch} per device x "
-                f"{trainer.world_size} device(s) x {accum} accumulation",
-            )
-        )
+    if batch:  # the same figure and wording as the start-of-fit line (engine.RunSummary)
+        from peft_lightning.engine import GlobalBatch
+
+        size = GlobalBatch(int(batch), int(trainer.num_devices), int(trainer.num_nodes),
+                           int(trainer.accumulate_grad_batches))
+        rows.append(("effective batch", str(size)))
     rows.append(("precision", str(trainer.precision)))
     accel = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
     rows.append(

@@ -140,7 +140,7 @@ def test_the_summary_prints_every_field_and_the_run_folder(runs):
         "run folder",
     ):
         assert f"│ {field} " in out, field
-    assert "test_vit" in out and "8 = 8 per device x 1 device(s) x 1 accumulation" in out
+    assert "test_vit" in out and "8 = 8 per device x 1 device x 1 node x 1 accumulated" in out
     assert "1/8 groups (head)" in out and "2/8 groups (blocks.5, head)" in out
     assert "samples/s training" in out and "32-true" in out
     assert str(run) in out
