@@ -269,18 +269,23 @@ def _adapter_config(value: Any) -> Any:
     return value if isinstance(value, AdapterConfig) or value is None else AdapterConfig(**dict(vars(value)))
 
 
-def export_command(argv: list[str]) -> None:
+def _command_parser(name: str, description: str) -> Any:
+    """An argparse parser for a plain command (export, plot) whose errors are one-line UsageErrors."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> Any:  # type: ignore[override]
-            raise UsageError(f"export: {message} (see `python -m peft_lightning export --help`)")
+            raise UsageError(f"{name}: {message} (see `python -m peft_lightning {name} --help`)")
 
-    parser = Parser(
-        prog="python -m peft_lightning export",
-        description="Write a checkpoint's adapter in the standard peft format (adapter_config.json + "
-                    "adapter_model.safetensors, loadable by PeftModel.from_pretrained) and, with --merge, the merged "
-                    "model (model.safetensors for timm, merged/ with save_pretrained for transformers).")
+    return Parser(prog=f"python -m peft_lightning {name}", description=description)
+
+
+def export_command(argv: list[str]) -> None:
+    parser = _command_parser(
+        "export",
+        "Write a checkpoint's adapter in the standard peft format (adapter_config.json + "
+        "adapter_model.safetensors, loadable by PeftModel.from_pretrained) and, with --merge, the merged "
+        "model (model.safetensors for timm, merged/ with save_pretrained for transformers).")
     parser.add_argument("--recipe", required=True, help="the recipe the checkpoint was trained with")
     parser.add_argument("--ckpt_path", required=True, help="a Lightning checkpoint from fit (adapter-only or full)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -295,17 +300,11 @@ def export_command(argv: list[str]) -> None:
 
 
 def plot_command(argv: list[str]) -> None:
-    import argparse
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> Any:  # type: ignore[override]
-            raise UsageError(f"plot: {message} (see `python -m peft_lightning plot --help`)")
-
-    parser = Parser(
-        prog="python -m peft_lightning plot",
-        description="Training curves from run folders' metrics.csv, as a PNG. One run: loss, the monitored metric "
-                    "and the learning rate per layer group, with unfreeze points and re-tuning rounds marked, written "
-                    "to RUN_DIR/curves.png. Several runs (or a folder of runs): overlaid, written to --out.")
+    parser = _command_parser(
+        "plot",
+        "Training curves from run folders' metrics.csv, as a PNG. One run: loss, the monitored metric "
+        "and the learning rate per layer group, with unfreeze points and re-tuning rounds marked, written "
+        "to RUN_DIR/curves.png. Several runs (or a folder of runs): overlaid, written to --out.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run folders (runs/RECIPE/TIMESTAMP), their metrics.csv, or folders holding runs")
     parser.add_argument("--out", help="output image (default: RUN_DIR/curves.png for one run, comparison.png for "
