@@ -70,3 +70,23 @@ class NanAt(VitCifar):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         return loss * float("nan") if self.global_step == self.nan_at_step else loss
+
+
+class MemoryProbe(Callback):
+    """After each training epoch, append the process's resident memory and its count of live tensors (JSON lines):
+    what a leak per epoch (cached tensors, metric states, logged values) would make grow."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        import gc
+
+        import torch
+
+        gc.collect()
+        tensors = sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+        rss_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+        row = {"epoch": trainer.current_epoch, "rss_mib": rss_kib / 1024, "tensors": tensors}
+        with Path(self.path).open("a") as f:
+            f.write(json.dumps(row) + "\n")

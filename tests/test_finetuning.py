@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from peft_lightning.callbacks.finetuning import FineTuning
@@ -78,3 +78,23 @@ def test_frozen_batchnorm_stays_in_eval_mode(image_folder):
                       enable_checkpointing=False, enable_progress_bar=False, callbacks=[FineTuning("head")])
     trainer.fit(model, dm)
     assert torch.equal(running, stem_bn.running_mean)  # frozen: statistics untouched
+
+
+def test_batchnorm_of_an_unfrozen_group_updates_its_statistics_again(image_folder):
+    """freeze_unfreeze: the stem's BatchNorm keeps its statistics while frozen (epoch 0, with a validation between
+    the epochs) and updates them once its group trains (epoch 1), as a run resumed at epoch 1 would."""
+    model = ImageClassifier("resnet10t", num_classes=3, pretrained=False)
+    dm = ImageDataModule(str(image_folder), image_size=32, batch_size=8, num_workers=0)
+    stem_bn = model.model.bn1
+    seen: list[bool] = []
+
+    class Modes(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(stem_bn.training)
+
+    trainer = Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      callbacks=[FineTuning("freeze_unfreeze", unfreeze_at_epoch=1), Modes()])
+    trainer.fit(model, dm)
+    assert seen == [False, False, True, True]
+    assert int(stem_bn.num_batches_tracked) == 2

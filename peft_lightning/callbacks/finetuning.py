@@ -197,13 +197,15 @@ class FineTuning(Callback):
         return train_names
 
     def _freeze_bn(self, pl_module: LightningModule) -> None:
-        if self.train_bn:
+        """BatchNorm layers of frozen groups keep their running statistics (eval mode); those of training groups,
+        including groups just unfrozen, update them (train mode), as in a run that never stopped."""
+        if self.train_bn or not pl_module.training:
             return
         for module in pl_module.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 ps = list(module.parameters(recurse=False))
-                if ps and not any(p.requires_grad for p in ps):
-                    module.eval()
+                if ps:
+                    module.train(any(p.requires_grad for p in ps))
 
     # --- hooks ---
     @override

@@ -58,6 +58,28 @@ def train_progress(trainer: object) -> dict[str, int]:
     return {"epoch": int(trainer.current_epoch), "batches": int(loop.epoch_loop.batch_progress.current.processed)}
 
 
+def resume_loader_position(trainer: Any) -> None:
+    """Give a resumed fit's train loader its saved position; call at ``on_train_start``.
+
+    Lightning hands a checkpoint's loader state back when it builds the training loader after restoring the
+    checkpoint. A learning-rate schedule sized by ``trainer.estimated_stepping_batches`` makes it build the loader,
+    and its iterator, earlier (in ``configure_optimizers``), so the state is never given back and a resumed epoch
+    starts over from its first batch (and, with worker processes, draws the previous epoch's order). Here, with the
+    loops restored and the resumed epoch not yet begun: set the sampler's epoch, load the saved position, and
+    create the iterator again.
+    """
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    loop = trainer.fit_loop
+    states = getattr(loop, "_combined_loader_states_to_load", None)
+    if not states or not loop.restarting or loop._combined_loader is None or loop._data_fetcher is None:
+        return  # a fresh fit, or Lightning already gave the state back
+    for loader in loop._combined_loader.flattened:
+        _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
+    loop._load_combined_loader_states()
+    iter(loop._data_fetcher)
+
+
 class ResumableLoader(DataLoader):
     """A ``DataLoader`` over an ``EpochShuffle`` that a checkpoint saved mid-epoch resumes where it stopped.
 

@@ -239,6 +239,12 @@ class FineTuneTask(LightningModule):
         checkpoint["state_dict"] = {**{k: v.detach() for k, v in base.items()}, **checkpoint["state_dict"]}
 
     # --- optimizer wiring ---
+    def on_train_start(self) -> None:
+        # A fit resumed mid-epoch continues with the batches it had not trained on yet (data/sampling.py).
+        from peft_lightning.data.sampling import resume_loader_position
+
+        resume_loader_position(self.trainer)
+
     def _iter_param_groups(self) -> Iterator[dict[str, Any]]:
         params = dict(self.named_parameters())
         seen: set[str] = set()
