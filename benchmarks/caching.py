@@ -42,9 +42,10 @@ def one_run(cache: bool, samples: int, epochs: int) -> dict:
             "train_loss": float(trainer.callback_metrics["train/loss"])}
 
 
-def run(quick: bool = False) -> dict:
-    samples, epochs, repeats = (2_000, 3, 1) if quick else (10_000, 4, 3)
-    one_run(False, 256, 2)  # warm-up: imports, allocator, the Arrow cache of the data
+def run(quick: bool = False, smoke: bool = False) -> dict:
+    samples, epochs, repeats = (128, 2, 1) if smoke else (2_000, 3, 1) if quick else (10_000, 4, 3)
+    if not smoke:
+        one_run(False, 256, 2)  # warm-up: imports, allocator, the Arrow cache of the data
     runs: dict[str, list[dict]] = {"uncached": [], "cached": []}
     for _ in range(repeats):  # A B A B ...
         for name in runs:

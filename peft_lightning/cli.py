@@ -117,9 +117,10 @@ def _make_cli_class():
             )
 
         def _parse_ckpt_path(self) -> None:
-            # A checkpoint's hyperparameters fill in the model's arguments, except `peft`: it is linked from the
-            # top-level --peft.* group (a link target cannot be re-parsed), so that group must say it again;
-            # a mismatch stops with a message naming the flags (FineTuneTask.on_load_checkpoint).
+            # A checkpoint's hyperparameters fill in the model's arguments. Its adapter options fill in the
+            # top-level --peft.* group (the model's `peft` is linked from it and cannot be parsed itself) when that
+            # group was left off: `predict --ckpt_path` of a LoRA run needs no --peft.* flags. Flags given anyway
+            # must fit the checkpoint, or the load stops with one line (FineTuneTask.on_load_checkpoint).
             from peft_lightning.callbacks.checkpoint import read_checkpoint, resolve_ckpt_path
             from peft_lightning.report import run_dir
 
@@ -137,8 +138,13 @@ def _make_cli_class():
                 return
             ckpt = read_checkpoint(ckpt_path)  # weights_only=True: one line for a corrupt or hostile file
             hparams = dict(ckpt.get("hyper_parameters", {}))
-            for key in ("_instantiator", "_class_path", "peft"):
+            saved_peft = hparams.pop("peft", None)
+            for key in ("_instantiator", "_class_path"):
                 hparams.pop(key, None)
+            given = config.get("peft")
+            if (isinstance(saved_peft, dict) and saved_peft.get("method", "none") != "none"
+                    and (given is None or given.get("method", "none") == "none")):
+                self.config = self.parser.parse_object({self.config.subcommand: {"peft": saved_peft}}, self.config)
             if hparams:
                 try:
                     self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)

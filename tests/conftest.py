@@ -44,6 +44,18 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for a test of tiny matrices (faster), the process's setting restored afterwards: later
+    tests in the same process compare runs with subprocesses that use every core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cli(capsys):
     """Run `python -m peft_lightning ARGS` in this process (fast: no interpreter start, imports done once);
     returns (exit code, stdout, stderr)."""

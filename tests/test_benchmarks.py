@@ -64,3 +64,75 @@ def test_overhead_smoke_writes_well_formed_results(tmp_path, capsys):
     assert headline["minilm_ratio"] == pytest.approx(minilm["ratio_of_medians"], abs=1e-3)
     assert len(result["load_avg_start"]) == 3 and result["machine"]["torch"]
     assert (tmp_path / "overhead_smoke.png").stat().st_size > 1000
+
+
+def smoke(name: str, tmp_path, capsys) -> tuple[dict, dict]:
+    """Run ``python -m benchmarks.run NAME --smoke --out tmp_path`` in-process: (headline line, result file)."""
+    from benchmarks.run import main
+
+    main([name, "--smoke", "--out", str(tmp_path)])
+    headline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the headline is the last line
+    assert headline["benchmark"] == name and headline["mode"] == "smoke"
+    result = json.loads((tmp_path / f"{name}_smoke.json").read_text())
+    assert result["mode"] == "smoke" and result["machine"]["torch"] and len(result["load_avg_end"]) == 3
+    return headline, result
+
+
+def positive(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+@pytest.mark.slow
+def test_trainer_smoke_compares_the_same_fine_tune(tmp_path, capsys):
+    from recipes.minilm_austen import MinilmAusten
+
+    ok, why = MinilmAusten.availability()
+    if not ok:
+        pytest.skip(why)
+    headline, result = smoke("trainer", tmp_path, capsys)
+    assert positive(headline["samples_per_s_ratio"], *headline["samples_per_s_ours_hf"])
+    assert all(0 <= acc <= 1 for acc in headline["test_acc_ours_hf"])
+    assert set(result["runs"]) == {"ours", "hf"}  # and both trained the same parameters, or run() raised
+
+
+@pytest.mark.slow
+def test_caching_smoke_times_both_contenders(tmp_path, capsys):
+    from recipes.effnet_fashion import EffnetFashion
+
+    ok, why = EffnetFashion.availability()
+    if not ok:
+        pytest.skip(why)
+    headline, result = smoke("caching", tmp_path, capsys)
+    assert positive(headline["speedup_later_epochs"], headline["uncached_epoch_s"], headline["cached_epoch_s"])
+    for runs in result["runs"].values():
+        assert math.isfinite(runs[0]["train_loss"])
+
+
+@pytest.mark.slow
+def test_adapters_smoke_fills_every_cell(tmp_path, capsys):
+    from recipes.effnet_fashion import EffnetFashion
+
+    ok, why = EffnetFashion.availability()
+    if not ok:
+        pytest.skip(why)
+    headline, result = smoke("adapters", tmp_path, capsys)
+    full, lora, head = headline["effnet_trainable_full_lora_head"]
+    assert full > lora > 0 and full > head > 0  # LoRA and the head train a fraction of the model
+    assert positive(*headline["effnet_ckpt_mib_full_lora_head"], *headline["effnet_step_s_full_lora_head"])
+    ckpt_full, ckpt_lora, _ = headline["effnet_ckpt_mib_full_lora_head"]
+    assert ckpt_lora < ckpt_full  # adapter-only checkpoints
+    assert set(result["table"]) == {"effnet/full", "effnet/lora", "effnet/head"}
+
+
+@pytest.mark.slow
+def test_quality_smoke_reads_a_recipe_row(tmp_path, capsys):
+    from recipes.bpr_movielens import BprMovielens
+
+    ok, why = BprMovielens.availability()
+    if not ok:
+        pytest.skip(why)
+    headline, result = smoke("quality", tmp_path, capsys)
+    assert headline["failed"] == []
+    value, wall = headline["metric_and_wall_s"]["bpr_movielens"]
+    assert 0 <= value <= 1 and wall > 0
+    assert result["rows"]["bpr_movielens"]["command"].startswith("python -m peft_lightning fit --recipe bpr_movielens")

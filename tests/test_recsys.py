@@ -409,11 +409,10 @@ def test_init_from_round_trips_checkpoints_and_state_dicts(synth, tmp_path, tiny
 
 
 @needs_ml100k
-def test_fine_tuning_on_the_target_period_beats_the_pretrained_model(tmp_path):
+def test_fine_tuning_on_the_target_period_beats_the_pretrained_model(tmp_path, one_thread):
     """Real ml-100k: pretrain MF before the median timestamp, fine-tune from its checkpoint on the period after;
     on the same held-out part of that period the fine-tuned model ranks better (users who only appear after the
     cut-off are noise to the pretrained model)."""
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and kinder to a shared machine
     common = {"split": "temporal", "time_cut": 0.5, "num_negatives": 4, "batch_size": 2048, "eval_batch_size": 1024}
     seed_everything(0)
     pre = Recommender("mf", l2=1e-2, lr=1e-2, weight_decay=0.0, scheduler="constant")

@@ -3,7 +3,7 @@ resumable checkpoint; checkpoint writes are never torn; a non-finite loss stops 
 
 The kill/resume tests run the CLI as a user would, in subprocesses that a callback (tests/reliability_callbacks.py)
 kills with SIGKILL in the middle of an optimizer step, or signals with SIGTERM / SIGINT; the uninterrupted
-reference runs in this process. Tiny EfficientNet at 32 px, 12-20 steps: the point is the bookkeeping, not the model.
+reference is such a process too (same threads, same fresh start). Tiny EfficientNet at 32 px, 12-20 steps: the point is the bookkeeping, not the model.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def test_memory_stays_flat_over_epochs(tmp_path, folder, cli):
 
 # --- kills and signals, in subprocesses -------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigkill_during_an_unfreeze_phase_with_adapter_only_checkpoints(tmp_path, folder, cli):
+def test_sigkill_during_an_unfreeze_phase_with_adapter_only_checkpoints(tmp_path, folder):
     """LoRA (checkpoints hold only adapters, head and buffers) with freeze_unfreeze: SIGKILL mid-step at a random
     step after the unfreeze, then SIGTERM (a pre-emption) in the resumed run; the twice-resumed run ends as the
     uninterrupted one, weight for weight and metric for metric."""
@@ -275,9 +275,9 @@ def test_sigkill_during_an_unfreeze_phase_with_adapter_only_checkpoints(tmp_path
         "--finetuning.unfreeze_at_epoch",
         "1",
     ]
-    reference = tmp_path / "reference"
-    code, _, err = cli(*run_args(folder, reference, *extra))
-    assert code == 0, err[-3000:]
+    reference = tmp_path / "reference"  # a process like the interrupted ones: same threads, same start
+    res = subprocess_cli(run_args(folder, reference, *extra))
+    assert res.returncode == 0, res.stderr[-3000:]
     assert "adapter_only" in final_state(reference)
     rng = random.Random(SEED)
     kill_step = rng.randrange(5, 9)  # epoch 1 (steps 4-7): after the unfreeze, mid-epoch
@@ -302,7 +302,7 @@ def test_sigkill_during_an_unfreeze_phase_with_adapter_only_checkpoints(tmp_path
 
 
 @pytest.mark.slow
-def test_sigint_and_sigkill_during_retune_rounds(tmp_path, folder, cli):
+def test_sigint_and_sigkill_during_retune_rounds(tmp_path, folder):
     """retune: Ctrl+C (SIGINT) in round 0 stops gracefully; SIGKILL mid-step in a later round; the resumed run ends
     with the uninterrupted run's weights, metrics and round history."""
     extra = [
@@ -322,8 +322,8 @@ def test_sigint_and_sigkill_during_retune_rounds(tmp_path, folder, cli):
         "3",
     ]
     reference = tmp_path / "reference"
-    code, _, err = cli(*run_args(folder, reference, *extra, epochs=5))
-    assert code == 0, err[-3000:]
+    res = subprocess_cli(run_args(folder, reference, *extra, epochs=5))
+    assert res.returncode == 0, res.stderr[-3000:]
     history = next(v for k, v in final_state(reference)["callbacks"].items() if k.startswith("FineTuning"))[
         "history"
     ]
