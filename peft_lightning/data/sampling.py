@@ -12,14 +12,27 @@ from torch.utils.data import DataLoader, Sampler
 class EpochShuffle(Sampler[int]):
     """Random order, re-drawn each epoch from ``seed + epoch``.
 
-    ``torch``'s ``RandomSampler`` draws from a generator whose state is not in any checkpoint, so a run resumed at
-    epoch 3 would see another order than an uninterrupted one. Lightning calls ``set_epoch`` before each epoch,
-    as it does for ``DistributedSampler`` (which it substitutes for this one under DDP).
+    ``torch``'s ``RandomSampler`` (and transformers' ``LengthGroupedSampler``) draw from a generator whose state
+    is not in any checkpoint, so a run resumed at epoch 3 would see another order than an uninterrupted one.
+    Lightning calls ``set_epoch`` before each epoch, as it does for ``DistributedSampler`` (which it substitutes
+    for this one under DDP).
+
+    Args:
+        length: number of samples.
+        seed: the order of epoch ``e`` is drawn from ``seed + e``.
+        lengths, batch_size: when given, the order groups samples of similar length into batches
+            (transformers' ``get_length_grouped_indices``, what its ``LengthGroupedSampler`` draws): less padding.
     """
 
-    def __init__(self, length: int, seed: int = 0) -> None:
+    def __init__(
+        self, length: int, seed: int = 0, lengths: list[int] | None = None, batch_size: int | None = None
+    ) -> None:
+        if lengths is not None and (len(lengths) != length or not batch_size):
+            raise ValueError("EpochShuffle: lengths needs one entry per sample and a batch_size")
         self.length = length
         self.seed = seed
+        self.lengths = lengths
+        self.batch_size = batch_size
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, samples) already trained on before a resume
 
@@ -37,7 +50,12 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.length, generator=g).tolist()
+        if self.lengths is not None:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+
+            order = list(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+        else:
+            order = torch.randperm(self.length, generator=g).tolist()
         if self._skip is not None:
             epoch, samples = self._skip
             self._skip = None
@@ -58,26 +76,66 @@ def train_progress(trainer: object) -> dict[str, int]:
     return {"epoch": int(trainer.current_epoch), "batches": int(loop.epoch_loop.batch_progress.current.processed)}
 
 
-def resume_loader_position(trainer: Any) -> None:
-    """Give a resumed fit's train loader its saved position; call at ``on_train_start``.
+def rng_states() -> dict[str, Any]:
+    """The process's random generators (torch CPU and CUDA, Python, NumPy) as tensors, ints and lists: what a
+    checkpoint holds so that dropout and other draws after a resume continue as in a run that never stopped. Plain
+    types, so the file still loads with ``weights_only=True``."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def resume_loader_position(trainer: Any, rng: dict[str, Any] | None = None) -> None:
+    """Give a resumed fit its train loader's saved position and its random generators; call at ``on_train_start``.
 
     Lightning hands a checkpoint's loader state back when it builds the training loader after restoring the
     checkpoint. A learning-rate schedule sized by ``trainer.estimated_stepping_batches`` makes it build the loader,
     and its iterator, earlier (in ``configure_optimizers``), so the state is never given back and a resumed epoch
     starts over from its first batch (and, with worker processes, draws the previous epoch's order). Here, with the
-    loops restored and the resumed epoch not yet begun: set the sampler's epoch, load the saved position, and
-    create the iterator again.
+    loops restored and the resumed epoch not yet begun: set the sampler's epoch, load the saved position, create
+    the iterator again, and restore ``rng`` (``rng_states()`` at the save) where the uninterrupted run drew from
+    it: after the iterator's first batch mid-epoch (that batch was fetched before the save), before it at an
+    epoch's start.
     """
     from lightning.fabric.utilities.data import _set_sampler_epoch
 
     loop = trainer.fit_loop
     states = getattr(loop, "_combined_loader_states_to_load", None)
     if not states or not loop.restarting or loop._combined_loader is None or loop._data_fetcher is None:
+        if rng is not None and loop.restarting:
+            set_rng_states(rng)
         return  # a fresh fit, or Lightning already gave the state back
+    epoch = loop.epoch_progress.current.processed
+    mid_epoch = any(s and s.get("epoch") == epoch and s.get("batches", 0) > 0 for s in states)
     for loader in loop._combined_loader.flattened:
-        _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
+        _set_sampler_epoch(loader, epoch)
     loop._load_combined_loader_states()
+    if rng is not None and not mid_epoch:
+        set_rng_states(rng)
     iter(loop._data_fetcher)
+    if rng is not None and mid_epoch:
+        set_rng_states(rng)
 
 
 class ResumableLoader(DataLoader):
@@ -89,6 +147,10 @@ class ResumableLoader(DataLoader):
     """
 
     def __init__(self, *args: Any, progress: Callable[[], dict[str, int]], **kwargs: Any) -> None:
+        # Its own generator (seeded from the run's seed): creating an iterator draws its worker seed from it, not
+        # from the global one, whose state a resume restores at a point that must not depend on when the iterator
+        # was made.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(torch.initial_seed()))
         super().__init__(*args, **kwargs)
         self.progress = progress
 

@@ -205,6 +205,9 @@ class FineTuneTask(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from dataclasses import asdict
 
+        from peft_lightning.data.sampling import rng_states
+
+        checkpoint["rng_states"] = rng_states()
         hp = checkpoint.get("hyper_parameters", {})
         if "peft" in hp:
             # A plain dict loads under torch's weights_only=True. The task's own config, not the saved argument:
@@ -223,6 +226,7 @@ class FineTuneTask(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from peft_lightning.errors import UsageError
 
+        self._saved_rng = checkpoint.get("rng_states")
         info = checkpoint.get("adapter_only")
         if info is None:
             return
@@ -240,10 +244,11 @@ class FineTuneTask(LightningModule):
 
     # --- optimizer wiring ---
     def on_train_start(self) -> None:
-        # A fit resumed mid-epoch continues with the batches it had not trained on yet (data/sampling.py).
+        # A resumed fit continues with the batches it had not trained on yet and the random draws (dropout) of
+        # the run that was stopped (data/sampling.py).
         from peft_lightning.data.sampling import resume_loader_position
 
-        resume_loader_position(self.trainer)
+        resume_loader_position(self.trainer, rng=self.__dict__.pop("_saved_rng", None))
 
     def _iter_param_groups(self) -> Iterator[dict[str, Any]]:
         params = dict(self.named_parameters())
