@@ -147,7 +147,7 @@ class TextDataModule(LightningDataModule):
         max_train_samples: use a seeded random subset of this many training examples.
         max_val_samples: cap on validation examples (seeded random subset).
         max_test_samples: cap on test examples (seeded random subset).
-        seed: seed of the carved splits and subsets.
+        seed: seed of the carved splits and subsets, and of the training order (epoch e: seed + e).
         cache_dir: ``datasets`` cache folder (default: ``HF_DATASETS_CACHE``).
     """
 

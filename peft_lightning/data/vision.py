@@ -144,7 +144,7 @@ class ImageDataModule(LightningDataModule):
         max_train_samples: use a seeded random subset of this many training images.
         max_val_samples: cap on validation images.
         max_test_samples: cap on test images.
-        seed: seed of the splits and subsets.
+        seed: seed of the splits and subsets, and of the training order (epoch e: seed + e).
         cache_dir: ``datasets`` cache folder (default: ``HF_DATASETS_CACHE``).
     """
 

@@ -242,7 +242,6 @@ class FineTuneTask(LightningModule):
         # Fill in the frozen base so the strict load sees a whole state_dict.
         checkpoint["state_dict"] = {**{k: v.detach() for k, v in base.items()}, **checkpoint["state_dict"]}
 
-    # --- optimizer wiring ---
     def on_train_start(self) -> None:
         # A resumed fit continues with the batches it had not trained on yet and the random draws (dropout) of
         # the run that was stopped (data/sampling.py).
@@ -250,6 +249,7 @@ class FineTuneTask(LightningModule):
 
         resume_loader_position(self.trainer, rng=self.__dict__.pop("_saved_rng", None))
 
+    # --- optimizer wiring ---
     def _iter_param_groups(self) -> Iterator[dict[str, Any]]:
         params = dict(self.named_parameters())
         seen: set[str] = set()
