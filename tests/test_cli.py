@@ -83,3 +83,11 @@ def test_bad_flags_are_one_line_usage_errors(args, needle, cli):
     code, _, err = cli("fit", "--recipe", "effnet_fashion", *args)
     assert code == 2 and needle in err
     assert err.strip().count("\n") == 0 and "usage:" not in err
+
+
+def test_the_command_line_reference_is_current():
+    """docs/cli.md is generated from every command's --help: a changed flag or help text without a rerun of
+    scripts/cli_reference.py fails here."""
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "cli_reference.py"), "--check"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-2000:]
