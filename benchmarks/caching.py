@@ -53,7 +53,7 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
     med = {name: statistics.median(r["later_epoch_s"] for r in rs) for name, rs in runs.items()}
     first = {name: statistics.median(r["first_epoch_s"] for r in rs) for name, rs in runs.items()}
     return {
-        "setup": {"images": samples, "epochs": epochs, "repeats": repeats, "image_size": 32, "model": "tf_efficientnet_lite0"},
+        "setup": {"images": samples, "epochs": epochs, "repeats": repeats, "image_size": EffnetFashion.data_defaults["image_size"], "model": "tf_efficientnet_lite0"},
         "runs": runs,
         "median_first_epoch_s": first,
         "median_later_epoch_s": med,
