@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from peft_lightning.data.sampling import train_loader
 from peft_lightning.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -513,8 +514,10 @@ class MovieLensDataModule(LightningDataModule):
         if not self.datasets:
             self.setup()
         workers = self.hparams.num_workers
-        return DataLoader(self.datasets[name], batch_size=batch_size, shuffle=shuffle, collate_fn=_as_batch,
-                          num_workers=workers, persistent_workers=workers > 0)
+        kwargs = {"collate_fn": _as_batch, "num_workers": workers, "persistent_workers": workers > 0}
+        if shuffle:  # an epoch-seeded order, resumed mid-epoch where it stopped (data/sampling.py)
+            return train_loader(self, self.datasets[name], batch_size, self.hparams.seed, **kwargs)
+        return DataLoader(self.datasets[name], batch_size=batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.hparams.batch_size, shuffle=True)

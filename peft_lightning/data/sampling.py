@@ -106,36 +106,26 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def resume_loader_position(trainer: Any, rng: dict[str, Any] | None = None) -> None:
-    """Give a resumed fit its train loader's saved position and its random generators; call at ``on_train_start``.
+def resume_loader_position(trainer: Any) -> None:
+    """Give a resumed fit its train loader's saved position; call at ``on_train_start``.
 
     Lightning hands a checkpoint's loader state back when it builds the training loader after restoring the
     checkpoint. A learning-rate schedule sized by ``trainer.estimated_stepping_batches`` makes it build the loader,
     and its iterator, earlier (in ``configure_optimizers``), so the state is never given back and a resumed epoch
     starts over from its first batch (and, with worker processes, draws the previous epoch's order). Here, with the
-    loops restored and the resumed epoch not yet begun: set the sampler's epoch, load the saved position, create
-    the iterator again, and restore ``rng`` (``rng_states()`` at the save) where the uninterrupted run drew from
-    it: after the iterator's first batch mid-epoch (that batch was fetched before the save), before it at an
-    epoch's start.
+    loops restored and the resumed epoch not yet begun: set the sampler's epoch, load the saved position, and create
+    the iterator again.
     """
     from lightning.fabric.utilities.data import _set_sampler_epoch
 
     loop = trainer.fit_loop
     states = getattr(loop, "_combined_loader_states_to_load", None)
     if not states or not loop.restarting or loop._combined_loader is None or loop._data_fetcher is None:
-        if rng is not None and loop.restarting:
-            set_rng_states(rng)
         return  # a fresh fit, or Lightning already gave the state back
-    epoch = loop.epoch_progress.current.processed
-    mid_epoch = any(s and s.get("epoch") == epoch and s.get("batches", 0) > 0 for s in states)
     for loader in loop._combined_loader.flattened:
-        _set_sampler_epoch(loader, epoch)
+        _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
     loop._load_combined_loader_states()
-    if rng is not None and not mid_epoch:
-        set_rng_states(rng)
     iter(loop._data_fetcher)
-    if rng is not None and mid_epoch:
-        set_rng_states(rng)
 
 
 class ResumableLoader(DataLoader):
@@ -148,8 +138,7 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, *args: Any, progress: Callable[[], dict[str, int]], **kwargs: Any) -> None:
         # Its own generator (seeded from the run's seed): creating an iterator draws its worker seed from it, not
-        # from the global one, whose state a resume restores at a point that must not depend on when the iterator
-        # was made.
+        # from the global one, whose draws (dropout) a resume continues.
         kwargs.setdefault("generator", torch.Generator().manual_seed(torch.initial_seed()))
         super().__init__(*args, **kwargs)
         self.progress = progress
@@ -160,3 +149,24 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         if isinstance(self.sampler, EpochShuffle) and state_dict:
             self.sampler.resume(state_dict["epoch"], state_dict["batches"] * (self.batch_size or 1))
+
+
+def train_loader(datamodule: Any, data: Any, batch_size: int, seed: int, lengths: list[int] | None = None,
+                 **kwargs: Any) -> DataLoader:
+    """A data module's training ``DataLoader``.
+
+    In one process: an ``EpochShuffle`` order (grouped by ``lengths`` when given) in a ``ResumableLoader``, so every
+    checkpoint saves the fit's position and a resume is exact. Under DDP: ``shuffle=True`` (or a
+    ``LengthGroupedSampler``), for which Lightning substitutes its distributed sampler, seeded per epoch too.
+    ``kwargs`` go to the ``DataLoader`` (workers, collate_fn, pin_memory ...).
+    """
+    trainer = getattr(datamodule, "trainer", None)
+    if trainer is not None and trainer.world_size > 1:
+        if lengths is None:
+            return DataLoader(data, batch_size=batch_size, shuffle=True, **kwargs)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        return DataLoader(data, batch_size=batch_size, sampler=LengthGroupedSampler(batch_size, lengths=lengths),
+                          **kwargs)
+    return ResumableLoader(data, progress=lambda: train_progress(datamodule.trainer), batch_size=batch_size,
+                           sampler=EpochShuffle(len(data), seed, lengths=lengths, batch_size=batch_size), **kwargs)

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from peft_lightning.data.sampling import EpochShuffle, ResumableLoader, train_progress
+from peft_lightning.data.sampling import train_loader
 from peft_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -423,35 +423,16 @@ class TextDataModule(LightningDataModule):
         hp = self.hparams
         if not self.splits:
             self.setup()
-        batch_size = hp.batch_size if train else (hp.eval_batch_size or 2 * hp.batch_size)
         lengths = self.lengths[split] if hp.group_by_length else None
-        sampler: Any = None
-        extra: dict[str, Any] = {}
-        loader_class: Any = DataLoader
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        if train and not distributed:
-            # An epoch-seeded order (grouped by length if asked), saved in every checkpoint with the fit's position:
-            # a run resumed mid-epoch trains on the rest of that epoch's order (data/sampling.py).
-            sampler = EpochShuffle(len(self.splits[split]), hp.seed, lengths=lengths, batch_size=batch_size)
-            loader_class, extra = ResumableLoader, {"progress": lambda: train_progress(self.trainer)}
-        elif train and lengths is not None:
-            # Under DDP Lightning wraps this sampler in a distributed one: each rank takes its share of the order.
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
-            sampler = LengthGroupedSampler(batch_size, lengths=lengths)
-        elif lengths is not None and ordered:  # order does not change metrics; less padding makes it faster
-            sampler = sorted(range(len(lengths)), key=lengths.__getitem__)
-        return loader_class(
-            self.splits[split],
-            **extra,
-            batch_size=batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            collate_fn=self.collate_fn(),
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-        )
+        kwargs = {"collate_fn": self.collate_fn(), "num_workers": hp.num_workers,
+                  "pin_memory": hp.pin_memory and torch.cuda.is_available(),
+                  "persistent_workers": hp.persistent_workers and hp.num_workers > 0}
+        if train:  # an epoch-seeded order grouped by length, resumed mid-epoch where it stopped (data/sampling.py)
+            return train_loader(self, self.splits[split], hp.batch_size, hp.seed, lengths=lengths, **kwargs)
+        # Evaluation order does not change metrics; sorted by length, batches pad less.
+        sampler = sorted(range(len(lengths)), key=lengths.__getitem__) if lengths is not None and ordered else None
+        return DataLoader(self.splits[split], batch_size=hp.eval_batch_size or 2 * hp.batch_size, sampler=sampler,
+                          **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.train_split, train=True)

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from peft_lightning.data.sampling import EpochShuffle, ResumableLoader, train_progress
+from peft_lightning.data.sampling import train_loader
 from peft_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -290,25 +290,11 @@ class ImageDataModule(LightningDataModule):
         if not self.splits:
             self.setup()
         workers = hp.num_workers
-        data = RowNumbers(self.splits[split]) if train else self.splits[split]
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        # Single process: an epoch-seeded order (exact resume). Under DDP, Lightning puts a DistributedSampler
-        # (also seeded per epoch) in place of `shuffle=True`.
-        sampler = EpochShuffle(len(data), hp.seed) if train and not distributed else None
-        # The train loader is saved in every checkpoint and resumed mid-epoch where it stopped (ResumableLoader).
-        loader_class: Any = ResumableLoader if sampler is not None else DataLoader
-        extra = {"progress": lambda: train_progress(self.trainer)} if sampler is not None else {}
-        return loader_class(
-            data,
-            **extra,
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or 2 * hp.batch_size),
-            shuffle=train and distributed,
-            sampler=sampler,
-            num_workers=workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and workers > 0,
-            drop_last=False,
-        )
+        kwargs = {"num_workers": workers, "pin_memory": hp.pin_memory and torch.cuda.is_available(),
+                  "persistent_workers": hp.persistent_workers and workers > 0}
+        if train:  # an epoch-seeded order, resumed mid-epoch where it stopped (data/sampling.py)
+            return train_loader(self, RowNumbers(self.splits[split]), hp.batch_size, hp.seed, **kwargs)
+        return DataLoader(self.splits[split], batch_size=hp.eval_batch_size or 2 * hp.batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.train_split, train=True)

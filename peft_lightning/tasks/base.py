@@ -243,11 +243,22 @@ class FineTuneTask(LightningModule):
         checkpoint["state_dict"] = {**{k: v.detach() for k, v in base.items()}, **checkpoint["state_dict"]}
 
     def on_train_start(self) -> None:
-        # A resumed fit continues with the batches it had not trained on yet and the random draws (dropout) of
-        # the run that was stopped (data/sampling.py).
+        # A resumed fit continues with the batches it had not trained on yet (data/sampling.py).
         from peft_lightning.data.sampling import resume_loader_position
 
-        resume_loader_position(self.trainer, rng=self.__dict__.pop("_saved_rng", None))
+        resume_loader_position(self.trainer)
+        if self.trainer.ckpt_path is None:
+            self._saved_rng = None  # loaded for validate/test/predict before a fresh fit: nothing to continue
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # ... and with the random draws (dropout) of the stopped run: its generators as saved, restored right
+        # before the first training step, after whatever the resume itself drew (Lightning re-runs a validation
+        # that a checkpoint saved at its end; loaders draw seeds).
+        rng = self.__dict__.pop("_saved_rng", None)
+        if rng is not None:
+            from peft_lightning.data.sampling import set_rng_states
+
+            set_rng_states(rng)
 
     # --- optimizer wiring ---
     def _iter_param_groups(self) -> Iterator[dict[str, Any]]:
