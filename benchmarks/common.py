@@ -36,25 +36,13 @@ class StepClock(Callback):
 
     Args:
         out: the JSON file written at the end of training (and updated after a test).
-        seed: when set, the global torch RNG is re-seeded in ``setup``: Lightning creates the training iterator
-            (and the sampler draws its order from that RNG) soon after, when ``configure_optimizers`` asks for
-            ``estimated_stepping_batches``. A plain loop that seeds right before ``iter(loader)`` then sees the
-            same batches (``run`` checks it).
     """
 
-    def __init__(self, out: str, seed: int | None = None) -> None:
+    def __init__(self, out: str) -> None:
         self.out = out
-        self.seed = seed
         self.times: list[float] = []
         self.tokens: list[int] = []
         self.result: dict[str, Any] = {}
-
-    @override
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.seed is not None and stage == "fit":
-            import torch
-
-            torch.manual_seed(self.seed)
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -80,15 +68,13 @@ class StepClock(Callback):
         Path(self.out).write_text(json.dumps(self.result))
 
 
-def cli_fit(args: list[str], clock_out: Path, seed: int | None = None) -> dict[str, Any]:
+def cli_fit(args: list[str], clock_out: Path) -> dict[str, Any]:
     """``python -m peft_lightning fit ARGS`` in this process with a ``StepClock``; returns what the clock saw,
     the wall time of the whole command and its last printed line. The progress bar and logs still render (into
     a buffer): their cost is part of what a user pays."""
     from peft_lightning.cli import main
 
     clock = ["--trainer.callbacks+=benchmarks.common.StepClock", f"--trainer.callbacks.out={clock_out}"]
-    if seed is not None:
-        clock.append(f"--trainer.callbacks.seed={seed}")
     buffer = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
