@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_image_folder, run_cli
+from helpers import tiny_cli_args
 
 TESTS = Path(__file__).resolve().parent
 
@@ -98,44 +99,10 @@ EVERY_BATCH = ("--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batc
 def tiny(
     env: dict[str, Path], *extra: str, dataset: Path | None = None, recipe: str = "vit_cifar"
 ) -> list[str]:
-    return [
-        "fit",
-        "--recipe",
-        recipe,
-        "--model.model_name",
-        "test_efficientnet",
-        "--model.pretrained",
-        "false",
-        "--model.num_classes",
-        "3",
-        "--data.dataset",
-        str(dataset or env["images"]),
-        "--data.image_size",
-        "32",
-        "--data.num_workers",
-        "0",
-        "--data.batch_size",
-        "4",
-        "--data.val_fraction",
-        "0.2",
-        "--trainer.precision",
-        "32-true",
-        "--trainer.accumulate_grad_batches",
-        "1",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "2",
-        "--trainer.limit_val_batches",
-        "1",
-        "--test_after_fit",
-        "false",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.default_root_dir",
-        str(env["root"]),
-        *extra,
-    ]
+    # One epoch of two training batches and one validation batch.
+    return tiny_cli_args(dataset or env["images"], env["root"], "--trainer.max_epochs", "1",
+                         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", *extra,
+                         recipe=recipe)
 
 
 # (case id, argv builder, what the error line must say). Exit code 2 throughout: all of these are the user's to fix.

@@ -41,35 +41,15 @@ def test_quality_reads_the_cli_line():
         parse("Trainer.fit stopped\n")
 
 
-@pytest.mark.slow
-def test_overhead_smoke_writes_well_formed_results(tmp_path, capsys):
-    from recipes.minilm_austen import MinilmAusten
+def smoke(name: str, recipe: str, tmp_path, capsys) -> tuple[dict, dict]:
+    """Run ``python -m benchmarks.run NAME --smoke --out tmp_path`` in-process (skipped when ``recipe``'s offline
+    assets are missing): (headline line, result file)."""
+    from benchmarks.run import main
+    from peft_lightning.registry import get_recipe
 
-    ok, why = MinilmAusten.availability()
+    ok, why = get_recipe(recipe).availability()
     if not ok:
         pytest.skip(why)
-    from benchmarks.run import main
-
-    main(["overhead", "--smoke", "--out", str(tmp_path)])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    headline = json.loads(last)  # the headline is the last line printed
-    assert headline["benchmark"] == "overhead" and headline["mode"] == "smoke"
-    result = json.loads((tmp_path / "overhead_smoke.json").read_text())
-    minilm = result["results"]["minilm"]
-    # The comparison is fair: same parameters trained, the very same batches drawn.
-    assert minilm["same_trainable_parameters"] is True
-    assert minilm["same_batches"] is True
-    for key in ("ours_median", "plain_median", "ratio_of_medians"):
-        assert math.isfinite(minilm[key]) and minilm[key] > 0
-    assert headline["minilm_ratio"] == pytest.approx(minilm["ratio_of_medians"], abs=1e-3)
-    assert len(result["load_avg_start"]) == 3 and result["machine"]["torch"]
-    assert (tmp_path / "overhead_smoke.png").stat().st_size > 1000
-
-
-def smoke(name: str, tmp_path, capsys) -> tuple[dict, dict]:
-    """Run ``python -m benchmarks.run NAME --smoke --out tmp_path`` in-process: (headline line, result file)."""
-    from benchmarks.run import main
-
     main([name, "--smoke", "--out", str(tmp_path)])
     headline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the headline is the last line
     assert headline["benchmark"] == name and headline["mode"] == "smoke"
@@ -78,18 +58,27 @@ def smoke(name: str, tmp_path, capsys) -> tuple[dict, dict]:
     return headline, result
 
 
+@pytest.mark.slow
+def test_overhead_smoke_writes_well_formed_results(tmp_path, capsys):
+    headline, result = smoke("overhead", "minilm_austen", tmp_path, capsys)
+    minilm = result["results"]["minilm"]
+    # The comparison is fair: same parameters trained, the very same batches drawn.
+    assert minilm["same_trainable_parameters"] is True
+    assert minilm["same_batches"] is True
+    for key in ("ours_median", "plain_median", "ratio_of_medians"):
+        assert math.isfinite(minilm[key]) and minilm[key] > 0
+    assert headline["minilm_ratio"] == pytest.approx(minilm["ratio_of_medians"], abs=1e-3)
+    assert len(result["load_avg_start"]) == 3
+    assert (tmp_path / "overhead_smoke.png").stat().st_size > 1000
+
+
 def positive(*values) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
 
 
 @pytest.mark.slow
 def test_trainer_smoke_compares_the_same_fine_tune(tmp_path, capsys):
-    from recipes.minilm_austen import MinilmAusten
-
-    ok, why = MinilmAusten.availability()
-    if not ok:
-        pytest.skip(why)
-    headline, result = smoke("trainer", tmp_path, capsys)
+    headline, result = smoke("trainer", "minilm_austen", tmp_path, capsys)
     assert positive(headline["samples_per_s_ratio"], *headline["samples_per_s_ours_hf"])
     assert all(0 <= acc <= 1 for acc in headline["test_acc_ours_hf"])
     assert set(result["runs"]) == {"ours", "hf"}  # and both trained the same parameters, or run() raised
@@ -97,12 +86,7 @@ def test_trainer_smoke_compares_the_same_fine_tune(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_caching_smoke_times_both_contenders(tmp_path, capsys):
-    from recipes.effnet_fashion import EffnetFashion
-
-    ok, why = EffnetFashion.availability()
-    if not ok:
-        pytest.skip(why)
-    headline, result = smoke("caching", tmp_path, capsys)
+    headline, result = smoke("caching", "effnet_fashion", tmp_path, capsys)
     assert positive(headline["speedup_later_epochs"], headline["uncached_epoch_s"], headline["cached_epoch_s"])
     for runs in result["runs"].values():
         assert math.isfinite(runs[0]["train_loss"])
@@ -110,12 +94,7 @@ def test_caching_smoke_times_both_contenders(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_adapters_smoke_fills_every_cell(tmp_path, capsys):
-    from recipes.effnet_fashion import EffnetFashion
-
-    ok, why = EffnetFashion.availability()
-    if not ok:
-        pytest.skip(why)
-    headline, result = smoke("adapters", tmp_path, capsys)
+    headline, result = smoke("adapters", "effnet_fashion", tmp_path, capsys)
     full, lora, head = headline["effnet_trainable_full_lora_head"]
     assert full > lora > 0 and full > head > 0  # LoRA and the head train a fraction of the model
     assert positive(*headline["effnet_ckpt_mib_full_lora_head"], *headline["effnet_step_s_full_lora_head"])
@@ -126,12 +105,7 @@ def test_adapters_smoke_fills_every_cell(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quality_smoke_reads_a_recipe_row(tmp_path, capsys):
-    from recipes.bpr_movielens import BprMovielens
-
-    ok, why = BprMovielens.availability()
-    if not ok:
-        pytest.skip(why)
-    headline, result = smoke("quality", tmp_path, capsys)
+    headline, result = smoke("quality", "bpr_movielens", tmp_path, capsys)
     assert headline["failed"] == []
     value, wall = headline["metric_and_wall_s"]["bpr_movielens"]
     assert 0 <= value <= 1 and wall > 0

@@ -24,6 +24,7 @@ from peft_lightning.data.sampling import EpochShuffle
 from peft_lightning.errors import UsageError
 
 from conftest import ROOT, make_image_folder
+from helpers import tiny_cli_args
 
 TESTS = Path(__file__).resolve().parent
 SEED = int(os.environ.get("RELIABILITY_SEED", random.randrange(10_000)))  # printed in every failure message
@@ -31,55 +32,13 @@ SEED = int(os.environ.get("RELIABILITY_SEED", random.randrange(10_000)))  # prin
 
 def run_args(folder: Path, root: Path, *extra: str, epochs: int = 3) -> list[str]:
     # 24 images: 5 carved for test, 4 for val, 15 train = 4 steps of 4 per epoch.
-    return [
-        "fit",
-        "--recipe",
-        "vit_cifar",
-        "--model.model_name",
-        "test_efficientnet",
-        "--model.pretrained",
-        "false",
-        "--model.num_classes",
-        "3",
-        "--model.optimizer",
-        "adamw",
-        "--model.lr",
-        "1e-2",
-        "--model.warmup",
-        "0",
-        "--data.dataset",
-        str(folder),
-        "--data.image_size",
-        "32",
-        "--data.num_workers",
-        "0",
-        "--data.batch_size",
-        "4",
-        "--data.val_fraction",
-        "0.2",
-        "--data.augment",
-        "false",
-        "--trainer.precision",
-        "32-true",
-        "--trainer.accumulate_grad_batches",
-        "1",
-        "--trainer.max_epochs",
-        str(epochs),
-        "--trainer.deterministic",
-        "true",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--test_after_fit",
-        "false",
-        "--trainer.default_root_dir",
-        str(root),
-        "--checkpoint.last_every_n_train_steps",
-        "3",
-        "--trainer.callbacks+=reliability_callbacks.RecordMetrics",
-        "--trainer.callbacks.path",
-        str(root / "metrics.jsonl"),
-        *extra,
-    ]
+    return tiny_cli_args(
+        folder, root, "--model.optimizer", "adamw", "--model.lr", "1e-2", "--model.warmup", "0",
+        "--data.augment", "false", "--trainer.max_epochs", str(epochs), "--trainer.deterministic", "true",
+        "--checkpoint.last_every_n_train_steps", "3",
+        "--trainer.callbacks+=reliability_callbacks.RecordMetrics", "--trainer.callbacks.path",
+        str(root / "metrics.jsonl"), *extra,
+    )
 
 
 def kill_args(step: int, where: str = "optimizer_step", signum: int = signal.SIGKILL) -> list[str]:
