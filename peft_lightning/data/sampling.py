@@ -45,7 +45,9 @@ class EpochShuffle(Sampler[int]):
         Lightning restores its loop counters mid-epoch but restarts the loader's iterator; without this, the
         resumed epoch would train on its first batches again and never see its last ones.
         """
-        self.epoch = epoch  # worker processes may draw indices before Lightning's `set_epoch` call
+        if samples >= self.length:  # saved at the epoch's end: the next epoch starts whole
+            epoch, samples = epoch + 1, 0
+        self.epoch = epoch  # the iterator may draw indices before Lightning's `set_epoch` call
         self._skip = (epoch, samples) if samples > 0 else None
 
     def __iter__(self) -> Iterator[int]:
@@ -113,17 +115,13 @@ def resume_loader_position(trainer: Any) -> None:
     checkpoint. A learning-rate schedule sized by ``trainer.estimated_stepping_batches`` makes it build the loader,
     and its iterator, earlier (in ``configure_optimizers``), so the state is never given back and a resumed epoch
     starts over from its first batch (and, with worker processes, draws the previous epoch's order). Here, with the
-    loops restored and the resumed epoch not yet begun: set the sampler's epoch, load the saved position, and create
-    the iterator again.
+    loops restored and the resumed epoch not yet begun: load the saved position (it sets the sampler's epoch) and
+    create the iterator again.
     """
-    from lightning.fabric.utilities.data import _set_sampler_epoch
-
     loop = trainer.fit_loop
     states = getattr(loop, "_combined_loader_states_to_load", None)
     if not states or not loop.restarting or loop._combined_loader is None or loop._data_fetcher is None:
         return  # a fresh fit, or Lightning already gave the state back
-    for loader in loop._combined_loader.flattened:
-        _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
     loop._load_combined_loader_states()
     iter(loop._data_fetcher)
 
