@@ -55,6 +55,8 @@ def env(tmp_path_factory) -> dict[str, Path]:
     datasets.Dataset.from_dict({"image": pngs, "caption": ["x"] * 12}).cast_column(
         "image", datasets.Image()
     ).save_to_disk(str(paths["no_label"]))
+    paths["pixels"] = base / "pixels.parquet"  # Fashion-MNIST as flat pixel lists: no column holds images
+    datasets.Dataset.from_dict({"pixels": [[0] * 784] * 12, "label": [0, 1, 2] * 4}).to_parquet(str(paths["pixels"]))
     paths["no_image"] = base / "no_image"
     datasets.Dataset.from_dict({"text": ["a"] * 12, "label": [0, 1, 2] * 4}).save_to_disk(
         str(paths["no_image"])
@@ -154,6 +156,11 @@ CASES = [
     ("label column named wrong", lambda e: tiny(e, "--data.label_column", "nope"), "no label column nope"),
     ("dataset without labels", lambda e: tiny(e, dataset=e["no_label"]), "no label column"),
     ("dataset without images", lambda e: tiny(e, dataset=e["no_image"]), "no image column"),
+    (
+        "images as pixel lists",
+        lambda e: tiny(e, dataset=e["pixels"]),
+        "no image column (columns: pixels (list of int64), label (int64); an image column holds images",
+    ),
     ("empty split", lambda e: tiny(e, dataset=e["empty_split"]), "split 'test' is empty"),
     ("corrupt image", lambda e: tiny(e, *EVERY_BATCH, dataset=e["corrupt_images"]), "cannot read image"),
     ("truncated image", lambda e: tiny(e, *EVERY_BATCH, dataset=e["truncated_images"]), "cannot read image"),
@@ -277,6 +284,41 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(name, argv, needle, env,
     after = digest(env["base"])
     assert {k: v for k, v in after.items() if k in inputs} == inputs  # nothing saved or given was changed
     assert all(p in before or "runs/vit_cifar/2026010" not in str(p) for p in env["root"].rglob("*.ckpt"))
+
+
+# (recipe, flag, value, the error line). Each module checks its numeric options when it is built: before this, a
+# bad image size failed in a DataLoader worker ("Caught ValueError in DataLoader worker process 0", exit 1).
+DATA_OPTIONS = [
+    ("vision", "image_size", "-1", "data.image_size must be >= 1, got -1"),
+    ("vision", "eval_batch_size", "0", "data.eval_batch_size must be >= 1, got 0"),
+    ("vision", "val_fraction", "0", "data.val_fraction must be in (0, 0.5), got 0.0"),
+    ("vision", "max_train_samples", "0", "data.max_train_samples must be >= 1, got 0"),
+    ("vision", "max_val_samples", "-5", "data.max_val_samples must be >= 1, got -5"),
+    ("vision", "crop_pct", "0", "data.crop_pct must be in (0, 1], got 0.0"),
+    ("vision", "train_crop_scale", "[0.5, 0.1]", "data.train_crop_scale must be a (min, max) pair in (0, 1]"),
+    ("vision", "train_crop_ratio", "[0, 1]", "data.train_crop_ratio must be a (min, max) pair in (0, inf)"),
+    ("vision", "hflip", "1.5", "data.hflip must be in [0, 1], got 1.5"),
+    ("vision", "seed", "-1", "data.seed must be >= 0, got -1"),
+    ("text", "max_length", "2", "data.max_length must be >= 4, got 2"),
+    ("text", "max_test_samples", "0", "data.max_test_samples must be >= 1, got 0"),
+    ("recsys", "train_ratio", "1.5", "data.train_ratio must be in (0, 1), got 1.5"),
+    ("recsys", "time_cut", "0", "data.time_cut must be in (0, 1), got 0.0"),
+    ("recsys", "num_negatives", "-1", "data.num_negatives must be >= 0, got -1"),
+    ("recsys", "eval_batch_size", "0", "data.eval_batch_size must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("domain, option, value, line", DATA_OPTIONS, ids=[f"{d}-{o}" for d, o, *_ in DATA_OPTIONS])
+def test_bad_data_options_stop_at_construction_with_one_line(domain, option, value, line, env, cli):
+    flag = (f"--data.{option}", value)
+    argv = {"vision": lambda: tiny(env, *flag),
+            "text": lambda: ["fit", "--recipe", "minilm_austen", *flag],
+            "recsys": lambda: ["fit", "--recipe", "bpr_movielens", *flag]}[domain]()
+    code, _, err = cli(*argv)
+    errors = [x for x in err.strip().splitlines() if x.startswith("error:")]
+    assert code == 2, (code, err[-3000:])
+    assert len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, err[-3000:]
+    assert errors[0].startswith(f"error: {line}"), errors[0]
 
 
 def test_debug_shows_the_traceback(env, cli):

@@ -128,7 +128,7 @@ def test_ml100k_offline_from_the_recbole_wheel():
 def test_bad_sources_stop_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="unknown dataset name"):
         load_movielens("ml-5k")
-    with pytest.raises(UsageError, match="folder does not exist"):
+    with pytest.raises(UsageError, match="'/no/such/folder' does not exist"):
         load_movielens("/no/such/folder")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="holds no MovieLens files"):
@@ -448,5 +448,5 @@ def test_cli_missing_data_folder_is_one_line():
     res = run_cli("fit", "--recipe", "bpr_movielens", "--data.dataset", "/no/such/dir")
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: --data.dataset '/no/such/dir': the folder does not exist"), res.stderr
+    assert lines[-1].startswith("error: --data.dataset '/no/such/dir' does not exist"), res.stderr
     assert "Traceback" not in res.stderr

@@ -14,7 +14,8 @@ from lightning.pytorch import Trainer
 
 import peft_lightning.data.text as text_data
 from peft_lightning.callbacks.finetuning import FineTuning
-from peft_lightning.data.text import TextDataModule, load_text_dataset
+from peft_lightning.data.source import load_source
+from peft_lightning.data.text import TextDataModule
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.text import TextClassifier
 from recipes.minilm_austen import MinilmAusten, make_passages, split_blocks
@@ -139,7 +140,7 @@ def test_missing_model_and_offline_hub_stop_with_one_line_naming_the_flag(tmp_pa
         TextClassifier("peft-lightning-tests/no-such-model", num_labels=2)
     assert "--model.model_name" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UsageError, match="--data.dataset"):
-        load_text_dataset("peft-lightning-tests/no-such-dataset", cache_dir=str(tmp_path / "cache"))
+        load_source("peft-lightning-tests/no-such-dataset", cache_dir=str(tmp_path / "cache"))
 
 
 def test_bert_sst2_offline_says_what_it_tried(tmp_path):
@@ -254,6 +255,33 @@ def test_label_errors_name_the_fix(tiny_bert, tmp_path):
         datamodule(split_dir, tiny_bert, tmp_path, text_column="review").setup()
     with pytest.raises(UsageError, match="does not exist"):
         datamodule(tmp_path / "missing.csv", tiny_bert, tmp_path).setup()
+
+
+def test_a_relative_parquet_file_and_a_save_to_disk_folder(sentiment_csv, tiny_bert, tmp_path, monkeypatch):
+    import datasets
+
+    table = datasets.load_dataset("csv", data_files=str(sentiment_csv), split="train",
+                                  cache_dir=str(tmp_path / "cache"))
+    table.to_parquet(str(tmp_path / "reviews.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("reviews.parquet", "./reviews.parquet", "saved"):
+        dm = datamodule(name, tiny_bert, tmp_path)
+        dm.setup()
+        assert dm.label_names == ["meh", "neg", "pos"], name
+        assert {k: len(v) for k, v in dm.splits.items()} == {"train": 57, "validation": 15, "test": 18}, name
+
+
+def test_a_column_without_text_names_the_columns_and_the_text_column_needed(tiny_bert, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"tokens": [[1, 2, 3]] * 6, "label": [0, 1] * 3}).to_parquet(
+        str(tmp_path / "ids.parquet"))
+    for column in (None, "tokens"):
+        with pytest.raises(UsageError) as err:
+            datamodule(tmp_path / "ids.parquet", tiny_bert, tmp_path, text_column=column).setup()
+        assert "columns: tokens (list of int64), label (int64); a text column holds strings" in str(err.value)
+        assert str(err.value).endswith("pass --data.text_column NAME")
 
 
 # --- training ---

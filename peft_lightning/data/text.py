@@ -8,14 +8,15 @@ loads the Arrow cache files instead of tokenizing again. Padding happens per bat
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from peft_lightning.data.checks import NON_NEGATIVE, POSITIVE, at_least, check_options, within
 from peft_lightning.data.sampling import train_loader
+from peft_lightning.data.source import find_column, load_source
 from peft_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -23,59 +24,14 @@ if TYPE_CHECKING:
 
 # Bump when the encoding below changes: it is part of the cache fingerprint.
 ENCODING_VERSION = 1
-FILE_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
-                 ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"),
                 ("question1", "question2"))
 
 
-def load_text_dataset(dataset: str, config_name: str | None = None, cache_dir: str | None = None
-                      ) -> datasets.DatasetDict:
-    """Load a dataset from a local file (csv/tsv/json/jsonl/parquet, as the train split), a folder of such files
-    (split by file name: ``train.csv``, ``validation.csv``, ``test.csv``), a ``save_to_disk`` folder, or the hub,
-    stopping with one line when it cannot be had."""
-    import datasets
-
-    path = Path(dataset).expanduser()
-    try:
-        if path.is_file():
-            if path.suffix not in FILE_BUILDERS:
-                raise UsageError(f"cannot read {str(path)!r}: expected a {'/'.join(FILE_BUILDERS)} file")
-            builder, extra = FILE_BUILDERS[path.suffix]
-            ds = datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir, **extra)
-        elif (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
-            ds = datasets.load_from_disk(str(path))
-        elif path.is_dir():
-            try:
-                ds = datasets.load_dataset(str(path), config_name, cache_dir=cache_dir)
-            except ValueError as err:
-                # A plain folder of files has only a default config: a recipe's hub config name (GLUE's `sst2`)
-                # does not apply to the user's local copy of that one config.
-                if not config_name or "Available: ['default']" not in str(err):
-                    raise
-                ds = datasets.load_dataset(str(path), cache_dir=cache_dir)
-        elif dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
-            raise UsageError(f"dataset path {dataset!r} does not exist: pass an existing file or folder with "
-                             "--data.dataset")
-        else:
-            try:
-                ds = datasets.load_dataset(dataset, config_name, cache_dir=cache_dir)
-            except Exception as err:  # noqa: BLE001 - hub/offline failures come as many types; all end here
-                raise UsageError(
-                    f"could not load dataset {dataset!r}{f' ({config_name})' if config_name else ''} from the "
-                    f"Hugging Face hub ({type(err).__name__}; offline and not cached in "
-                    f"{cache_dir or datasets.config.HF_DATASETS_CACHE}?): download it once with network, or point "
-                    "--data.dataset at a local copy (csv/json/parquet files or a save_to_disk folder)") from None
-    except UsageError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a malformed file fails in the csv/json/arrow readers' own ways
-        raise UsageError(f"cannot read a dataset from {str(path)!r} ({type(err).__name__}: "
-                         f"{(str(err).splitlines() or [''])[0][:160]}): expected csv/json/parquet files with a "
-                         "header, or a save_to_disk folder") from None
-    if isinstance(ds, datasets.Dataset):
-        ds = datasets.DatasetDict({"train": ds})
-    return ds
+def is_text(feature: Any) -> bool:
+    """Whether a column holds strings."""
+    return getattr(feature, "dtype", None) in ("string", "large_string")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -115,9 +71,9 @@ class TextDataModule(LightningDataModule):
     another or to use this module on its own.
 
     Args:
-        dataset: a hub name (``nyu-mll/glue``), a csv/tsv/json/jsonl/parquet file (read as the train split), a
-            folder of such files named by split (``train.csv``, ``validation.csv``, ``test.csv``), or a
-            ``save_to_disk`` folder.
+        dataset: a hub name (``nyu-mll/glue``), a csv/tsv/json/jsonl/parquet/arrow file (read as the train
+            split), a folder of such files named by split (``train.csv``, ``validation.csv``, ``test.csv``), or a
+            ``save_to_disk`` folder; relative paths are local (``data/source.py``).
         config_name: the hub dataset's configuration (``sst2`` for GLUE SST-2).
         train_split: name of the training split.
         val_split: name of the validation split; when the dataset has none, ``val_fraction`` of train is carved
@@ -180,14 +136,12 @@ class TextDataModule(LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise UsageError(f"batch_size must be >= 1, got {batch_size}: pass e.g. --data.batch_size 32")
-        if not 0 < val_fraction < 0.5:
-            raise UsageError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-        if max_length < 4:
-            raise UsageError(f"max_length must be >= 4 tokens, got {max_length}: pass e.g. --data.max_length 128")
-        if num_workers < 0:
-            raise UsageError(f"num_workers must be >= 0, got {num_workers}")
+        # max_length >= 4: room for the special tokens of a pair and some text.
+        check_options(val_fraction=(val_fraction, within(0, 0.5)), max_length=(max_length, at_least(4)),
+                      batch_size=(batch_size, POSITIVE), eval_batch_size=(eval_batch_size, POSITIVE),
+                      num_workers=(num_workers, NON_NEGATIVE), max_train_samples=(max_train_samples, POSITIVE),
+                      max_val_samples=(max_val_samples, POSITIVE), max_test_samples=(max_test_samples, POSITIVE),
+                      seed=(seed, NON_NEGATIVE))
         if isinstance(label_column, list) and not multi_label:
             raise UsageError("several label columns make a multi-label task: pass --data.multi_label true")
         self.save_hyperparameters()
@@ -204,9 +158,8 @@ class TextDataModule(LightningDataModule):
     # --- loading ---
     def load_splits(self) -> datasets.DatasetDict:
         """Return the raw splits. Subclasses override this for sources ``datasets`` cannot read."""
-        if not self.hparams.dataset:
-            raise UsageError("no dataset given: pass --data.dataset NAME_OR_PATH")
-        return load_text_dataset(self.hparams.dataset, self.hparams.config_name, self.hparams.cache_dir)
+        return load_source(self.hparams.dataset, self.hparams.config_name, self.hparams.cache_dir,
+                           "csv/json/parquet files with a header, or a save_to_disk folder")
 
     def resolve_tokenizer(self) -> Any:
         """``tokenizer`` if given, else the attached model's ``load_tokenizer()``."""
@@ -270,14 +223,10 @@ class TextDataModule(LightningDataModule):
             found = next(((a, b) for a, b in PAIR_COLUMNS if a in features and b in features), None)
             if found and pair is None:
                 text, pair = found
-            else:
-                strings = [k for k, v in features.items() if getattr(v, "dtype", None) in ("string", "large_string")]
-                text = next((c for c in TEXT_COLUMNS if c in features), strings[0] if strings else None)
-        for kind, col in (("text", text), ("text_pair", pair)):
-            if (kind == "text" or col is not None) and (col is None or col not in features):
-                raise UsageError(f"the dataset has no {kind} column {col or ''} (columns: {', '.join(features)}): "
-                                 f"pass --data.{kind}_column NAME")
-        return text, pair
+            else:  # the usual names first, else the first column of strings (find_column)
+                text = next((c for c in TEXT_COLUMNS if c in features and is_text(features[c])), None)
+        text = find_column(features, text, "text", is_text, "strings")
+        return text, None if pair is None else find_column(features, pair, "text_pair", is_text, "strings")
 
     def _label_columns(self, features: Any) -> list[str]:
         import datasets
@@ -287,12 +236,8 @@ class TextDataModule(LightningDataModule):
             col = next((k for k, v in features.items() if isinstance(v, datasets.ClassLabel)
                         or isinstance(getattr(v, "feature", None), datasets.ClassLabel)), None)
             col = col or next((k for k in ("label", "labels") if k in features), None)
-        cols = col if isinstance(col, list) else [col]
-        missing = [c for c in cols if c is None or c not in features]
-        if missing or not cols:
-            raise UsageError(f"the dataset has no label column {missing[0] if missing and missing[0] else ''} "
-                             f"(columns: {', '.join(features)}): pass --data.label_column NAME")
-        return cols
+        cols = (col or [None]) if isinstance(col, list) else [col]
+        return [find_column(features, c, "label") for c in cols]
 
     def _to_class_labels(self, ds: datasets.DatasetDict, label: str) -> datasets.DatasetDict:
         """Single-label: make the label column a ``ClassLabel`` in every split (string names → ids), so carving

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from peft_lightning.data.checks import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    check_options,
+    increasing_pair,
+    within,
+)
 from peft_lightning.data.sampling import train_loader
+from peft_lightning.data.source import find_column, load_source
 from peft_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -20,56 +27,24 @@ IMAGENET_DEFAULT = {"input_size": (3, 224, 224), "interpolation": "bicubic", "me
                     "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
 
 
-def load_hf_dataset(dataset: str, config_name: str | None = None, cache_dir: str | None = None,
-                    what: str = "images") -> datasets.DatasetDict:
-    """Load a dataset from a local path (``save_to_disk`` folder, image folder, parquet/csv/json files) or the
-    Hugging Face hub, stopping with one clear line when it cannot be had."""
+def is_image(feature: Any) -> bool:
+    """Whether a column can hold images: a ``datasets.Image``, or ``{bytes, path}`` structs (parquet files written
+    by other tools than ``datasets``); ``open_image`` reads both."""
     import datasets
 
-    path = Path(dataset).expanduser()
-    if path.exists():
-        try:
-            if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
-                ds = datasets.load_from_disk(str(path))
-            else:  # `load_dataset` infers the builder: imagefolder, parquet, arrow, csv, json ...
-                ds = datasets.load_dataset(str(path), config_name, cache_dir=cache_dir)
-        except Exception as err:
-            for state in sorted(path.glob("*/state.json")):  # `save_to_disk` of a 0-row split cannot be loaded
-                if not json.loads(state.read_text()).get("_data_files", [None]):
-                    raise UsageError(f"split {state.parent.name!r} is empty in {str(path)!r}: drop it or give it "
-                                     "data (a missing val/test split is carved from train)") from None
-            raise UsageError(f"cannot read a dataset from {str(path)!r} ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:160]}): expected {what} in class subfolders, "
-                             "parquet/arrow files or a save_to_disk folder") from None
-    elif dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
-        raise UsageError(f"dataset path {dataset!r} does not exist: pass an existing folder with --data.dataset")
-    else:
-        try:
-            ds = datasets.load_dataset(dataset, config_name, cache_dir=cache_dir)
-        except Exception as err:
-            raise UsageError(
-                f"could not load dataset {dataset!r} from the Hugging Face hub ({type(err).__name__}; offline and "
-                f"not cached in {datasets.config.HF_DATASETS_CACHE}?): download it once with network, or point "
-                "--data.dataset at a local copy (image folder with class subfolders, parquet files or a "
-                "save_to_disk folder)") from None
-    if isinstance(ds, datasets.Dataset):
-        ds = datasets.DatasetDict({"train": ds})
-    return ds
+    return isinstance(feature, datasets.Image) or (isinstance(feature, dict) and "bytes" in feature)
 
 
 def find_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    """The image and label columns: the named ones, else the first image column and the first ``ClassLabel``
+    (else ``label``/``labels``)."""
     import datasets
 
-    if image_column is None:
-        image_column = next((k for k, v in features.items() if isinstance(v, datasets.Image)), None)
     if label_column is None:
         label_column = next((k for k, v in features.items() if isinstance(v, datasets.ClassLabel)), None)
         label_column = label_column or next((k for k in ("label", "labels") if k in features), None)
-    for kind, col in (("image", image_column), ("label", label_column)):
-        if col is None or col not in features:
-            raise UsageError(f"the dataset has no {kind} column {col or ''} (columns: {', '.join(features)}): "
-                             f"pass --data.{kind}_column NAME")
-    return image_column, label_column
+    image = find_column(features, image_column, "image", is_image, "images: datasets.Image or {bytes, path} structs")
+    return image, find_column(features, label_column, "label")
 
 
 def open_image(value: Any) -> Any:
@@ -117,7 +92,8 @@ class ImageDataModule(LightningDataModule):
 
     Args:
         dataset: a hub name (``uoft-cs/cifar10``), a local image folder (class subfolders, optionally under
-            ``train/`` ``validation/`` ``test/``), parquet/arrow files, or a ``save_to_disk`` folder.
+            ``train/`` ``validation/`` ``test/``), a parquet/arrow file (the train split) or a folder of them, or a
+            ``save_to_disk`` folder; relative paths are local (``data/source.py``).
         config_name: the hub dataset's configuration, if it has several.
         train_split: name of the training split.
         val_split: name of the validation split; when the dataset has none, ``val_fraction`` of train is carved
@@ -178,12 +154,15 @@ class ImageDataModule(LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise UsageError(f"batch_size must be >= 1, got {batch_size}: pass e.g. --data.batch_size 64")
-        if not 0 < val_fraction < 0.5:
-            raise UsageError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-        if num_workers < 0:
-            raise UsageError(f"num_workers must be >= 0, got {num_workers}")
+        # Checked here: a bad value would otherwise fail later, inside a DataLoader worker.
+        check_options(val_fraction=(val_fraction, within(0, 0.5)), image_size=(image_size, POSITIVE),
+                      crop_pct=(crop_pct, within(0, 1, closed_high=True)),
+                      train_crop_scale=(train_crop_scale, increasing_pair(within(0, 1, closed_high=True))),
+                      train_crop_ratio=(train_crop_ratio, increasing_pair(within(0, float("inf")))),
+                      hflip=(hflip, PROBABILITY), batch_size=(batch_size, POSITIVE),
+                      eval_batch_size=(eval_batch_size, POSITIVE), num_workers=(num_workers, NON_NEGATIVE),
+                      max_train_samples=(max_train_samples, POSITIVE), max_val_samples=(max_val_samples, POSITIVE),
+                      max_test_samples=(max_test_samples, POSITIVE), seed=(seed, NON_NEGATIVE))
         self.save_hyperparameters()
         self.splits: dict[str, Any] = {}
         self.class_names: list[str] = []
@@ -192,9 +171,8 @@ class ImageDataModule(LightningDataModule):
     # --- loading ---
     def load_splits(self) -> datasets.DatasetDict:
         """Return the raw splits. Subclasses override this for sources ``datasets`` cannot read."""
-        if not self.hparams.dataset:
-            raise UsageError("no dataset given: pass --data.dataset NAME_OR_PATH")
-        return load_hf_dataset(self.hparams.dataset, self.hparams.config_name, self.hparams.cache_dir)
+        return load_source(self.hparams.dataset, self.hparams.config_name, self.hparams.cache_dir,
+                           "an image folder with class subfolders, parquet/arrow files or a save_to_disk folder")
 
     def prepare_data(self) -> None:
         self.load_splits()  # downloads once, on one process; `setup` then reads the cache
