@@ -191,20 +191,26 @@ def _effnet_setup() -> dict[str, Any]:
 
 
 def schedule(opt: Any, name: str, lr: float, warmup: float, steps: int) -> Any:
-    """The recipe's LR schedule by hand: linear warmup then cosine / linear / constant, or torch's OneCycleLR."""
+    """The recipe's LR schedule by hand: linear warmup then cosine / linear / constant, or the one-cycle shape
+    (cosine from lr/25 up to lr over the warmup, 0.3 of the run when 0, then down to lr/25e4), as the task's."""
     import math
 
     import torch
 
-    if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[lr] * len(opt.param_groups), total_steps=steps, pct_start=warmup or 0.3
-        )
-    if name not in ("cosine", "linear", "constant"):
+    if name not in ("cosine", "linear", "constant", "onecycle"):
         raise ValueError(f"the plain loop has no {name!r} schedule")
     warm = int(warmup * steps) if warmup < 1 else int(warmup)
+    if name == "onecycle" and not warmup:
+        warm = int(0.3 * steps)
+
+    def cos(start: float, end: float, progress: float) -> float:
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def factor(step: int) -> float:
+        if name == "onecycle":
+            if step < warm:
+                return cos(1 / 25, 1.0, step / warm)
+            return cos(1.0, 1 / 25 / 1e4, min(1.0, (step - warm) / max(1, steps - warm)))
         if step < warm:
             return (step + 1) / warm
         progress = min(1.0, (step - warm) / max(1, steps - warm))

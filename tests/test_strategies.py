@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
 
 from peft_lightning.callbacks.finetuning import FineTuning, Milestone
 
@@ -55,6 +55,56 @@ def test_schedulers_run_across_an_unfreeze(image_folder, scheduler):
         assert first["stem"] == pytest.approx(1e-2 * 0.5 ** 7 * shape(0))
     else:
         assert all(v > 0 for v in last.values())
+
+
+SCHEDULERS = ["cosine", "linear", "constant", "onecycle", "plateau"]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "onecycle"])
+def test_every_schedule_shape_is_defined_for_every_length_and_warmup(kind):
+    import math
+
+    from peft_lightning.tasks.base import warmup_cosine
+
+    for total in range(1, 13):
+        for warmup in sorted({0, 1, total // 10, total // 2, total, total + 3}):
+            shape = warmup_cosine(warmup, total, 0.0, kind)
+            values = [shape(step) for step in range(total + 6)]  # past the end too: a resumed or longer round
+            assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), (total, warmup, values)
+            assert max(values) > 0.0
+
+
+def _tiny_fit(image_folder, finetuning: FineTuning, scheduler: str, steps: int, epochs: int) -> Trainer:
+    from lightning.pytorch import Trainer
+
+    from helpers import tiny_data, tiny_model
+
+    trainer = Trainer(max_epochs=epochs, limit_train_batches=steps, limit_val_batches=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=[finetuning])
+    trainer.fit(tiny_model(scheduler=scheduler, warmup=0.1), tiny_data(image_folder))
+    assert trainer.global_step == steps * epochs or finetuning.strategy == "retune"
+    return trainer
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("steps, epochs", [(1, 1), (2, 1), (3, 1), (2, 5)])
+def test_every_scheduler_trains_any_number_of_steps(image_folder, scheduler, steps, epochs, one_thread):
+    # 10 steps with warmup 0.1 is one whole warmup step: torch's OneCycleLR divided by zero there.
+    trainer = _tiny_fit(image_folder, FineTuning("full"), scheduler, steps, epochs)
+    assert all(g["lr"] >= 0 for g in trainer.optimizers[0].param_groups)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("strategy, kw", [
+    ("head", {}), ("freeze_unfreeze", {"unfreeze_at_epoch": 1}), ("gradual", {"unfreeze_every": 1}),
+    ("milestones", {"milestones": [Milestone(1, 2, 0.5)]}),
+    ("retune", {"monitor": "val/loss", "mode": "min", "round_epochs": 1, "max_rounds": 2}),
+])
+def test_every_scheduler_runs_every_strategy_on_one_step_epochs(image_folder, scheduler, strategy, kw, one_thread):
+    # One step per epoch, phases and rounds changing every epoch: the shortest schedules a strategy makes.
+    trainer = _tiny_fit(image_folder, FineTuning(strategy, **kw), scheduler, steps=1, epochs=3)
+    assert trainer.global_step >= 2
 
 
 def test_retune_rounds_unfreeze_restore_best_and_print_a_table(image_folder, capsys):

@@ -21,10 +21,38 @@ LayerGroups = list[tuple[str, list[str]]]
 """Ordered (name, parameter names) pairs, from the input side (stem/embeddings) to the head."""
 
 
+ONECYCLE_DIV = 25.0
+"""OneCycle starts at ``lr / 25`` (torch's ``div_factor``) ..."""
+ONECYCLE_FINAL_DIV = 1e4
+"""... and ends at ``lr / 25 / 1e4`` (``final_div_factor``)."""
+
+
+def _cos(start: float, end: float, progress: float) -> float:
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0, kind: str = "cosine"):
-    """LR multiplier for ``LambdaLR``: linear warmup, then cosine/linear decay to ``min_ratio`` or constant."""
+    """LR multiplier for ``LambdaLR``: linear warmup, then cosine/linear decay to ``min_ratio`` or constant;
+    ``onecycle``: torch's ``OneCycleLR`` shape (cosine from 1/25 up to 1 over ``warmup_steps``, then down to
+    1/25e4 at ``total_steps``).
+
+    Defined for every step count >= 1 and every warmup (0, all of the run, more than the run), and past
+    ``total_steps`` (held at its last value): a short round or a resumed run never divides by a zero-length phase
+    nor steps past the end, as torch's ``OneCycleLR`` does (it raises on both).
+
+    Example:
+        >>> f = warmup_cosine(0, 1, kind="onecycle"); f(0), round(f(1), 6)
+        (1.0, 4e-06)
+    """
+    total_steps = max(1, total_steps)
 
     def factor(step: int) -> float:
+        if kind == "onecycle":
+            low = 1.0 / ONECYCLE_DIV
+            if step < warmup_steps:
+                return _cos(low, 1.0, step / warmup_steps)
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return _cos(1.0, low / ONECYCLE_FINAL_DIV, progress)
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if kind == "constant":
@@ -45,7 +73,8 @@ class FineTuneTask(LightningModule):
         weight_decay: decoupled weight decay; never applied to biases and normalisation weights.
         momentum: SGD momentum (ignored by Adam/AdamW).
         scheduler: LR shape after warmup: ``cosine``, ``linear`` (both decay to ``min_lr_ratio * lr``),
-            ``constant``, ``onecycle`` (torch's OneCycleLR; ``warmup`` is its rising fraction) or ``plateau``
+            ``constant``, ``onecycle`` (torch's OneCycleLR LR shape, momentum not cycled; ``warmup`` is its
+            rising part, 0.3 of the run when 0) or ``plateau``
             (ReduceLROnPlateau on the recipe's monitored metric, halving the LR after 1 flat epoch; no warmup).
         warmup: warmup length: a fraction of all training steps if < 1, else a number of steps.
         min_lr_ratio: the LR at the end of the decay, as a fraction of the peak.
@@ -66,6 +95,9 @@ class FineTuneTask(LightningModule):
     data_defaults: ClassVar[dict[str, Any]] = {}
     trainer_defaults: ClassVar[dict[str, Any]] = {}
     finetuning_defaults: ClassVar[dict[str, Any]] = {}
+    assets: ClassVar[tuple[str, ...]] = ()
+    """What the recipe's defaults load, by the names of ``peft_lightning.assets`` (``fashion_mnist``,
+    ``hub-model:ORG/NAME`` ...): ``list`` and ``availability()`` say whether they are here."""
     monitor: ClassVar[str] = "val/acc"
     monitor_mode: ClassVar[Literal["min", "max"]] = "max"
     default_adapter_targets: ClassVar[str | list[str] | None] = None
@@ -160,8 +192,10 @@ class FineTuneTask(LightningModule):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        """Whether this recipe's data and weights can be had on this machine now, and a short reason."""
-        return True, "no local assets needed"
+        """Whether this recipe's data and weights (``assets``) are on this machine now, and a short reason."""
+        from peft_lightning.assets import check
+
+        return check(cls.assets)
 
     # --- adapters (peft): the domain builds its backbone and passes it through `add_adapters` ---
     def add_adapters(self, model: nn.Module, base_name: str | None = None, task_type: str | None = None) -> nn.Module:
@@ -306,17 +340,15 @@ class FineTuneTask(LightningModule):
         if self.scheduler_name == "plateau":
             sched: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=self.monitor_mode, factor=0.5, patience=1)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch"}}
-        if self.scheduler_name == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=self.warmup or 0.3)
-        else:
-            shape = warmup_cosine(warmup, total, self.min_lr_ratio, self.scheduler_name)
-            # One lambda per group, reading the layer and phase scales live: the callback can change them between
-            # epochs (milestones, retune rounds) without touching the optimizer, and a resumed run recomputes them.
-            names = [g["name"].removesuffix(".no_wd") for g in groups]
-            for g in opt.param_groups:  # the scales are applied by the lambdas below
-                g["lr"] = g["initial_lr"] = self.lr
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, [self._group_lambda(shape, n) for n in names])
+        if self.scheduler_name == "onecycle" and not self.warmup:
+            warmup = int(0.3 * total)  # OneCycleLR's default pct_start
+        shape = warmup_cosine(warmup, total, self.min_lr_ratio, self.scheduler_name)
+        # One lambda per group, reading the layer and phase scales live: the callback can change them between
+        # epochs (milestones, retune rounds) without touching the optimizer, and a resumed run recomputes them.
+        names = [g["name"].removesuffix(".no_wd") for g in groups]
+        for g in opt.param_groups:  # the scales are applied by the lambdas below
+            g["lr"] = g["initial_lr"] = self.lr
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [self._group_lambda(shape, n) for n in names])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _group_lambda(self, shape: Any, name: str) -> Any:
