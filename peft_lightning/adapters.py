@@ -320,15 +320,20 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model.merge_and_unload()
 
 
-def export(task: nn.Module, out: str | Path, merge: bool = False) -> list[Path]:
+def export(task: nn.Module, out: str | Path, merge: bool = False, *, recipe: str | None = None,
+           ckpt_path: str | Path | None = None) -> list[Path]:
     """Write the task's adapter in the standard ``peft`` format (``adapter_config.json`` and
     ``adapter_model.safetensors``, which ``PeftModel.from_pretrained(base, out)`` loads) and, with ``merge``, the
     merged full model: ``merged/`` with ``save_pretrained`` (and the tokenizer) for transformers models, else a
     safetensors state_dict (``model.safetensors``). A task without adapters can only be exported merged (its plain
     weights). Where weights outside the adapted module train too (a recommender's ID embeddings and towers), the
     adapter folder alone is not the model: ``merge`` is required and ``model.safetensors`` holds the whole task
-    (what ``--model.init_from`` loads)."""
-    from safetensors.torch import save_file
+    (what ``--model.init_from`` loads).
+
+    ``README.md`` is a model card (``peft_lightning/card.py``) in place of peft's empty template: the recipe (its
+    name, ``recipe``), base model and its weights, data, adapter options, trainable parameters, the metrics recorded
+    with the checkpoint at ``ckpt_path`` (the file the task was loaded from, if any) and how to load the export."""
+    from peft_lightning.card import model_card
 
     out = Path(out)
     found = find(task)
@@ -351,22 +356,36 @@ def export(task: nn.Module, out: str | Path, merge: bool = False) -> list[Path]:
         merged = merge_and_unload(model) if merge else None
     else:
         prefix, merged = "model.", copy.deepcopy(getattr(task, "model", task)) if merge else None
-    if merged is None:
-        return written
-    if outside:  # the whole task, with the adapted module merged in place: loadable by the task itself
+    if merged is not None:
+        written.append(_write_merged(task, merged, prefix, out, whole=bool(outside)))
+    # After the weights: peft's save_pretrained wrote its template card, which this one replaces.
+    ckpt = None
+    if ckpt_path is not None:
+        from peft_lightning.callbacks.checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(ckpt_path)
+    card = model_card(task, out, written, recipe=recipe, ckpt=ckpt,
+                      ckpt_path=Path(ckpt_path) if ckpt_path is not None else None, whole_task=bool(outside))
+    (out / "README.md").write_text(card)
+    return [*written, out / "README.md"]
+
+
+def _write_merged(task: nn.Module, merged: nn.Module, prefix: str, out: Path, whole: bool) -> Path:
+    """Write the merged model (see ``export``) and return its path."""
+    from safetensors.torch import save_file
+
+    if whole:  # the whole task, with the adapted module merged in place: loadable by the task itself
         state = {k: v for k, v in task.state_dict().items() if not k.startswith(prefix)}
         state.update({prefix + k: v for k, v in merged.state_dict().items()})
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-        written.append(out / "model.safetensors")
-    elif hasattr(merged, "save_pretrained"):  # transformers: config + safetensors, loadable by from_pretrained
+        return out / "model.safetensors"
+    if hasattr(merged, "save_pretrained"):  # transformers: config + safetensors, loadable by from_pretrained
         merged.save_pretrained(str(out / "merged"))
         if callable(getattr(task, "load_tokenizer", None)):  # a folder that --model.model_name can point at
             task.load_tokenizer().save_pretrained(str(out / "merged"))
-        written.append(out / "merged")
-    else:
-        save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, str(out / "model.safetensors"))
-        written.append(out / "model.safetensors")
-    return written
+        return out / "merged"
+    save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, str(out / "model.safetensors"))
+    return out / "model.safetensors"
 
 
 def load_task(recipe: type, ckpt_path: str | Path) -> Any:

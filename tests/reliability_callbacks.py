@@ -41,23 +41,56 @@ class KillAt(Callback):
         if not trainer.sanity_checking:
             self._maybe(trainer, "validation")
 
+    def on_validation_end(self, trainer, pl_module):
+        # Before the checkpoint callbacks' own hook (Lightning runs them last): the validation-end save is not made.
+        if not trainer.sanity_checking:
+            self._maybe(trainer, "validation_end")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._maybe(trainer, "epoch_end")  # after the validation-end save, before the epoch-end one
+
 
 class RecordMetrics(Callback):
-    """Append each validation's metrics (and the retune round) to a JSON-lines file."""
+    """Each validation's metrics (and, with ``weights``, a digest of the weights after every training step) as JSON
+    lines.
 
-    def __init__(self, path: str) -> None:
+    The rows are part of the run's state (every checkpoint holds them) and the file is rewritten from it: a resumed
+    run's file is the history of the checkpoints it descends from, so a validation that a resume skips or runs twice
+    shows, and what a killed run did after its last checkpoint does not count.
+    """
+
+    def __init__(self, path: str, weights: bool = False) -> None:
         self.path = path
+        self.weights = weights
+        self.rows: list[dict] = []
+
+    def _write(self) -> None:
+        Path(self.path).write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.weights:
+            digest = sum(float(p.detach().double().sum()) for p in pl_module.parameters())
+            self.rows.append({"step": trainer.global_step, "weights": round(digest, 6)})
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        row = {
+        self.rows.append({
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             **{k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-        }
-        with Path(self.path).open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        })
+        self._write()
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self._write()
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict.get("rows", []))
 
 
 class NanAt(VitCifar):

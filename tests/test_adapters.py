@@ -3,6 +3,8 @@ round-trips through PeftModel.from_pretrained, merging preserves outputs, bad ta
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -13,7 +15,7 @@ from peft_lightning.errors import UsageError
 from peft_lightning.tasks.vision import ImageClassifier
 
 from conftest import make_image_folder, run_cli
-from helpers import PhaseRecorder, StopAfterEpoch, tiny_data, train
+from helpers import PhaseRecorder, StopAfterEpoch, run_card_snippets, tiny_cli_args, tiny_data, train
 
 METHODS = ["lora", "dora", "ia3", "loha", "lokr"]
 
@@ -125,7 +127,10 @@ def test_export_round_trips_and_merge_preserves_outputs(vit_weights, tmp_path, m
     with torch.no_grad():
         expected = model(x)
     written = export(model, tmp_path, merge=True)
-    assert {p.name for p in written} == {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"}
+    assert {p.name for p in written} == {"adapter_config.json", "adapter_model.safetensors", "model.safetensors",
+                                         "README.md"}
+    card = (tmp_path / "README.md").read_text()  # ours, not peft's template
+    assert "[More Information Needed]" not in card and f"({'`peft`'} {method})" in card
 
     def base():
         m = timm.create_model("test_vit", pretrained=False, num_classes=3)
@@ -146,6 +151,57 @@ def test_export_round_trips_and_merge_preserves_outputs(vit_weights, tmp_path, m
         assert torch.allclose(from_adapter(x), expected, atol=1e-5)
         from_merged = ImageClassifier("test_vit", num_classes=3, checkpoint_path=str(tmp_path / "model.safetensors"))
         assert torch.allclose(from_merged.eval()(x), expected, atol=1e-4)
+        # the model card's load snippets, run as written: plain timm + peft, and the merged file
+        snippets = run_card_snippets(tmp_path / "README.md")
+        assert torch.allclose(snippets["model"](x), expected, atol=1e-5)
+        assert torch.allclose(snippets["merged"].eval()(x), expected, atol=1e-4)
+
+
+def test_cli_export_writes_a_model_card_from_the_checkpoint_and_its_run(tmp_path, cli):
+    """A LoRA run of the CLI, exported by the CLI: README.md names the recipe, base, data, adapter options and the
+    checkpoint's own validation score and the run's test metrics, and its load snippets give the checkpoint's
+    outputs."""
+    import timm
+    from safetensors.torch import save_file
+
+    from peft_lightning.adapters import load_task
+    from peft_lightning.callbacks.checkpoint import read_checkpoint
+    from recipes.vit_cifar import VitCifar
+
+    torch.manual_seed(0)
+    weights = tmp_path / "base.safetensors"  # a fixed base: the adapters are only valid on it
+    save_file(timm.create_model("test_efficientnet", num_classes=3).state_dict(), str(weights))
+    images = make_image_folder(tmp_path / "images", classes=3, per_class=8, size=32, splits=True)
+    code, _, err = cli(*tiny_cli_args(images, tmp_path / "runs", "--model.checkpoint_path", str(weights),
+                                      "--peft.method", "lora", "--peft.r", "4", "--trainer.max_epochs", "1",
+                                      "--test_after_fit", "true", "--quiet"))
+    assert code == 0, err
+    (run,) = (tmp_path / "runs" / "vit_cifar").iterdir()
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    out = tmp_path / "export"
+    code, printed, err = cli("export", "--recipe", "vit_cifar", "--ckpt_path", str(best), "--out", str(out), "--merge")
+    assert code == 0, err
+    assert str(out / "README.md") in printed
+    card = (out / "README.md").read_text()
+    assert "[More Information Needed]" not in card
+    ckpt = read_checkpoint(best)
+    score = next(float(s["best_model_score"]) for s in ckpt["callbacks"].values() if "best_model_score" in s)
+    with open(run / "metrics.csv", newline="") as f:
+        test_acc = next(float(r["test/acc"]) for r in csv.DictReader(f) if r.get("test/acc"))
+    for needle in ("recipe `vit_cifar`", "LoRA (`peft` lora)", "| r | 4 |", "| alpha | 16 ", "timm `test_efficientnet`",
+                   f"the local file `{weights}`", f"`{images}`", "`class_0`, `class_1`, `class_2`",
+                   f"`val/acc` (higher is better): **{score:.4f}**", "this checkpoint holds those weights",
+                   f"`test/acc` {test_acc:.4f}", f"epoch {ckpt['epoch']}, global step {ckpt['global_step']}",
+                   "| trainable parameters | ", "PeftModel.from_pretrained(base, ",
+                   f"predict --recipe vit_cifar --peft.adapter_path {out}"):
+        assert needle in card, f"{needle!r} not in\n{card}"
+    snippets = run_card_snippets(out / "README.md")
+    task = load_task(VitCifar, best)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = task(x)
+        assert torch.allclose(snippets["model"](x), expected, atol=1e-5)
+        assert torch.allclose(snippets["merged"].eval()(x), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("peft, match", [

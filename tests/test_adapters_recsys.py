@@ -121,7 +121,9 @@ def test_pretrained_checkpoint_fine_tuned_through_adapters_and_exported_merged(t
     with pytest.raises(UsageError, match="pass --merge"):
         export(model, tmp_path / "x")
     written = export(model, tmp_path / "x", merge=True)
-    assert {p.name for p in written} == {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"}
+    assert {p.name for p in written} == {"adapter_config.json", "adapter_model.safetensors", "model.safetensors",
+                                         "README.md"}
+    assert "--model.init_from" in (tmp_path / "x" / "README.md").read_text()  # the adapter folder alone is no model
     again = two_tower(tiny_encoder, None, init_from=str(tmp_path / "x" / "model.safetensors"))
     users = torch.arange(USERS)
     with torch.no_grad():

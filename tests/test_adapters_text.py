@@ -18,7 +18,7 @@ from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.text import TextClassifier
 
-from helpers import PhaseRecorder, StopAfterEpoch
+from helpers import PhaseRecorder, StopAfterEpoch, run_card_snippets
 
 METHODS = ["lora", "dora", "ia3", "loha", "lokr"]
 WORDS = ["the", "a", "movie", "was", "good", "bad", "fine"]
@@ -140,7 +140,7 @@ def test_export_round_trips_and_merge_preserves_outputs(tiny_bert, tmp_path, met
     with torch.no_grad():
         expected = model(**inputs)
     written = export(model, tmp_path, merge=True)
-    assert {p.name for p in written} == {"adapter_config.json", "adapter_model.safetensors", "merged"}
+    assert {p.name for p in written} == {"adapter_config.json", "adapter_model.safetensors", "merged", "README.md"}
 
     def base():
         return transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).eval()
@@ -160,6 +160,10 @@ def test_export_round_trips_and_merge_preserves_outputs(tiny_bert, tmp_path, met
         assert torch.allclose(from_adapter.eval()(**inputs), expected, atol=1e-5)
         from_merged = TextClassifier(str(tmp_path / "merged"), num_labels=3).eval()
         assert torch.allclose(from_merged(**inputs), expected, atol=1e-4)
+        # the model card's load snippets (plain transformers + peft, and the merged folder), run as written
+        snippets = run_card_snippets(tmp_path / "README.md")
+        assert torch.allclose(snippets["model"](**inputs).logits, expected, atol=1e-5)
+        assert torch.allclose(snippets["merged"].eval()(**inputs).logits, expected, atol=1e-4)
 
 
 def test_bad_targets_and_adapter_folders_stop_with_one_line(tiny_bert, tmp_path):

@@ -16,6 +16,8 @@ from peft_lightning import engine
 from peft_lightning.engine import Hardware, auto_precision, check_launch, cpu_flags, resolve_auto_precision
 from peft_lightning.errors import UsageError
 
+from helpers import tiny_cli_args
+
 AVX2 = Hardware(cpu_capability="AVX2", cpu_flags=frozenset({"sse4_2", "avx2", "fma"}))
 AMX = Hardware(cpu_capability="AVX512", cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
 ZEN4 = Hardware(cpu_capability="AVX512", cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16"}))
@@ -58,16 +60,36 @@ def test_only_auto_is_resolved_and_the_reason_is_kept():
     assert resolve_auto_precision(fixed, AMX) is None and fixed["precision"] == "32-true"
 
 
-@pytest.mark.parametrize("hardware, shown", [(AVX2, "32-true"), (AMX, "bf16-mixed")])
-def test_recipe_default_is_resolved_at_startup_shown_and_overridable(cli, monkeypatch, hardware, shown):
+@pytest.mark.parametrize("hardware, resolved", [(AVX2, "32-true"), (AMX, "bf16-mixed"), (H100, "bf16-mixed"),
+                                                (T4, "32-true")])
+def test_auto_is_shown_as_auto_and_resolved_into_the_run_config(cli, monkeypatch, tmp_path, image_folder, hardware,
+                                                                resolved):
+    # --help and --print_config show the recipe's value on every machine (docs/cli.md is generated from --help);
+    # the run's config.yaml and summary hold what this machine resolved it to.
     monkeypatch.setattr(engine, "detect_hardware", lambda: hardware)
     code, out, err = cli("fit", "--recipe", "minilm_austen", "--print_config")
     assert code == 0, err[-2000:]
-    assert f"precision: {shown}\n" in out
+    assert "precision: auto\n" in out
+    code, out, _ = cli("fit", "--recipe", "effnet_fashion", "--help")
+    assert code == 0 and "default: auto)" in out
     code, out, _ = cli("fit", "--recipe", "minilm_austen", "--trainer.precision", "16-mixed", "--print_config")
     assert code == 0 and "precision: 16-mixed\n" in out
     code, out, _ = cli("fit", "--recipe", "bpr_movielens", "--print_config")  # fp32 by choice: top-k ties in bf16
     assert code == 0 and "precision: 32-true\n" in out
+    # A GPU box's answer needs a GPU to run; CPU answers are run: the tiny model trains one step in it.
+    accelerator = "cpu" if hardware.cuda_devices == 0 else "gpu"
+    if accelerator == "gpu":
+        trainer = {"precision": "auto", "accelerator": "auto"}
+        engine.resolve_auto_precision(trainer, hardware)
+        assert trainer["precision"] == resolved
+        return
+    code, out, err = cli(*tiny_cli_args(image_folder, tmp_path, "--trainer.precision", "auto",
+                                        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                                        "--trainer.limit_val_batches", "1", "--quiet"))
+    assert code == 0, err[-2000:]
+    (config,) = tmp_path.glob("*/*/config.yaml")
+    assert f"precision: {resolved}\n" in config.read_text()
+    assert resolved in out  # the run summary's precision row
 
 
 # --- launches that cannot run here stop before any work ---

@@ -1,9 +1,11 @@
 """Reliability: a run killed at a random step resumes to the same weights and metrics; SIGTERM/SIGINT stop with a
 resumable checkpoint; checkpoint writes are never torn; a non-finite loss stops before it spoils anything.
 
-The kill/resume tests run the CLI as a user would, in subprocesses that a callback (tests/reliability_callbacks.py)
-kills with SIGKILL in the middle of an optimizer step, or signals with SIGTERM / SIGINT; the uninterrupted
-reference is such a process too (same threads, same fresh start). Tiny EfficientNet at 32 px, 12-20 steps: the point is the bookkeeping, not the model.
+The kill/resume tests run the CLI as a user would, in processes that a callback (tests/reliability_callbacks.py)
+kills with SIGKILL in the middle of an optimizer step (or at any other point of a run), or signals with SIGTERM /
+SIGINT; the uninterrupted reference is such a process too (same threads, same fresh start). Each is forked from a
+server that has imported torch and Lightning (helpers.forked_cli): a run takes seconds. Tiny EfficientNet at 32 px,
+8-20 steps: the point is the bookkeeping, not the model.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,9 +27,8 @@ from peft_lightning.data.sampling import EpochShuffle
 from peft_lightning.errors import UsageError
 
 from conftest import ROOT, make_image_folder
-from helpers import tiny_cli_args
+from helpers import forked_cli, tiny_cli_args
 
-TESTS = Path(__file__).resolve().parent
 SEED = int(os.environ.get("RELIABILITY_SEED", random.randrange(10_000)))  # printed in every failure message
 
 
@@ -54,15 +56,8 @@ def kill_args(step: int, where: str = "optimizer_step", signum: int = signal.SIG
 
 
 def subprocess_cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
-    return subprocess.run(
-        [sys.executable, "-m", "peft_lightning", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # A fresh process, forked from a server that imported torch and Lightning once (seconds instead of ~8 each).
+    return forked_cli(args)
 
 
 def final_state(root: Path) -> dict:
@@ -78,9 +73,13 @@ def last_save_before(step: int) -> int:
 
 
 def metrics_by_step(root: Path) -> dict[int, dict]:
-    # A resumed run repeats the validations after its checkpoint: the later row of a step wins (same values).
-    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row for row in rows}
+    # The validations (rows with an epoch; RecordMetrics(weights=True) adds a row per training step too).
+    return {row["step"]: row for row in recorded(root) if "epoch" in row}
+
+
+def recorded(root: Path) -> list[dict]:
+    """RecordMetrics' rows: the history of the checkpoints the run's last process descends from."""
+    return [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_run(reference: Path, resumed: Path, why: str) -> None:
@@ -310,6 +309,124 @@ def test_sigint_and_sigkill_during_retune_rounds(tmp_path, folder):
     assert [(r["groups"], r["epochs"], r["best"]) for r in resumed_history["history"]] == [
         (r["groups"], r["epochs"], r["best"]) for r in history
     ], why
+
+
+# Every moment a SIGKILL can strike a run of 2 epochs of 4 steps, in order, as KillAt's (where, global step): inside
+# each step (the newest last.ckpt is then the previous step's: one is written after every step here), and at each
+# epoch's end at the start and at the end of its validation (before the validation-end save; the epoch's last step
+# saves there, not before) and between that save and the epoch-end one.
+KILL_POINTS = [
+    *(("optimizer_step", s) for s in range(4)), ("validation", 4), ("validation_end", 4), ("epoch_end", 4),
+    *(("optimizer_step", s) for s in range(4, 8)), ("validation", 8), ("validation_end", 8), ("epoch_end", 8),
+]
+STRATEGIES = {
+    "retune": ["--finetuning.strategy", "retune", "--finetuning.round_epochs", "1", "--finetuning.monitor",
+               "val/loss", "--finetuning.mode", "min"],  # a round per epoch: a decision at every validation
+    "gradual": ["--finetuning.strategy", "gradual", "--finetuning.unfreeze_at_epoch", "1"],
+}
+
+
+def saved_before(where: str, step: int) -> int | None:
+    """The step of the newest last.ckpt a kill at KillAt's (where, step) leaves, with a last.ckpt every step."""
+    if where == "optimizer_step":  # inside step `step + 1`
+        return step or None
+    return step - 1 if where in ("validation", "validation_end") else step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_a_sigkill_at_any_point_of_a_run_resumes_exactly(tmp_path, folder, strategy):
+    """One run killed at every point of KILL_POINTS in turn, each kill in the process resumed (`--ckpt_path last`)
+    after the one before, ends as the uninterrupted run: weights, the validations (none skipped or run twice) and a
+    digest of the weights after every step. Between two kills, the newest checkpoint's history must be the
+    uninterrupted run's so far, which names the resume that went wrong."""
+
+    def args(root: Path, *extra: str) -> list[str]:
+        return run_args(folder, root, "--trainer.callbacks.weights", "true", *STRATEGIES[strategy],
+                        "--checkpoint.last_every_n_train_steps", "1", *extra, epochs=2)
+
+    reference = tmp_path / "reference"
+    res = forked_cli(args(reference))
+    assert res.returncode == 0, res.stderr[-3000:]
+    history = recorded(reference)
+    run, before, saved = tmp_path / "run", "none", []
+    for where, step in KILL_POINTS:
+        point = f"{where} at step {step}"
+        res = forked_cli(args(run, "--ckpt_path", "last", *kill_args(step, where)))
+        why = f"{strategy}, resumed after the kill at {before}, killed at {point}"
+        assert res.returncode == -signal.SIGKILL, f"{why}: the run did not get there\n{res.stderr[-1500:]}"
+        last = find_last(run)
+        ckpt = read_checkpoint(last) if last is not None else None
+        rows = ckpt["callbacks"]["RecordMetrics"]["rows"] if ckpt else []
+        assert rows == history[: len(rows)], why
+        saved.append(ckpt["global_step"] if ckpt else None)
+        before = point
+    res = forked_cli(args(run, "--ckpt_path", "last"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    why = f"{strategy}, resumed after the kill at {before}"
+    assert_same_run(reference, run, why)
+    assert recorded(run) == history, why
+    # What each kill lost: the step in flight, or the epoch's last step until its validation ended.
+    assert saved == [saved_before(where, step) for where, step in KILL_POINTS], strategy
+    res = forked_cli(args(run, "--ckpt_path", "last"))  # finished: nothing more to train
+    assert res.returncode == 0 and res.stdout.startswith("fit: the run in "), res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_signal_in_an_epochs_last_step_or_its_validation_stops_when_that_validation_ends(tmp_path, folder):
+    """Lightning stops at the next validation batch and a checkpoint from there resumes as if the epoch had ended
+    (its validation, and retune's round decision, skipped): SIGTERM in an epoch's last step and SIGINT at the start
+    of a validation (of 2 batches here) stop once it ended, with its validation in last.ckpt; the twice-resumed run
+    ends as the uninterrupted one."""
+    extra = [*STRATEGIES["retune"], "--data.eval_batch_size", "2"]
+    reference = tmp_path / "reference"
+    res = forked_cli(run_args(folder, reference, *extra, epochs=3))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    for signum, where, step, validated in ((signal.SIGTERM, "optimizer_step", 3, 4),
+                                           (signal.SIGINT, "validation", 8, 8)):
+        res = forked_cli(run_args(folder, run, *extra, "--ckpt_path", "last", *kill_args(step, where, signum),
+                                  epochs=3))
+        assert res.returncode == 128 + signum, res.stderr[-3000:]
+        rows = final_state(run)["callbacks"]["RecordMetrics"]["rows"]
+        assert final_state(run)["global_step"] == validated and rows[-1]["step"] == validated, rows
+    res = forked_cli(run_args(folder, run, *extra, "--ckpt_path", "last", epochs=3))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(reference, run, "SIGTERM in the last step of epoch 0, SIGINT in the validation of epoch 1")
+    assert recorded(run) == recorded(reference)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_best_checkpoint_and_a_finished_run_is_not_trained_again(tmp_path, folder):
+    """retune in rounds of one epoch, at most 2: the run stops after epoch 1 of max_epochs 4. A SIGKILL in epoch 1,
+    after the best checkpoint (it monitors the epoch, mode min: epoch 0's is the best, whatever the data), and the
+    resume into a new run folder: the summary's best validation and the checkpoint tested after fit are both
+    epoch 0's, in the first folder. Then `fit --ckpt_path last` of the finished run says so in one line (exit 0) and
+    trains nothing."""
+
+    def args(*extra: str) -> list[str]:
+        return run_args(folder, tmp_path, "--finetuning.strategy", "retune", "--finetuning.round_epochs", "1",
+                        "--finetuning.max_rounds", "2", "--checkpoint.monitor", "epoch", "--checkpoint.mode", "min",
+                        "--test_after_fit", "true", *extra, epochs=4)
+
+    res = forked_cli(args(*kill_args(5)))
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    best = next(tmp_path.glob("vit_cifar/*/checkpoints/best-epoch00-step4.ckpt"))
+    res = forked_cli(args("--ckpt_path", "last"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    tested = re.search(r"\(best checkpoint (\S+)\)", res.stdout)
+    shown = re.search(r"best validation\s*│\s*epoch ([\d.]+) \(epoch (\d+), step (\d+)\)", res.stdout)
+    assert tested and shown, res.stdout[-3000:]
+    assert tested[1] == str(best) and shown.groups() == ("0.0000", "0", "4"), res.stdout[-3000:]
+    last = find_last(tmp_path)
+    assert final_state(tmp_path)["global_step"] == 8  # stopped by retune after epoch 1, not by max_epochs
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    res = forked_cli(args("--ckpt_path", "last"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines() == [
+        f"fit: the run in {last} has finished (its re-tuning rounds are done); nothing to train. Test it with "
+        f"`test --recipe vit_cifar --ckpt_path {best}` or start a new run without --ckpt_path"], res.stdout[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,20 @@
 """Checkpoints a run can always resume from: ``last.ckpt`` often, never torn, never from a broken run.
 
-``ResumableCheckpoint`` is Lightning's ``ModelCheckpoint`` (the CLI's ``--checkpoint.*``) with four additions,
+``ResumableCheckpoint`` is Lightning's ``ModelCheckpoint`` (the CLI's ``--checkpoint.*``) with five additions,
 each closing a way a long run on a pre-emptible machine loses work:
 
 - ``last.ckpt`` is written every ``last_every_minutes`` (and/or ``last_every_n_train_steps``) mid-epoch, and at
   every validation end. Lightning's own ``save_last`` only follows a *top-k* save (an epoch whose monitored metric
   did not improve leaves ``last.ckpt`` behind), and its ``every_n_train_steps`` would also judge the top-k
-  checkpoint on stale validation metrics.
+  checkpoint on stale validation metrics. Never between an epoch's last step and its validation's end: Lightning
+  resumes such a checkpoint as an epoch already ended, skipping its validation and ``on_train_epoch_end``.
 - SIGTERM (what a pre-empted cluster job receives) and SIGINT (Ctrl+C) stop the run at the end of the current
-  training step, write ``last.ckpt`` and leave by ``SIGTERMException``; the CLI exits ``128 + signal`` (143 / 130)
-  with one line. A second Ctrl+C interrupts at once.
+  training step (in an epoch's last step or a validation: at that validation's end), write ``last.ckpt`` and leave
+  by ``SIGTERMException``; the CLI exits ``128 + signal`` (143 / 130) with one line. A second Ctrl+C interrupts at
+  once.
+- A resume keeps what Lightning drops: the best score when the resumed run writes to a new folder, and a stop a
+  callback decided (retune's rounds done, early stopping); a fit's end is saved, so ``finished_reason`` tells a
+  finished run from an interrupted one.
 - Every file is written to a temporary file beside its target, flushed to disk and renamed over it
   (``AtomicCheckpointIO``): a kill during the write leaves the previous file whole. Lightning's own
   ``_atomic_save`` stages the bytes in the system temp folder and ``shutil.move``s them, which is a plain (tearable)
@@ -22,9 +27,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +39,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -123,11 +130,20 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._signal: int | None = None
         self._saved_for_signal = False
         self._previous_sigint: Any = None
+        self._deferred = False  # a save due at an epoch's last batch, made at the epoch's end instead
+        self._held: Callable[[], None] | None = None  # a signal's stop, held until the validation ends
+        # Saved in every checkpoint: when the best checkpoint was written (for the summary), and why a callback
+        # stopped the run (retune rounds done, early stopping), which a resumed fit must honour.
+        self.best_epoch: int | None = None
+        self.best_step: int | None = None
+        self.stopped: str | None = None
 
     # --- setup: atomic writes, signals ---
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.stopped = None  # a fresh fit runs; a resumed one gets its checkpoint's (load_state_dict, next)
         # Only the plain torch writer is replaced; a strategy's own (sharded, remote) checkpoint IO is left alone.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -137,12 +153,14 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         global _stop_signal
         _stop_signal = None
-        self._signal, self._saved_for_signal = None, False
+        self._signal, self._saved_for_signal, self._held = None, False, None
         self._last_written_time = time.monotonic()
         if self.graceful_stop:
-            self._install_signal_handlers()
+            self._install_signal_handlers(trainer)
+        if self.stopped and between_epochs(trainer):  # else at the end of the restored epoch (on_train_epoch_end)
+            trainer.should_stop = True
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self, trainer: Trainer) -> None:
         # Lightning's SIGTERM handler (set `trainer.received_sigterm`: stop after this step) is in place by now.
         # Ours records which signal came, and SIGINT takes the same road instead of a KeyboardInterrupt wherever it
         # lands (mid optimizer step); a second Ctrl+C interrupts at once.
@@ -153,12 +171,19 @@ class ResumableCheckpoint(ModelCheckpoint):
             if self._signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self._signal = _stop_signal = signum
+            # In an epoch's last step or in a validation, Lightning would stop inside the validation, and a checkpoint
+            # from there resumes as if the epoch had ended, its validation skipped: the stop waits for its end.
+            hold = (trainer.validating and not trainer.sanity_checking) or (
+                trainer.training and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch))
             rank_zero_info(
-                f"received {signal.Signals(signum).name}: stopping after this step and saving last.ckpt "
-                "(Ctrl+C again to interrupt at once)"
+                f"received {signal.Signals(signum).name}: stopping after this "
+                f"{'validation' if hold else 'step'} and saving last.ckpt (Ctrl+C again to interrupt at once)"
             )
-            if callable(lightning_sigterm):
-                lightning_sigterm(signal.SIGTERM, frame)
+            forward = (lambda: lightning_sigterm(signal.SIGTERM, frame)) if callable(lightning_sigterm) else None
+            if hold:
+                self._held = forward
+            elif forward is not None:
+                forward()
 
         try:
             signal.signal(signal.SIGTERM, on_signal)
@@ -204,12 +229,26 @@ class ResumableCheckpoint(ModelCheckpoint):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if trainer.received_sigterm and not self._saved_for_signal:
-            # Saved here, after the step, like a periodic save: the state Lightning resumes mid-epoch from.
-            self._write_last(trainer)
-            self._saved_for_signal = True
-        elif self._due(trainer):
-            self._write_last(trainer)
+        if not self._ends_epoch(trainer, batch_idx):
+            self._release()  # held since the previous epoch's end (Lightning's last-batch flag outlives it)
+        signalled = trainer.received_sigterm and not self._saved_for_signal
+        if not (signalled or self._due(trainer)):
+            return
+        if self._ends_epoch(trainer, batch_idx):
+            # Lightning restores a checkpoint written after an epoch's last step as that epoch ended: it skips the
+            # epoch's validation and on_train_epoch_end (retune's round decision, the best checkpoint ...). This
+            # save waits for the epoch's end (validation end, or on_train_epoch_end), where a signal stops anyway.
+            self._deferred = True
+            return
+        # Saved here, after the step: the state Lightning resumes mid-epoch from.
+        self._write_last(trainer)
+        self._saved_for_signal = self._saved_for_signal or bool(signalled)
+
+    @staticmethod
+    def _ends_epoch(trainer: Trainer, batch_idx: int) -> bool:
+        """Whether this training batch is its epoch's last (what Lightning's restore treats as the epoch's end)."""
+        return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch) or (
+            batch_idx + 1 >= trainer.num_training_batches)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -219,20 +258,51 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if self._writes == writes:
             self._write_last(trainer, again=True)
+        if not trainer.sanity_checking:
+            self._release()  # a signal held during the validation (or the step before it) stops the run now
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held()
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stopped:  # Lightning does not save `should_stop`: a run a callback stopped stays stopped when resumed
+            trainer.should_stop = True
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        if self._should_save_on_train_epoch_end(trainer) or self._deferred:
             self._write_last(trainer)
+        self._deferred = False
+        self._release()  # held since the epoch's last step, with no validation after it
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # The fit is over: last.ckpt must say so (written after its last epoch's end, with why a callback stopped it)
+        # so that `fit --ckpt_path` of it trains nothing more (see `finished_reason`).
+        self._write_last(trainer, again=True)
+
+    def _stop_reason(self, trainer: Trainer) -> str | None:
+        if not trainer.should_stop:
+            return None
+        for callback in trainer.callbacks:
+            if getattr(callback, "stop_reason", None):  # FineTuning
+                return str(callback.stop_reason)
+            if isinstance(callback, EarlyStopping) and callback.stopping_reason_message:
+                return f"early stopping on {callback.monitor}"
+        return self.stopped or "a callback stopped it"
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        # A signal that arrived during validation or between epochs stops there, not after a training step.
+        # A signal held to a validation's end, or one between epochs, stops there, not after a training step.
         if isinstance(exception, SIGTERMException):
-            if not self._saved_for_signal:
-                self._write_last(trainer)
+            # Stopped after an epoch's on_train_epoch_end: save that state, past the epoch's end, as a fit ending
+            # there would (the validation-end last.ckpt would replay the epoch's end hooks).
+            ended_epoch = between_epochs(trainer)
+            if ended_epoch or not self._saved_for_signal:
+                self._write_last(trainer, again=ended_epoch)
                 self._saved_for_signal = True
             global _stop_signal
             _stop_signal = _stop_signal or signal.SIGTERM
@@ -255,6 +325,9 @@ class ResumableCheckpoint(ModelCheckpoint):
                 f"{self.last_model_path or 'none'}); lower --model.lr or use --trainer.gradient_clip_val"
             )
         saved_step = self._last_global_step_saved
+        self.stopped = self._stop_reason(trainer)
+        if filepath == self.best_model_path:  # a new best: ModelCheckpoint set its path and score just before
+            self.best_epoch, self.best_step = trainer.current_epoch, trainer.global_step
         super()._save_checkpoint(trainer, filepath)
         if os.path.basename(filepath).startswith(self.CHECKPOINT_NAME_LAST):
             # ModelCheckpoint skips any save at a step it already saved at: an extra last.ckpt (periodic, or at
@@ -263,6 +336,25 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._last_written_step = trainer.global_step
             self._writes += 1
             self._last_written_time = time.monotonic()
+
+    # --- state ---
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_epoch": self.best_epoch, "best_step": self.best_step,
+                "stopped": self.stopped}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A resumed run writes to a new folder, and for another folder Lightning restores only best_model_path, not
+        # its score: the resumed run's first validation would become the best checkpoint whatever its score, and
+        # the test after fit would evaluate that one. The scores are kept while the previous folder's best file is
+        # there (ModelCheckpoint removes files only in its own folder: that one is never deleted).
+        best = state_dict.get("best_model_path") or ""
+        if not best or not _is_local_file_protocol(best) or Path(best).is_file():
+            state_dict = {**state_dict, "dirpath": self.dirpath}
+        super().load_state_dict(state_dict)
+        self.best_epoch, self.best_step = state_dict.get("best_epoch"), state_dict.get("best_step")
+        self.stopped = state_dict.get("stopped")
 
     # --- non-finite loss ---
     @override
@@ -282,6 +374,36 @@ class ResumableCheckpoint(ModelCheckpoint):
             )
 
 
+def between_epochs(trainer: Trainer) -> bool:
+    """Whether the fit stands between two epochs (the last one started has ended), not inside one; e.g. a fit resumed
+    from a checkpoint written at an epoch's end, not at its validation's."""
+    progress = trainer.fit_loop.epoch_progress.current
+    return progress.processed == progress.started
+
+
+def finished_reason(ckpt: dict[str, Any], max_epochs: int | None = None, max_steps: int | None = -1) -> str | None:
+    """Why the fit saved in ``ckpt`` has nothing left to train under these ``--trainer.max_*`` limits, or None.
+
+    Finished means: saved after its last epoch's end (``ResumableCheckpoint`` writes ``last.ckpt`` again when a fit
+    ends) with a callback's stop recorded (retune's rounds done, early stopping), or with ``max_epochs`` epochs
+    done, or ``max_steps`` steps. The limits are this command's: a larger ``max_epochs`` continues a run that
+    ended at its old one."""
+    progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    epochs = int(progress.get("processed", 0))
+    after_epoch_end = epochs == int(progress.get("started", -1))
+    state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith(ResumableCheckpoint.__name__)), {})
+    if after_epoch_end and state.get("stopped"):
+        return str(state["stopped"])
+    steps = -1 if max_steps is None else max_steps
+    if steps >= 0 and int(ckpt.get("global_step", 0)) >= steps:
+        return f"max_steps {steps} reached"
+    if max_epochs is None:  # Lightning's default
+        max_epochs = 1000 if steps == -1 else -1
+    if after_epoch_end and 0 <= max_epochs <= epochs:
+        return f"max_epochs {max_epochs} reached"
+    return None
+
+
 def find_last(root: str | os.PathLike, dirpath: str | None = None) -> Path | None:
     """The newest ``last*.ckpt`` of a run: in ``dirpath`` when set, else in any ``checkpoints`` folder under
     ``root`` (``lightning_logs/version_N/checkpoints``: a resumed run logs to a new version, so Lightning's own
@@ -291,6 +413,23 @@ def find_last(root: str | os.PathLike, dirpath: str | None = None) -> Path | Non
     else:
         found = [p for p in Path(root).rglob("last*.ckpt") if p.is_file() and p.parent.name == "checkpoints"]
     return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def find_resume(folder: str | os.PathLike, dirpath: str | None = None) -> Path | None:
+    """The checkpoint a restarted run continues its own run ``folder`` from: the newer of Lightning's highest
+    ``folder/hpc_ckpt_N.ckpt`` (written on SLURM's SIGUSR1 before the requeue; what Lightning itself resumes from,
+    ``_CheckpointConnector._hpc_resume_path``) and the ``last*.ckpt`` in ``dirpath`` or ``folder/checkpoints``.
+    Newer, not always hpc: SLURM's SIGTERM after the requeue makes the graceful stop write ``last.ckpt`` at the
+    end of the step the hpc checkpoint interrupted, and an hpc checkpoint of an earlier requeue is older than the
+    ``last.ckpt`` of the training since. A tie goes to hpc. None: nothing to continue."""
+    folder = Path(folder)
+    numbered = [(int(m.group(1)), p) for p in folder.glob("hpc_ckpt_*.ckpt")
+                if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name)) and p.is_file()]
+    found = [max(numbered)[1]] if numbered else []
+    last = find_last(folder, dirpath)
+    if last is not None:
+        found.append(last)
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("hpc_ckpt_")), default=None)
 
 
 def resolve_ckpt_path(

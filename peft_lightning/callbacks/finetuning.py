@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from peft_lightning.callbacks.checkpoint import between_epochs
 from peft_lightning.callbacks.feature_cache import FeatureCache
 from peft_lightning.errors import UsageError
 
@@ -252,6 +253,13 @@ class FineTuning(Callback):
         # `on_train_epoch_start` for that epoch: apply the restored epoch's groups here.
         self.apply(pl_module, trainer.current_epoch)
         self._freeze_bn(pl_module)
+        if self.pending == "stop" and between_epochs(trainer):  # else at the restored epoch's end (see below)
+            trainer.should_stop = True
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why this callback stopped the run (``retune``: its last round ended), or None."""
+        return "its re-tuning rounds are done" if self.strategy == "retune" and self.pending == "stop" else None
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -269,6 +277,11 @@ class FineTuning(Callback):
             if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
                 for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                     group["lr"] = base * fn(sched.last_epoch)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.pending == "stop":  # Lightning does not save `should_stop`: a resumed run whose rounds ended stops
+            trainer.should_stop = True
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -103,6 +103,14 @@ class FineTuneTask(LightningModule):
     default_adapter_targets: ClassVar[str | list[str] | None] = None
     """Modules that get adapters when ``--peft.target_modules`` is not given (names, last parts or regexes; only
     the module types a method supports are kept). None: the user must name them."""
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "model.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+        "model.weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
+        "model.warmup": {"type": "float", "low": 0.0, "high": 0.2},
+    }
+    """What ``tune`` searches by default: ``fit`` flag names mapped to Optuna distributions (``type: float`` or
+    ``int`` with ``low``, ``high`` and optional ``log``/``step``; ``type: categorical`` with ``choices``). A
+    ``--space`` file overrides or extends it (docs/tune.md); recipes override it."""
 
     def __init__(
         self,
@@ -242,6 +250,10 @@ class FineTuneTask(LightningModule):
         from peft_lightning.data.sampling import rng_states
 
         checkpoint["rng_states"] = rng_states()
+        data = getattr(self._trainer, "datamodule", None)
+        names = getattr(data, "class_names", None) or getattr(data, "label_names", None)
+        if names:  # the data's classes in head order: the exported model card (and a reader of predictions) names them
+            checkpoint["class_names"] = [str(n) for n in names]
         hp = checkpoint.get("hyper_parameters", {})
         if "peft" in hp:
             # A plain dict loads under torch's weights_only=True. The task's own config, not the saved argument:

@@ -133,6 +133,12 @@ class TextClassifier(FineTuneTask):
         way (a PyPI package, a mounted volume) override this."""
         return self.hparams.model_name
 
+    def weights_source(self) -> str:
+        """Where the weights come from, in words (the exported model card says it)."""
+        source, hp = self.model_source(), self.hparams
+        where = "a local folder" if Path(source).is_dir() else "the Hugging Face hub"
+        return f"`{source}` ({where}{f', revision {hp.revision}' if hp.revision else ''})"
+
     def build_model(self) -> nn.Module:
         """Load the checkpoint with a fresh ``num_labels`` head."""
         import transformers

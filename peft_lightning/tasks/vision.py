@@ -153,6 +153,15 @@ class ImageClassifier(FineTuneTask):
         self.load_weights(model, load_state_dict(self.hparams.checkpoint_path))
         return model
 
+    def weights_source(self) -> str:
+        """Where ``build_model`` takes the base weights from, in words (the exported model card says it)."""
+        hp = self.hparams
+        if hp.checkpoint_path is not None:
+            return f"the local file `{hp.checkpoint_path}`"
+        if not hp.pretrained:
+            return "nowhere: randomly initialised (`pretrained=False`)"
+        return f"timm's pretrained `{hp.model_name}` (Hugging Face hub / timm's URL)"
+
     @staticmethod
     def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a backbone state_dict strictly, skipping a classifier of another shape (it is re-initialised)."""
