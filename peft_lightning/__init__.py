@@ -25,6 +25,7 @@ _LAZY = {
     "MovieLensDataModule": "peft_lightning.data.movielens",
     "get_recipe": "peft_lightning.registry",
     "list_recipes": "peft_lightning.registry",
+    "tune": "peft_lightning.tuning",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from peft_lightning.tasks.recsys import Recommender
     from peft_lightning.tasks.text import TextClassifier
     from peft_lightning.tasks.vision import ImageClassifier
+    from peft_lightning.tuning import tune
 
 
 def __getattr__(name: str) -> Any:
