@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("overhead", "trainer", "caching", "adapters", "quality", "startup", "tune")
+BENCHMARKS = ("overhead", "trainer", "caching", "adapters", "quality", "startup", "tune", "surgical")
 
 
 def machine() -> dict:

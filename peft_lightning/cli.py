@@ -268,8 +268,7 @@ def _make_cli_class():
         def before_fit(self) -> None:
             callback = next((c for c in self.trainer.callbacks if isinstance(c, FineTuning)), None)
             if callback is not None and callback.show_groups:
-                callback.lr_decay = callback.lr_decay  # groups print with their LR scales
-                callback.print_groups(self.model)
+                callback.print_groups(self.model, epochs=self.trainer.max_epochs or 1)
                 sys.exit(0)
 
         def after_fit(self) -> None:

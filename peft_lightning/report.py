@@ -170,7 +170,7 @@ class RunReport(Callback):
             "groups": len(training),
             "n_groups": len(groups),
             "names": training,
-            "round": ft.round if ft is not None and ft.strategy == "retune" else None,
+            "round": ft.round if ft is not None and ft.uses_rounds else None,
             "lr_scale": float(getattr(pl_module, "phase_lr_scale", 1.0)),
             "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
             "total": sum(p.numel() for p in params.values()),
@@ -273,7 +273,7 @@ class RunReport(Callback):
         ft = _finetuning(trainer)
         self.rounds = (
             [dict(r) for r in getattr(ft, "history", [])]
-            if ft is not None and ft.strategy == "retune"
+            if ft is not None and ft.uses_rounds
             else []
         )
         if not self.plot or not trainer.is_global_zero:
@@ -385,7 +385,7 @@ def summary_rows(
     )
     ft = _finetuning(trainer)
     rounds = (report.rounds if report is not None else []) or (
-        ft.history if ft is not None and ft.strategy == "retune" else []
+        ft.history if ft is not None and ft.uses_rounds else []
     )
     if rounds:
         for r in rounds:
@@ -408,6 +408,14 @@ def summary_rows(
                     f"({names}), {_count(p['trainable'])} trained{scale}",
                 )
             )
+    if ft is not None and ft.probe:
+        from peft_lightning.callbacks.strategies import Auto
+
+        rgn = ft.probe["rgn"]
+        norm = {g: v for g, v in Auto.normalised(rgn, list(rgn)).items() if g != list(rgn)[-1]}
+        ranked = ", ".join(f"{g} {v:.2f}" for g, v in sorted(norm.items(), key=lambda kv: -kv[1])[:4])
+        rows.append(("gradient probe", f"{ft.probe['batches']} batches in {ft.probe['seconds']:.1f} s; RGN/max below "
+                                       f"the head: {ranked}{' ...' if len(norm) > 4 else ''}"))
     b = best_validation(trainer, report)
     if b is not None:
         when = f" (epoch {b['epoch']}, step {b['step']})" if b.get("epoch") is not None else ""

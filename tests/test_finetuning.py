@@ -39,7 +39,9 @@ def fit(image_folder, callback, epochs=1, **trainer_kw):
     (50, "gradual", {}, 8), (50, "gradual", {"unfreeze_groups": 4}, 4),
 ])
 def test_schedule(epoch, strategy, kw, expected):
-    assert FineTuning(strategy, **kw).trainable_top_groups(epoch, 8) == expected
+    groups = ["stem", *[f"blocks.{i}" for i in range(6)], "head"]
+    chosen = FineTuning(strategy, **kw).phase(epoch, groups).groups
+    assert chosen == groups[-expected:]  # the top `expected` groups
 
 
 def test_head_only_trains_only_the_head(image_folder):

@@ -1,8 +1,11 @@
 """Selective freezing, gradual unfreezing, layer-wise learning rates and evaluation-driven re-tuning rounds.
 
-One callback for every domain. It relies only on the task protocol of ``FineTuneTask``: ``layer_groups()``
-(ordered from the input side to the head), ``layer_lr_scales``, ``phase_lr_scale`` and ``schedule_epochs``, which
-the task's LR schedule reads live. Design choices that make it correct where older callbacks broke:
+One callback for every domain. Which groups train is decided by a strategy, one small class each
+(``peft_lightning/callbacks/strategies.py``: the built-in ones, and how to write your own); this callback applies
+its answer and keeps what a resume needs. It relies only on the task protocol of ``FineTuneTask``:
+``layer_groups()`` (ordered from the input side to the head), ``layer_lr_scales``, ``phase_lr_scale``,
+``group_lr_scales`` and ``schedule_epochs``, which the task's LR schedule reads live. Design choices that make it
+correct where older callbacks broke:
 
 - every parameter is in the optimizer from the first step (frozen ones get no gradient), so an unfreeze never
   adds param groups and the LR scheduler never sees its groups change;
@@ -18,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -27,37 +29,50 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from peft_lightning.callbacks import probe as gradient_probe
 from peft_lightning.callbacks.checkpoint import between_epochs
 from peft_lightning.callbacks.feature_cache import FeatureCache
+from peft_lightning.callbacks.strategies import (
+    BUILTIN,
+    Auto,
+    FreezeUnfreeze,
+    Full,
+    Gradual,
+    Head,
+    Milestone,
+    Milestones,
+    Phase,
+    Retune,
+    Selector,
+    State,
+    Strategy,
+    import_strategy,
+)
 from peft_lightning.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-Strategy = Literal["full", "head", "freeze_unfreeze", "gradual", "milestones", "retune"]
-
-
-@dataclass
-class Milestone:
-    """From ``epoch`` on, the top ``groups`` layer groups train, at ``lr_scale`` times the scheduled LR."""
-
-    epoch: int
-    groups: int
-    lr_scale: float = 1.0
-
-
+STRATEGIES = ", ".join(BUILTIN)
 class FineTuning(Callback):
     """Which layer groups train, when, and at which learning rate.
 
     Args:
-        strategy: ``full`` trains everything; ``head`` only the top ``head_groups`` groups; ``freeze_unfreeze``
-            the head until ``unfreeze_at_epoch``, then the top ``unfreeze_groups`` groups (all if None);
-            ``gradual`` adds one more group from the top every ``unfreeze_every`` epochs (ULMFiT);
-            ``milestones`` follows ``milestones``; ``retune`` runs evaluation-driven rounds (see below).
+        strategy: ``full`` trains everything; ``head`` only ``groups`` (default: the top ``head_groups``);
+            ``freeze_unfreeze`` the head until ``unfreeze_at_epoch``, then ``groups`` (default: the top
+            ``unfreeze_groups``, all if None); ``gradual`` adds one more group of those from the top every
+            ``unfreeze_every`` epochs (ULMFiT); ``milestones`` follows ``milestones``; ``retune`` runs
+            evaluation-driven rounds (see below); ``auto`` chooses from a gradient probe (``auto_*``); or
+            ``package.module:Class``, a subclass of ``strategies.Strategy`` built with ``strategy_args``.
+        groups: the layer groups the strategy works with: names, ranges and patterns (``[stem, blocks.0, head]``,
+            ``blocks.4-6``, ``layer.*``) or a count from the top (``3``); the set may have holes.
+            ``--finetuning.show_groups true`` lists the model's groups and what trains in each phase.
+        strategy_args: keyword arguments of a ``package.module:Class`` strategy.
         head_groups: how many groups from the top count as the head (what trains first).
         unfreeze_at_epoch: epoch at which ``freeze_unfreeze`` unfreezes (and ``gradual`` starts unfreezing).
-        unfreeze_groups: groups from the top trained after the unfreeze; None means all.
+        unfreeze_groups: groups from the top trained after the unfreeze (when ``groups`` is not given); None: all.
         unfreeze_every: epochs between two unfreezes in ``gradual``.
-        milestones: for ``milestones``: a list of ``{epoch, groups, lr_scale}``; before the first, the head trains.
+        milestones: for ``milestones``: a list of ``{epoch, groups, lr_scale}`` (``groups``: a count from the top or
+            selectors, e.g. ``[blocks.0, head]``); before the first, the head trains.
         lr_decay: layer-wise LR decay: the i-th group from the top trains at ``lr * lr_decay**i``.
         train_bn: keep BatchNorm layers of frozen groups in training mode (updating running stats).
         monitor: metric that ends a ``retune`` round; default: the task's ``monitor`` (e.g. ``val/acc``).
@@ -67,12 +82,23 @@ class FineTuning(Callback):
         round_epochs: ``retune``: most epochs in one round; each round's LR schedule spans this many epochs.
         retune_groups: ``retune``: groups unfrozen at the start of each new round.
         retune_lr_scale: ``retune``: LR multiplier applied once more in each new round (e.g. 0.5 halves it).
+        retune_order: ``retune``: which groups a new round unfreezes: the next ones from the top (``top``), or the
+            frozen ones whose relative gradient norm is highest at the round's start (``rgn``: a probe each round).
         max_rounds: ``retune``: most rounds; None: until nothing is left to unfreeze or a round brings nothing.
+        probe_batches: ``auto`` (and ``retune_order rgn``): training batches the gradient probe runs forward and
+            backward to measure each group's relative gradient norm ``||grad|| / ||weight||``.
+        auto_mode: ``select``: train the groups with the highest normalised RGN (``auto_threshold`` or
+            ``auto_count``; the head always), freeze the rest; ``scale``: train every group at ``RGN / max(RGN)``
+            times its LR (Auto-RGN), re-measured from the training gradients every ``auto_every`` steps.
+        auto_threshold: ``select``: the normalised RGN a group needs to train.
+        auto_count: ``select``: train the ``auto_count`` groups of highest RGN instead of a threshold.
+        auto_every: ``scale``: steps between two re-measurements of the LR scales (0: only the probe's).
         cache_features: while only the head trains, compute the frozen part's outputs once per training sample
             and train the head on them (epochs after the first skip the backbone). Needs deterministic training
             inputs (e.g. ``--data.augment false``) and a task that supports it; dropped the moment anything below
             the head unfreezes.
-        show_groups: print the layer groups with their parameter counts and LR scales; the CLI then exits.
+        show_groups: print the layer groups with their parameter counts, LR scales and what trains in each phase;
+            the CLI then exits.
 
     In ``retune``, round 0 trains the head. When the monitored metric stops improving, the best weights are
     restored, ``retune_groups`` more groups unfreeze, and the next round starts with a fresh optimizer and LR
@@ -85,7 +111,9 @@ class FineTuning(Callback):
 
     def __init__(
         self,
-        strategy: Strategy = "full",
+        strategy: str = "full",
+        groups: int | str | list[int | str] | None = None,
+        strategy_args: dict[str, Any] | None = None,
         head_groups: int = 1,
         unfreeze_at_epoch: int = 1,
         unfreeze_groups: int | None = None,
@@ -100,21 +128,32 @@ class FineTuning(Callback):
         round_epochs: int = 3,
         retune_groups: int = 1,
         retune_lr_scale: float = 1.0,
+        retune_order: Literal["top", "rgn"] = "top",
         max_rounds: int | None = None,
+        probe_batches: int = 4,
+        auto_mode: Literal["select", "scale"] = "select",
+        auto_threshold: float = 0.5,
+        auto_count: int | None = None,
+        auto_every: int = 0,
         cache_features: bool = False,
         show_groups: bool = False,
     ) -> None:
-        if min(head_groups, unfreeze_every, patience, round_epochs, retune_groups) < 1 or unfreeze_at_epoch < 0:
-            raise UsageError("head_groups, unfreeze_every, patience, round_epochs and retune_groups must be >= 1, "
-                             "unfreeze_at_epoch >= 0")
+        if min(head_groups, unfreeze_every, patience, round_epochs, retune_groups, probe_batches) < 1 \
+                or unfreeze_at_epoch < 0:
+            raise UsageError("head_groups, unfreeze_every, patience, round_epochs, retune_groups and probe_batches "
+                             "must be >= 1, unfreeze_at_epoch >= 0")
         if unfreeze_groups is not None and unfreeze_groups < 1:
             raise UsageError(f"unfreeze_groups must be >= 1 or None, got {unfreeze_groups}")
         if not 0 < lr_decay <= 1 or retune_lr_scale <= 0:
             raise UsageError(f"lr_decay must be in (0, 1] and retune_lr_scale > 0, got {lr_decay}, {retune_lr_scale}")
         if strategy == "milestones" and not milestones:
             raise UsageError("strategy 'milestones' needs --finetuning.milestones, e.g. "
-                             "'[{epoch: 0, groups: 1}, {epoch: 2, groups: 4, lr_scale: 0.5}]'")
+                             "'[{epoch: 0, groups: 1}, {epoch: 2, groups: [blocks.0, head], lr_scale: 0.5}]'")
+        if strategy not in BUILTIN and ":" not in strategy:
+            raise UsageError(f"--finetuning.strategy {strategy!r} is unknown: use one of {STRATEGIES}, or "
+                             "package.module:Class (a subclass of peft_lightning.callbacks.strategies.Strategy)")
         self.strategy = strategy
+        self.groups = groups
         self.head_groups = head_groups
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.unfreeze_groups = unfreeze_groups
@@ -131,13 +170,17 @@ class FineTuning(Callback):
         self.retune_groups = retune_groups
         self.retune_lr_scale = retune_lr_scale
         self.max_rounds = max_rounds
+        self.probe_batches = probe_batches
         self.cache_features = cache_features
         self.show_groups = show_groups
-        self._trainable: int | None = None  # groups from the top that train now (for logging changes)
+        self.schedule: Strategy = self._build(strategy, strategy_args, retune_order,
+                                              Auto(auto_mode, auto_threshold, auto_count, auto_every)
+                                              if strategy == "auto" else None)
+        self._trainable: tuple[str, ...] | None = None  # the groups that train now (for logging changes)
         self._round_started = time.perf_counter()
-        # retune state, all of it in `state_dict` so a resumed run continues the same round
+        # rounds and probe state, all of it in `state_dict` so a resumed run continues the same round
         self.round = 0
-        self.round_groups = head_groups
+        self.round_groups = head_groups  # groups that train in the current round (the round table's column)
         self.round_epochs_done = 0
         self.bad_epochs = 0
         self.best: float | None = None
@@ -146,56 +189,115 @@ class FineTuning(Callback):
         self.pending: Literal["next", "stop"] | None = None
         self.history: list[dict[str, Any]] = []
         self.round_seconds = 0.0
+        self.metric_history: list[float] = []  # the monitored metric after each validation (State.history)
+        self.probe: dict[str, Any] | None = None  # the last gradient probe: rgn and params per group, cost
+
+    def _build(self, strategy: str, args: dict[str, Any] | None, order: str, auto: Auto | None) -> Strategy:
+        head: Selector = self.head_groups
+        target: Selector | None = self.groups if self.groups is not None else self.unfreeze_groups
+        if strategy == "full":
+            return Full()
+        if strategy == "head":
+            return Head(self.groups if self.groups is not None else head)
+        if strategy == "freeze_unfreeze":
+            return FreezeUnfreeze(head, self.unfreeze_at_epoch, target)
+        if strategy == "gradual":
+            return Gradual(head, self.unfreeze_at_epoch, self.unfreeze_every, target)
+        if strategy == "milestones":
+            return Milestones(self.milestones, head)
+        if strategy == "retune":
+            return Retune(head, self.retune_groups, self.retune_lr_scale, self.groups, order)
+        if auto is not None:
+            return auto
+        return import_strategy(strategy, args)
+
+    @property
+    def uses_rounds(self) -> bool:
+        """Whether the strategy runs evaluation-driven rounds (``retune``, or a user strategy with ``rounds``)."""
+        return self.schedule.rounds
 
     # --- the schedule ---
-    def trainable_top_groups(self, epoch: int, n_groups: int) -> int:
-        """How many groups, counted from the top, train in ``epoch`` (for ``retune``: in the current round)."""
-        if self.strategy == "full":
-            return n_groups
-        if self.strategy == "retune":
-            return min(self.round_groups, n_groups)
-        if self.strategy == "milestones":
-            active = [m for m in self.milestones if m.epoch <= epoch]
-            return min(active[-1].groups if active else self.head_groups, n_groups)
-        if self.strategy == "head" or epoch < self.unfreeze_at_epoch:
-            return min(self.head_groups, n_groups)
-        if self.strategy == "freeze_unfreeze":
-            return min(self.unfreeze_groups or n_groups, n_groups)
-        steps = (epoch - self.unfreeze_at_epoch) // self.unfreeze_every + 1  # gradual
-        return min(self.head_groups + steps, self.unfreeze_groups or n_groups, n_groups)
+    def state(self, epoch: int, groups: list[str]) -> State:
+        rgn = self.probe["rgn"] if self.probe else None
+        return State(epoch=epoch, groups=groups, round=self.round, history=list(self.metric_history), probe=rgn)
 
-    def phase_lr_scale(self, epoch: int) -> float:
-        if self.strategy == "milestones":
-            active = [m for m in self.milestones if m.epoch <= epoch]
-            return active[-1].lr_scale if active else 1.0
-        if self.strategy == "retune":
-            return self.retune_lr_scale ** self.round
-        return 1.0
+    def phase(self, epoch: int, groups: list[str]) -> Phase:
+        """What trains in ``epoch`` (for round strategies: in the current round), from the strategy."""
+        phase = self.schedule.phase(self.state(epoch, groups))
+        unknown = [g for g in phase.groups if g not in groups]
+        if unknown or not phase.groups:
+            raise UsageError(f"strategy {self.strategy!r} chose {phase.groups or 'no groups'}: a phase names one or more "
+                             f"of the model's groups ({', '.join(groups)})")
+        return phase
 
     def apply(self, pl_module: LightningModule, epoch: int) -> list[str]:
-        """Set ``requires_grad`` and the phase LR scale for ``epoch``; returns the names of the groups that train."""
+        """Set ``requires_grad`` and the LR scales for ``epoch``; returns the names of the groups that train."""
         groups = pl_module.layer_groups()
-        k = self.trainable_top_groups(epoch, len(groups))
+        names = [name for name, _ in groups]
+        phase = self.phase(epoch, names)
+        chosen = set(phase.groups)
         params = dict(pl_module.named_parameters())
         # With adapters, the task names what may ever train (adapters and head): frozen base weights stay frozen.
         allowed = getattr(pl_module, "trainable_parameter_names", lambda: None)()
-        for i, (_, names) in enumerate(groups):
-            for n in names:
+        for name, members in groups:
+            for n in members:
                 if n in params:
-                    params[n].requires_grad_(i >= len(groups) - k and (allowed is None or n in allowed))
-        pl_module.phase_lr_scale = self.phase_lr_scale(epoch)
-        train_names = [name for name, _ in groups[len(groups) - k:]]
+                    params[n].requires_grad_(name in chosen and (allowed is None or n in allowed))
+        pl_module.phase_lr_scale = phase.lr_scale
+        pl_module.group_lr_scales = dict(phase.group_lr_scales)
+        if self.uses_rounds:
+            self.round_groups = len(phase.groups)
         if self.cache_features:
-            head_only = k == 1 and getattr(pl_module, "supports_feature_cache", False)
+            head_only = phase.groups == names[-1:] and getattr(pl_module, "supports_feature_cache", False)
             if not head_only:
+                if getattr(pl_module, "feature_cache", None) is not None or self._trainable is None:
+                    rank_zero_info("feature caching is off while groups below the head train (only a frozen "
+                                   "prefix under the head alone is cached)")
                 pl_module.feature_cache = None  # invalidated: the frozen part is about to change
             elif getattr(pl_module, "feature_cache", None) is None:
                 pl_module.feature_cache = FeatureCache()
-        if k != self._trainable:
+        if tuple(phase.groups) != self._trainable:
             if self._trainable is not None:
-                rank_zero_info(f"epoch {epoch}: training {k}/{len(groups)} layer groups: {', '.join(train_names)}")
-            self._trainable = k
-        return train_names
+                rank_zero_info(f"epoch {epoch}: training {len(phase.groups)}/{len(groups)} layer groups: "
+                               f"{', '.join(phase.groups)}")
+            self._trainable = tuple(phase.groups)
+        return list(phase.groups)
+
+    # --- the gradient probe (auto, retune_order rgn) ---
+    def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Measure each group's relative gradient norm on ``probe_batches`` training batches (every rank the same
+        figures), keep it for the strategy, print and log it."""
+        # A loader of its own from the data module: iterating the fit's loader (whose iterator Lightning holds, and
+        # persistent workers share) would move the epoch under it.
+        dm = trainer.datamodule
+        loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
+        allowed = getattr(pl_module, "trainable_parameter_names", lambda: None)()
+        result = gradient_probe.probe(trainer, pl_module, loader, self.probe_batches, allowed)
+        self.probe = {"rgn": result.rgn, "params": result.params, "batches": result.batches,
+                      "seconds": round(result.seconds, 2), "round": self.round}
+        self.apply(pl_module, trainer.current_epoch)
+        if trainer.is_global_zero:
+            print(self.probe_table())
+        for logger in trainer.loggers:
+            logger.log_metrics({f"probe/rgn/{g}": v for g, v in result.rgn.items()}, step=trainer.global_step)
+
+    def probe_table(self) -> str:
+        if not self.probe:
+            return ""
+        rgn, params = self.probe["rgn"], self.probe["params"]
+        groups = list(rgn)
+        norm = Auto.normalised(rgn, groups)
+        phase = self.schedule.phase(self.state(0, groups))
+        scales = phase.group_lr_scales
+        lines = [f"gradient probe: {self.probe['batches']} batches forward and backward in {self.probe['seconds']:.1f} s"
+                 f" (relative gradient norm ||grad|| / ||weight|| per group; normalised by the largest below the "
+                 f"head)",
+                 f"{'group':<20}{'params':>12}{'rgn':>11}{'rgn/max':>9}  {'lr scale' if scales else 'trains'}"]
+        for g, v in rgn.items():
+            chosen = f"{scales[g]:.3g}" if scales else ("yes" if g in phase.groups else "-")
+            shown = "head" if g == groups[-1] else f"{norm[g]:.3f}"
+            lines.append(f"{g:<20}{params.get(g, 0):>12,}{v:>11.3g}{shown:>9}  {chosen}")
+        return "\n".join(lines)
 
     def _freeze_bn(self, pl_module: LightningModule) -> None:
         """BatchNorm layers of frozen groups keep their running statistics (eval mode); those of training groups,
@@ -218,8 +320,9 @@ class FineTuning(Callback):
         pl_module.layer_lr_scales = {name: self.lr_decay ** i for i, (name, _) in enumerate(reversed(groups))}
         self.monitor = self.monitor or getattr(pl_module, "monitor", "val/loss")
         self.mode = self.mode or getattr(pl_module, "monitor_mode", "min")
-        if self.strategy == "retune":
+        if self.uses_rounds:
             pl_module.schedule_epochs = self.round_epochs
+        self.phase(0, [name for name, _ in groups])  # a selector that names no group stops here, before any work
         if self.cache_features and stage == "fit":
             dm = trainer.datamodule
             if not getattr(pl_module, "supports_feature_cache", False):
@@ -252,14 +355,30 @@ class FineTuning(Callback):
         # A checkpoint is restored after `on_fit_start` (which saw epoch 0), and a run resumed mid-epoch gets no
         # `on_train_epoch_start` for that epoch: apply the restored epoch's groups here.
         self.apply(pl_module, trainer.current_epoch)
+        # A resumed run restores the probe (and so the choice) from its checkpoint instead of probing again.
+        if self.schedule.needs_probe and self.probe is None:
+            self.run_probe(trainer, pl_module)
         self._freeze_bn(pl_module)
         if self.pending == "stop" and between_epochs(trainer):  # else at the restored epoch's end (see below)
             trainer.should_stop = True
 
     @property
     def stop_reason(self) -> str | None:
-        """Why this callback stopped the run (``retune``: its last round ended), or None."""
-        return "its re-tuning rounds are done" if self.strategy == "retune" and self.pending == "stop" else None
+        """Why this callback stopped the run (its re-tuning rounds ended), or None."""
+        return "its re-tuning rounds are done" if self.uses_rounds and self.pending == "stop" else None
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # auto scale: the LR scales follow the training gradients themselves (already all-reduced under DDP, so
+        # every rank computes the same scales); no extra forward or backward pass.
+        every = getattr(self.schedule, "every", 0) if getattr(self.schedule, "mode", None) == "scale" else 0
+        if not every or trainer.global_step == 0 or trainer.global_step % every or self.probe is None:
+            return
+        groups = pl_module.layer_groups()
+        allowed = getattr(pl_module, "trainable_parameter_names", lambda: None)()
+        g2, w2 = gradient_probe.group_norms(pl_module, groups, allowed)
+        self.probe["rgn"] = gradient_probe.rgn_from_norms(trainer, [name for name, _ in groups], g2, w2)
+        pl_module.group_lr_scales = dict(self.phase(trainer.current_epoch, [n for n, _ in groups]).group_lr_scales)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -285,13 +404,18 @@ class FineTuning(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.strategy != "retune" or trainer.sanity_checking or self.pending == "stop":
+        if trainer.sanity_checking or self.pending == "stop":
             return
         value = trainer.callback_metrics.get(self.monitor)
+        if value is None and not self.uses_rounds:
+            return
         if value is None:
-            raise KeyError(f"retune monitors {self.monitor!r}, which was not logged; logged: "
+            raise KeyError(f"{self.strategy} monitors {self.monitor!r}, which was not logged; logged: "
                            f"{', '.join(trainer.callback_metrics)}: pass --finetuning.monitor NAME")
         value = float(value)
+        self.metric_history.append(value)
+        if not self.uses_rounds:
+            return
         sign = 1.0 if self.mode == "max" else -1.0
         self.round_epochs_done += 1
         if self.round_best is None or sign * (value - self.round_best) > self.min_delta:
@@ -305,11 +429,12 @@ class FineTuning(Callback):
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         if self.bad_epochs < self.patience and self.round_epochs_done < self.round_epochs:
             return
-        n_groups = len(pl_module.layer_groups())
+        names = [name for name, _ in pl_module.layer_groups()]
         improved = (self.round == 0 or not self.history
                     or sign * (self.round_best - self.history[-1]["best"]) > self.min_delta)
         self._close_round(pl_module)
-        exhausted = self.round_groups >= n_groups or (self.max_rounds is not None and self.round + 1 >= self.max_rounds)
+        exhausted = (self.schedule.done(self.state(trainer.current_epoch, names))
+                     or (self.max_rounds is not None and self.round + 1 >= self.max_rounds))
         if not improved or exhausted:
             self.pending = "stop"
             self._restore_best(pl_module)
@@ -333,12 +458,13 @@ class FineTuning(Callback):
     def _next_round(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore_best(pl_module)
         self.round += 1
-        self.round_groups += self.retune_groups
         self.round_epochs_done = self.bad_epochs = 0
         self.round_best = None
         self.round_seconds = 0.0
         self._round_started = time.perf_counter()
         self.pending = None
+        if self.schedule.needs_probe:  # which groups this round adds follows the gradients of the best weights
+            self.run_probe(trainer, pl_module)
         self.apply(pl_module, trainer.current_epoch)
         # A fresh optimizer and LR schedule for the round (same named groups: nothing else changes shape).
         trainer.strategy.setup_optimizers(trainer)
@@ -347,7 +473,7 @@ class FineTuning(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.strategy != "retune":
+        if not self.uses_rounds:
             return
         if self.pending is None and self.round_epochs_done:  # max_epochs ended the run mid-round
             self._close_round(pl_module)
@@ -364,23 +490,39 @@ class FineTuning(Callback):
                          f"{r['seconds']:>7.1f}")
         return "\n".join(lines)
 
-    def print_groups(self, pl_module: LightningModule) -> None:
+    def print_groups(self, pl_module: LightningModule, epochs: int = 1) -> None:
+        """The model's groups, their parameter counts and LR scales, and which train in each phase of the first
+        ``epochs`` epochs (``x``); a round strategy's later rounds and ``auto``'s choice depend on the run."""
         params = dict(pl_module.named_parameters())
         groups = pl_module.layer_groups()
-        print(f"{'group':<24}{'params':>14}  lr scale")
-        for i, (name, names) in enumerate(groups):
-            count = sum(params[n].numel() for n in names if n in params)
-            print(f"{name:<24}{count:>14,}  {self.lr_decay ** (len(groups) - 1 - i):.3g}")
+        names = [name for name, _ in groups]
+        phases: list[tuple[int, set[str]]] = []
+        for epoch in range(max(1, epochs)):
+            chosen = set(self.phase(epoch, names).groups)
+            if not phases or phases[-1][1] != chosen:
+                phases.append((epoch, chosen))
+        label = "round 0" if self.uses_rounds else "before probe" if self.schedule.needs_probe else "epoch"
+        heads = [f"{label} {e}" if label == "epoch" else label for e, _ in phases]
+        print(f"{'group':<24}{'params':>14}  {'lr scale':>8}  " + "  ".join(heads))
+        for i, (name, members) in enumerate(groups):
+            count = sum(params[n].numel() for n in members if n in params)
+            marks = "  ".join(f"{'x' if name in chosen else '.':^{len(h)}}" for h, (_, chosen) in zip(heads, phases))
+            print(f"{name:<24}{count:>14,}  {self.lr_decay ** (len(groups) - 1 - i):>8.3g}  {marks}")
+        if self.uses_rounds:
+            print("later rounds add groups as the monitored metric stops improving (retune)")
+        if self.schedule.needs_probe:
+            print("the groups that train are chosen by the gradient probe at the start of fit (auto)")
 
     _STATE = ("round", "round_groups", "round_epochs_done", "bad_epochs", "best", "round_best", "best_state",
-              "pending", "history", "round_seconds")
+              "pending", "history", "round_seconds", "metric_history", "probe")
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._STATE}
+        return {**{k: getattr(self, k) for k in self._STATE}, "strategy_state": self.schedule.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for k in self._STATE:
             if k in state_dict:
                 setattr(self, k, state_dict[k])
+        self.schedule.load_state_dict(state_dict.get("strategy_state", {}))

@@ -150,6 +150,7 @@ class FineTuneTask(LightningModule):
         # Set by the FineTuning callback (or by hand), read live by the LR schedule at every step:
         self.layer_lr_scales: dict[str, float] = {}  # multiplier of `lr` per layer group (layer-wise LR decay)
         self.phase_lr_scale: float = 1.0  # multiplier of every group's LR in the current phase / round
+        self.group_lr_scales: dict[str, float] = {}  # per-group multiplier of the phase (auto's RGN scaling)
         self.schedule_epochs: int | None = None  # schedule length; None: the whole run (retune: one round)
 
     # --- what each domain supplies ---
@@ -364,7 +365,8 @@ class FineTuneTask(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _group_lambda(self, shape: Any, name: str) -> Any:
-        return lambda step: shape(step) * self.layer_lr_scales.get(name, 1.0) * self.phase_lr_scale
+        return lambda step: (shape(step) * self.layer_lr_scales.get(name, 1.0) * self.phase_lr_scale
+                             * self.group_lr_scales.get(name, 1.0))
 
     # --- helpers for domains ---
     @staticmethod
