@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from test_recsys import synth  # noqa: F401  (fixture)
 from test_text import datamodule, sentiment_csv, tiny_bert  # noqa: F401  (fixtures)
 
@@ -156,7 +156,7 @@ def test_a_set_with_holes_trains_only_its_groups_and_their_batchnorm(image_folde
 def test_auto_select_probes_chooses_and_freezes_the_rest(image_folder, one_thread, capsys):
     model = tiny_effnet()
     before = snapshot(model)
-    ft = FineTuning("auto", auto_count=2, probe_batches=2)
+    ft = FineTuning("auto", auto_mode="select", auto_count=2, probe_batches=2)
     fit_tiny(model, image_folder, ft)
     rgn = ft.probe["rgn"]
     assert set(rgn) == {g for g, _ in model.layer_groups()} and all(v >= 0 for v in rgn.values())
@@ -289,10 +289,10 @@ def test_under_ddp_every_rank_probes_the_same_figures_and_chooses_the_same_group
     script.write_text(f"""
 import json, sys
 sys.path.insert(0, {str(ROOT / 'tests')!r})
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from peft_lightning.callbacks.finetuning import FineTuning
 from helpers import tiny_data, tiny_model
-ft = FineTuning("auto", auto_count=2, probe_batches=2)
+ft = FineTuning("auto", auto_mode="select", auto_count=2, probe_batches=2)
 trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
                   limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, num_sanity_val_steps=0, callbacks=[ft])
@@ -326,3 +326,34 @@ def test_a_resumed_auto_run_restores_its_choice_instead_of_probing_again(image_f
     assert calls == []
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_the_probe_is_refused_under_fsdp_with_one_line():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from helpers import tiny_model
+
+    with pytest.raises(UsageError, match="does not run under FSDP"):
+        FineTuning("auto").setup(SimpleNamespace(strategy=FSDPStrategy(), datamodule=None), tiny_model(), "fit")
+    FineTuning("head", groups=["blocks.0", "head"]).setup(SimpleNamespace(strategy=(fsdp := FSDPStrategy()),
+                                                                        datamodule=None), tiny_model(), "fit")
+    assert fsdp.kwargs["use_orig_params"] is True  # a set with holes under FSDP
+
+
+def test_auto_can_probe_after_the_head_has_trained_a_few_steps(image_folder, one_thread):
+    model = tiny_effnet()
+    seen = []
+
+    class Trains(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([g for g, names in pl_module.layer_groups()
+                         if any(p.requires_grad for n, p in pl_module.named_parameters() if n in names)])
+
+    ft = FineTuning("auto", auto_mode="select", probe_after=1, auto_count=1, probe_batches=1)
+    Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            callbacks=[ft, Trains()]).fit(model, tiny_data(image_folder, image_size=32))
+    assert seen[0] == ["head"] and len(seen[1]) == 2 and seen[1][-1] == "head"  # step 0 the head, then the probe's
+    assert ft.probe is not None

@@ -87,12 +87,15 @@ class FineTuning(Callback):
         max_rounds: ``retune``: most rounds; None: until nothing is left to unfreeze or a round brings nothing.
         probe_batches: ``auto`` (and ``retune_order rgn``): training batches the gradient probe runs forward and
             backward to measure each group's relative gradient norm ``||grad|| / ||weight||``.
-        auto_mode: ``select``: train the groups with the highest normalised RGN (``auto_threshold`` or
-            ``auto_count``; the head always), freeze the rest; ``scale``: train every group at ``RGN / max(RGN)``
-            times its LR (Auto-RGN), re-measured from the training gradients every ``auto_every`` steps.
+        auto_mode: ``scale`` (the default, the best on the mean in ``benchmarks.run surgical``): train every group
+            at ``RGN / max(RGN)`` times its LR (Auto-RGN), re-measured from the training gradients every
+            ``auto_every`` steps; ``select``: train the groups with the highest normalised RGN (``auto_threshold``
+            or ``auto_count``; the head always) and freeze the rest, which saves their backward pass.
         auto_threshold: ``select``: the normalised RGN a group needs to train.
         auto_count: ``select``: train the ``auto_count`` groups of highest RGN instead of a threshold.
         auto_every: ``scale``: steps between two re-measurements of the LR scales (0: only the probe's).
+        probe_after: ``auto``: training steps of the head alone before the probe (0: probe before the first step).
+            A new head sends noise back into the body; after a few steps its gradients say what the task needs.
         cache_features: while only the head trains, compute the frozen part's outputs once per training sample
             and train the head on them (epochs after the first skip the backbone). Needs deterministic training
             inputs (e.g. ``--data.augment false``) and a task that supports it; dropped the moment anything below
@@ -131,10 +134,11 @@ class FineTuning(Callback):
         retune_order: Literal["top", "rgn"] = "top",
         max_rounds: int | None = None,
         probe_batches: int = 4,
-        auto_mode: Literal["select", "scale"] = "select",
+        auto_mode: Literal["select", "scale"] = "scale",
         auto_threshold: float = 0.5,
         auto_count: int | None = None,
         auto_every: int = 0,
+        probe_after: int = 0,
         cache_features: bool = False,
         show_groups: bool = False,
     ) -> None:
@@ -174,7 +178,7 @@ class FineTuning(Callback):
         self.cache_features = cache_features
         self.show_groups = show_groups
         self.schedule: Strategy = self._build(strategy, strategy_args, retune_order,
-                                              Auto(auto_mode, auto_threshold, auto_count, auto_every)
+                                              Auto(auto_mode, auto_threshold, auto_count, auto_every, probe_after)
                                               if strategy == "auto" else None)
         self._trainable: tuple[str, ...] | None = None  # the groups that train now (for logging changes)
         self._round_started = time.perf_counter()
@@ -340,6 +344,11 @@ class FineTuning(Callback):
         if kind.startswith("DeepSpeed") and self.strategy != "full":
             raise UsageError("FineTuning cannot freeze or unfreeze layer groups under DeepSpeed (its optimizer "
                              "partitions only the parameters trainable at start): use --trainer.strategy fsdp or ddp")
+        if kind.startswith("FSDP") and self.schedule.needs_probe:
+            # FSDP's forward runs on unsharded copies of the parameters: their gradients reach the flat parameters
+            # only through its backward hooks, which the probe must not fire outside a training step.
+            raise UsageError("the gradient probe (--finetuning.strategy auto, retune_order rgn) does not run under "
+                             "FSDP: use --trainer.strategy ddp, or choose the groups with --finetuning.groups")
         if kind.startswith("FSDP") and self.strategy != "full":
             # FSDP flattens each wrapped block's parameters into one; `use_orig_params` keeps requires_grad per
             # original parameter, so a block may hold frozen and trainable weights and unfreeze later.
@@ -356,7 +365,7 @@ class FineTuning(Callback):
         # `on_train_epoch_start` for that epoch: apply the restored epoch's groups here.
         self.apply(pl_module, trainer.current_epoch)
         # A resumed run restores the probe (and so the choice) from its checkpoint instead of probing again.
-        if self.schedule.needs_probe and self.probe is None:
+        if self.schedule.needs_probe and self.probe is None and trainer.global_step >= self._probe_after:
             self.run_probe(trainer, pl_module)
         self._freeze_bn(pl_module)
         if self.pending == "stop" and between_epochs(trainer):  # else at the restored epoch's end (see below)
@@ -366,6 +375,16 @@ class FineTuning(Callback):
     def stop_reason(self) -> str | None:
         """Why this callback stopped the run (its re-tuning rounds ended), or None."""
         return "its re-tuning rounds are done" if self.uses_rounds and self.pending == "stop" else None
+
+    @property
+    def _probe_after(self) -> int:
+        return int(getattr(self.schedule, "warmup_steps", 0))
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.schedule.needs_probe and self.probe is None and trainer.global_step >= self._probe_after > 0:
+            self.run_probe(trainer, pl_module)  # after the head's warm-up steps
+            self._freeze_bn(pl_module)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:

@@ -258,13 +258,15 @@ class Auto(Strategy):
 
     needs_probe = True
 
-    def __init__(self, mode: str = "select", threshold: float = 0.5, count: int | None = None,
-                 every: int = 0) -> None:
+    def __init__(self, mode: str = "scale", threshold: float = 0.5, count: int | None = None,
+                 every: int = 0, warmup_steps: int = 0) -> None:
         if mode not in ("select", "scale"):
             raise UsageError(f"auto_mode must be select or scale, got {mode!r}")
-        if not 0 <= threshold <= 1 or (count is not None and count < 1) or every < 0:
-            raise UsageError("auto_threshold must be in [0, 1], auto_count >= 1 or None, auto_every >= 0")
+        if not 0 <= threshold <= 1 or (count is not None and count < 1) or min(every, warmup_steps) < 0:
+            raise UsageError("auto_threshold must be in [0, 1], auto_count >= 1 or None, auto_every and "
+                             "probe_after >= 0")
         self.mode, self.threshold, self.count, self.every = mode, threshold, count, every
+        self.warmup_steps = warmup_steps  # the head trains alone this many steps, then the probe runs
 
     @staticmethod
     def normalised(probe: dict[str, float], groups: Sequence[str]) -> dict[str, float]:
@@ -274,8 +276,8 @@ class Auto(Strategy):
         return {**{g: (v / top if top > 0 else 1.0) for g, v in body.items()}, groups[-1]: 1.0}
 
     def phase(self, state: State) -> Phase:
-        if not state.probe:  # before the probe (``show_groups``): everything is a candidate
-            return Phase(list(state.groups))
+        if not state.probe:  # before the probe: the head's warm-up, or (``show_groups``) every candidate
+            return Phase(state.groups[-1:] if self.warmup_steps else list(state.groups))
         scales = self.normalised(state.probe, state.groups)
         if self.mode == "scale":
             return Phase(list(state.groups), group_lr_scales=scales)
