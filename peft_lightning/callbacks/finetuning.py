@@ -24,6 +24,7 @@ import time
 from typing import Any, Literal
 
 import torch
+from jsonargparse.typing import restricted_string_type
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -53,6 +54,9 @@ from peft_lightning.errors import UsageError
 log = logging.getLogger(__name__)
 
 STRATEGIES = ", ".join(BUILTIN)
+StrategyName = restricted_string_type(
+    "StrategyName", rf"^({'|'.join(BUILTIN)})$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+"""A built-in strategy's name or ``package.module:Class``: the CLI refuses anything else when it parses."""
 class FineTuning(Callback):
     """Which layer groups train, when, and at which learning rate.
 
@@ -114,7 +118,7 @@ class FineTuning(Callback):
 
     def __init__(
         self,
-        strategy: str = "full",
+        strategy: StrategyName = "full",  # type: ignore[valid-type]
         groups: int | str | list[int | str] | None = None,
         strategy_args: dict[str, Any] | None = None,
         head_groups: int = 1,
