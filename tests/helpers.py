@@ -73,12 +73,13 @@ def train(folder: Path, finetuning: FineTuning, epochs: int, *, root: Path | Non
 
 def tiny_cli_args(dataset: Path, root: Path, *extra: str, recipe: str = "vit_cifar") -> list[str]:
     """``fit`` of a tiny random EfficientNet (3 classes, 32 px, batch 4, a fifth of the folder for validation, fp32,
-    no progress bar, no test after fit) on an image folder, for tests that drive the CLI; ``extra`` flags go last
-    (a later flag wins)."""
+    on the CPU whatever else the machine has, no progress bar, no test after fit) on an image folder, for tests
+    that drive the CLI; ``extra`` flags go last (a later flag wins)."""
     return ["fit", "--recipe", recipe, "--model.model_name", "test_efficientnet", "--model.pretrained", "false",
             "--model.num_classes", "3", "--data.dataset", str(dataset), "--data.image_size", "32",
             "--data.num_workers", "0", "--data.batch_size", "4", "--data.val_fraction", "0.2",
-            "--trainer.precision", "32-true", "--trainer.accumulate_grad_batches", "1", "--test_after_fit", "false",
+            "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.accumulate_grad_batches", "1",
+            "--test_after_fit", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root), *extra]
 
 
