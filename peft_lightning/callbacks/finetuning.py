@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from typing import Any, Literal
 
@@ -54,8 +55,8 @@ from peft_lightning.errors import UsageError
 log = logging.getLogger(__name__)
 
 STRATEGIES = ", ".join(BUILTIN)
-StrategyName = restricted_string_type(
-    "StrategyName", rf"^({'|'.join(BUILTIN)})$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+STRATEGY_PATTERN = rf"^({'|'.join(BUILTIN)})$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+StrategyName = restricted_string_type("StrategyName", STRATEGY_PATTERN)
 """A built-in strategy's name or ``package.module:Class``: the CLI refuses anything else when it parses."""
 class FineTuning(Callback):
     """Which layer groups train, when, and at which learning rate.
@@ -157,7 +158,7 @@ class FineTuning(Callback):
         if strategy == "milestones" and not milestones:
             raise UsageError("strategy 'milestones' needs --finetuning.milestones, e.g. "
                              "'[{epoch: 0, groups: 1}, {epoch: 2, groups: [blocks.0, head], lr_scale: 0.5}]'")
-        if strategy not in BUILTIN and ":" not in strategy:
+        if not re.match(STRATEGY_PATTERN, strategy):  # the parser's rule, for a FineTuning built in Python
             raise UsageError(f"--finetuning.strategy {strategy!r} is unknown: use one of {STRATEGIES}, or "
                              "package.module:Class (a subclass of peft_lightning.callbacks.strategies.Strategy)")
         self.strategy = strategy

@@ -8,7 +8,7 @@ large RGN means the task pulls that group far from its pretrained weights relati
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -38,7 +38,7 @@ def group_norms(pl_module: LightningModule, groups: list[tuple[str, list[str]]],
         g2 = w2 = torch.zeros((), dtype=torch.float64)
         for n in names:
             p = params.get(n)
-            grad = (grads or {}).get(n) if grads is not None else (p.grad if p is not None else None)
+            grad = grads.get(n) if grads is not None else (p.grad if p is not None else None)
             if p is None or (allowed is not None and n not in allowed) or grad is None:
                 continue
             g2 = g2 + grad.detach().double().pow(2).sum().cpu()
@@ -80,7 +80,7 @@ def probe(trainer: Trainer, pl_module: LightningModule, batches: Iterable[Any], 
     try:
         for _, p in wanted:
             p.requires_grad_(True)
-        for i, batch in enumerate(islice(_iterate(batches), n_batches)):
+        for i, batch in enumerate(islice(batches, n_batches)):
             batch = trainer.strategy.batch_to_device(batch)
             with trainer.precision_plugin.forward_context():
                 out = pl_module.training_step(batch, i)
@@ -105,7 +105,3 @@ def probe(trainer: Trainer, pl_module: LightningModule, batches: Iterable[Any], 
     counts = {name: sum(params[n].numel() for n in members if n in params and (allowed is None or n in allowed))
               for name, members in groups}
     return ProbeResult(rgn_from_norms(trainer, names, g2, w2), counts, done, time.perf_counter() - start)
-
-
-def _iterate(batches: Iterable[Any]) -> Iterator[Any]:
-    yield from batches
