@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("overhead", "trainer", "caching", "adapters", "quality", "startup", "tune", "surgical")
+BENCHMARKS = (
+    "overhead", "trainer", "caching", "adapters", "quality", "startup", "tune", "surgical", "time_to_accuracy"
+)
 
 
 def machine() -> dict:
@@ -48,8 +50,11 @@ def machine() -> dict:
             versions[name] = importlib.import_module(name).__version__
         except ImportError:
             pass
+    from peft_lightning.engine import CPU_BF16_FLAGS, cpu_flags
+
     return {
         "cpu": cpu,
+        "cpu_bf16_units": sorted(f for f in CPU_BF16_FLAGS if f in cpu_flags()),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -416,6 +416,8 @@ def summary_rows(
         ranked = ", ".join(f"{g} {v:.2f}" for g, v in sorted(norm.items(), key=lambda kv: -kv[1])[:4])
         rows.append(("gradient probe", f"{ft.probe['batches']} batches in {ft.probe['seconds']:.1f} s; RGN/max below "
                                        f"the head: {ranked}{' ...' if len(norm) > 4 else ''}"))
+    for i, note in enumerate(ft.cache_summary(model) if ft is not None else []):
+        rows.append(("prefix cache" if i == 0 else "", note))
     b = best_validation(trainer, report)
     if b is not None:
         when = f" (epoch {b['epoch']}, step {b['step']})" if b.get("epoch") is not None else ""

@@ -86,10 +86,18 @@ def test_trainer_smoke_compares_the_same_fine_tune(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_caching_smoke_times_both_contenders(tmp_path, capsys):
+    from peft_lightning.registry import get_recipe
+
+    ok, why = get_recipe("minilm_austen").availability()
+    if not ok:
+        pytest.skip(why)
     headline, result = smoke("caching", "effnet_fashion", tmp_path, capsys)
-    assert positive(headline["speedup_later_epochs"], headline["uncached_epoch_s"], headline["cached_epoch_s"])
-    for runs in result["runs"].values():
-        assert math.isfinite(runs[0]["train_loss"])
+    assert set(headline) == {"effnet_head", "effnet_top", "minilm_top"}
+    for name, figures in headline.items():
+        assert positive(figures["speedup_later_epochs"], figures["uncached_epoch_s"], figures["cached_epoch_s"])
+        assert figures["max_epoch_loss_diff"] < 1e-2  # the same curve, cached or not
+        cached = result["runs"][name]["cached"][0]
+        assert math.isfinite(cached["epoch_loss"][-1]) and "50%" in cached["cache"][-1]  # epoch 1 read the cache
 
 
 @pytest.mark.slow
@@ -110,3 +118,28 @@ def test_quality_smoke_reads_a_recipe_row(tmp_path, capsys):
     value, wall = headline["metric_and_wall_s"]["bpr_movielens"]
     assert 0 <= value <= 1 and wall > 0
     assert result["rows"]["bpr_movielens"]["command"].startswith("python -m peft_lightning fit --recipe bpr_movielens")
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_smoke_draws_both_curves(tmp_path, capsys):
+    from peft_lightning.registry import get_recipe
+
+    ok, why = get_recipe("effnet_fashion").availability()
+    if not ok:
+        pytest.skip(why)
+    headline, result = smoke("time_to_accuracy", "minilm_austen", tmp_path, capsys)
+    for domain, ref in (("text", "hf"), ("vision", "plain")):
+        figures = result["results"][domain]
+        assert headline[domain]["ratio"] == figures["ratio"]
+        assert 0 <= figures["target_acc"] <= 1 and positive(*figures["train_s"].values())
+        for name, runs in figures["runs"].items():
+            for r in runs:
+                seconds, accs, steps = zip(*r["curve"])
+                assert list(seconds) == sorted(seconds) and list(steps) == sorted(set(steps))
+                assert all(0 <= a <= 1 for a in accs)
+                # A time to the target is the time of a test point, or None when no point reached it.
+                t = figures["time_to_target_s"][name]
+                assert t is None or any(abs(t - s) < 0.1 for s in seconds)
+        cache = figures["runs"]["ours"][0]["prefix_cache"]
+        assert cache["failed"] is None and cache["hits"] > 0  # later epochs trained from the cache
+        assert set(figures["runs"]) == {"ours", ref}

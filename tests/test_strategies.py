@@ -168,29 +168,6 @@ def test_milestones_from_yaml_via_the_cli(tmp_path, cli):
     assert "lr_scale: 0.3" in out
 
 
-def test_feature_cache_trains_the_head_like_the_uncached_run_and_is_dropped_at_unfreeze(image_folder):
-    plain, _ = train(image_folder, FineTuning("head"), epochs=3)
-    ft = FineTuning("head", cache_features=True)
-    cached, _ = train(image_folder, ft, epochs=3)
-    # 28 training images: computed once in epoch 0, read in epochs 1 and 2.
-    assert cached.feature_cache.misses == 28 and cached.feature_cache.hits == 56
-    for (name, a), b in zip(plain.state_dict().items(), cached.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-5), name
-    model, _ = train(image_folder, FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, cache_features=True), epochs=2)
-    assert model.feature_cache is None
-
-
-def test_feature_cache_refuses_random_augmentation(image_folder):
-    from lightning.pytorch import Trainer
-
-    from helpers import tiny_data, tiny_model
-
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      callbacks=[FineTuning("head", cache_features=True)])
-    with pytest.raises(ValueError, match="--data.augment false"):
-        trainer.fit(tiny_model(), tiny_data(image_folder, augment=True))
-
-
 def test_fsdp_is_configured_for_frozen_groups_and_deepspeed_is_refused():
     from types import SimpleNamespace
 

@@ -160,7 +160,7 @@ def test_labels_splits_and_dynamic_padding(sentiment_csv, tiny_bert, tmp_path):
     assert dm.label_names == ["meh", "neg", "pos"] and dm.num_labels == 3
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 57, "validation": 15, "test": 18}
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "index"}  # index: the prefix cache's key
     widths = batch["attention_mask"].sum(1)
     # Padded to the longest example of this batch, not to max_length; pads are masked out.
     assert batch["input_ids"].shape[1] == widths.max() < 32

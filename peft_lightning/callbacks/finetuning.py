@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -33,7 +34,7 @@ from typing_extensions import override
 
 from peft_lightning.callbacks import probe as gradient_probe
 from peft_lightning.callbacks.checkpoint import between_epochs
-from peft_lightning.callbacks.feature_cache import FeatureCache
+from peft_lightning.callbacks.prefix_cache import PrefixCache, default_max_bytes
 from peft_lightning.callbacks.strategies import (
     BUILTIN,
     Auto,
@@ -79,7 +80,7 @@ class FineTuning(Callback):
         milestones: for ``milestones``: a list of ``{epoch, groups, lr_scale}`` (``groups``: a count from the top or
             selectors, e.g. ``[blocks.0, head]``); before the first, the head trains.
         lr_decay: layer-wise LR decay: the i-th group from the top trains at ``lr * lr_decay**i``.
-        train_bn: keep BatchNorm layers of frozen groups in training mode (updating running stats).
+        train_bn: keep BatchNorm layers of frozen groups in training mode (updating running stats; no caching).
         monitor: metric that ends a ``retune`` round; default: the task's ``monitor`` (e.g. ``val/acc``).
         mode: ``max`` or ``min`` for ``monitor``; default: the task's ``monitor_mode``.
         patience: ``retune``: epochs without an improvement of more than ``min_delta`` that end a round.
@@ -101,10 +102,17 @@ class FineTuning(Callback):
         auto_every: ``scale``: steps between two re-measurements of the LR scales (0: only the probe's).
         probe_after: ``auto``: training steps of the head alone before the probe (0: probe before the first step).
             A new head sends noise back into the body; after a few steps its gradients say what the task needs.
-        cache_features: while only the head trains, compute the frozen part's outputs once per training sample
-            and train the head on them (epochs after the first skip the backbone). Needs deterministic training
-            inputs (e.g. ``--data.augment false``) and a task that supports it; dropped the moment anything below
-            the head unfreezes.
+        cache_features: keep the output of the frozen groups below the lowest one that trains, once per training
+            example, and train the groups above from it: epochs after the first neither run the frozen layers nor
+            read raw data (no decoding, resizing, tokenizing). Exact: frozen layers run in eval mode, and inputs
+            must be deterministic (``--data.augment false``). Dropped and rebuilt when that group changes
+            (an unfreeze). None (default): on where it is exact, fits in ``cache_max_gb`` and a later epoch of
+            the same phase reads it; ``true``: wherever it is exact (on disk in the run folder beyond
+            ``cache_max_gb``), refusing a run where it cannot be; ``false``: off.
+        cache_max_gb: memory the cache may hold; default: a quarter of this machine's memory.
+        frozen_dropout: keep dropout and stochastic depth active in frozen groups (training mode, as in torch's
+            default); off by default: frozen groups run in eval mode, as a feature extractor does. Caching needs
+            it off.
         show_groups: print the layer groups with their parameter counts, LR scales and what trains in each phase;
             the CLI then exits.
 
@@ -144,7 +152,9 @@ class FineTuning(Callback):
         auto_count: int | None = None,
         auto_every: int = 0,
         probe_after: int = 0,
-        cache_features: bool = False,
+        cache_features: bool | None = None,
+        cache_max_gb: float | None = None,
+        frozen_dropout: bool = False,
         show_groups: bool = False,
     ) -> None:
         if min(head_groups, unfreeze_every, patience, round_epochs, retune_groups, probe_batches) < 1 \
@@ -180,7 +190,13 @@ class FineTuning(Callback):
         self.retune_lr_scale = retune_lr_scale
         self.max_rounds = max_rounds
         self.probe_batches = probe_batches
+        if cache_max_gb is not None and not cache_max_gb > 0:
+            raise UsageError(f"cache_max_gb must be > 0, got {cache_max_gb}")
         self.cache_features = cache_features
+        self.cache_max_gb = cache_max_gb
+        self.frozen_dropout = frozen_dropout
+        self.cache_notes: list[str] = []  # what the prefix cache did, for the run summary
+        self._cache_skips: set[tuple[str, str]] = set()
         self.show_groups = show_groups
         self.schedule: Strategy = self._build(strategy, strategy_args, retune_order,
                                               Auto(auto_mode, auto_threshold, auto_count, auto_every, probe_after)
@@ -256,15 +272,6 @@ class FineTuning(Callback):
         pl_module.group_lr_scales = dict(phase.group_lr_scales)
         if self.uses_rounds:
             self.round_groups = len(phase.groups)
-        if self.cache_features:
-            head_only = phase.groups == names[-1:] and getattr(pl_module, "supports_feature_cache", False)
-            if not head_only:
-                if getattr(pl_module, "feature_cache", None) is not None or self._trainable is None:
-                    rank_zero_info("feature caching is off while groups below the head train (only a frozen "
-                                   "prefix under the head alone is cached)")
-                pl_module.feature_cache = None  # invalidated: the frozen part is about to change
-            elif getattr(pl_module, "feature_cache", None) is None:
-                pl_module.feature_cache = FeatureCache()
         if tuple(phase.groups) != self._trainable:
             if self._trainable is not None:
                 rank_zero_info(f"epoch {epoch}: training {len(phase.groups)}/{len(groups)} layer groups: "
@@ -281,7 +288,11 @@ class FineTuning(Callback):
         dm = trainer.datamodule
         loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
         allowed = getattr(pl_module, "trainable_parameter_names", lambda: None)()
-        result = gradient_probe.probe(trainer, pl_module, loader, self.probe_batches, allowed)
+        cache, pl_module.prefix_cache = getattr(pl_module, "prefix_cache", None), None  # the probe runs every layer
+        try:
+            result = gradient_probe.probe(trainer, pl_module, loader, self.probe_batches, allowed)
+        finally:
+            pl_module.prefix_cache = cache
         self.probe = {"rgn": result.rgn, "params": result.params, "batches": result.batches,
                       "seconds": round(result.seconds, 2), "round": self.round}
         self.apply(pl_module, trainer.current_epoch)
@@ -308,16 +319,127 @@ class FineTuning(Callback):
             lines.append(f"{g:<20}{params.get(g, 0):>12,}{v:>11.3g}{shown:>9}  {chosen}")
         return "\n".join(lines)
 
-    def _freeze_bn(self, pl_module: LightningModule) -> None:
-        """BatchNorm layers of frozen groups keep their running statistics (eval mode); those of training groups,
-        including groups just unfrozen, update them (train mode), as in a run that never stopped."""
-        if self.train_bn or not pl_module.training:
+    def _set_modes(self, pl_module: LightningModule) -> None:
+        """Frozen groups run in eval mode: every largest module whose weights are all frozen (its dropout and
+        stochastic depth off, its BatchNorm on running statistics), unless ``frozen_dropout`` (then only their
+        BatchNorm) or ``train_bn`` (their BatchNorm updates its statistics). Everything else trains, including
+        groups just unfrozen, as in a run that never stopped."""
+        if not pl_module.training:
             return
-        for module in pl_module.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                ps = list(module.parameters(recurse=False))
-                if ps:
-                    module.train(any(p.requires_grad for p in ps))
+
+        def visit(module: nn.Module) -> None:
+            ps = list(module.parameters())
+            if ps and not any(p.requires_grad for p in ps):
+                for m in module.modules():
+                    bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    m.training = self.train_bn if bn else self.frozen_dropout
+                return
+            module.training = True
+            for child in module.children():
+                visit(child)
+
+        visit(pl_module)
+
+    # --- the prefix cache ---
+    def _lowest_trainable(self, pl_module: LightningModule) -> int | None:
+        params = dict(pl_module.named_parameters())
+        for i, (_, members) in enumerate(pl_module.layer_groups()):
+            if any(params[n].requires_grad for n in members if n in params):
+                return i
+        return None
+
+    def _no_cache_reason(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
+        """Why nothing may be cached in this run at all (None: it may)."""
+        dm = trainer.datamodule
+        from peft_lightning.tasks.base import FineTuneTask
+
+        if type(pl_module).prefix_split is FineTuneTask.prefix_split:
+            return f"{type(pl_module).__name__} does not say where its model can be cut (prefix_split)"
+        if dm is None or not getattr(dm, "deterministic_train", False):
+            return "the training inputs are random (augmentation): pass --data.augment false"
+        if self.frozen_dropout or self.train_bn:
+            return "frozen groups run in training mode (--finetuning.frozen_dropout / train_bn)"
+        if getattr(pl_module, "compile_blocks", False):
+            return "blocks are compiled (--model.compile)"
+        if type(trainer.strategy).__name__.startswith(("FSDP", "DeepSpeed")):
+            return f"{type(trainer.strategy).__name__} shards the model"
+        return None
+
+    def _reused(self, trainer: Trainer, epoch: int, names: list[str], lowest: int) -> bool:
+        """Whether a later epoch will train from the same frozen prefix (``cache_features`` None caches only then)."""
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch + 1:
+            return False
+        if self.uses_rounds:
+            return True
+        later = self.phase(epoch + 1, names).groups
+        return min(names.index(g) for g in later) == lowest
+
+    def _drop_cache(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        cache = getattr(pl_module, "prefix_cache", None)
+        if cache is None:
+            return
+        self.cache_notes.append(f"epoch {trainer.current_epoch}: dropped the cache of the {cache.describe()}")
+        cache.release()
+        pl_module.prefix_cache = None
+        rows = _row_numbers(trainer)
+        if rows is not None:
+            rows.serve_cached(False)
+
+    def _update_cache(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keep, drop or start the cache for what trains now; serve cached epochs from it once it is full."""
+        if self.cache_features is False or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        groups = pl_module.layer_groups()
+        names = [name for name, _ in groups]
+        lowest = self._lowest_trainable(pl_module)
+        target = names[lowest] if lowest else None
+        cache = getattr(pl_module, "prefix_cache", None)
+        if cache is not None and cache.split.group != target:
+            self._drop_cache(trainer, pl_module)
+            cache = None
+        rows = _row_numbers(trainer)
+        if cache is None and target is not None:
+            cache = self._start_cache(trainer, pl_module, target, names, lowest, rows)
+        if rows is not None:
+            rows.serve_cached(cache is not None and cache.complete)
+
+    def _start_cache(self, trainer: Trainer, pl_module: LightningModule, target: str, names: list[str],
+                     lowest: int, rows: Any) -> PrefixCache | None:
+        explicit = self.cache_features is True
+        epoch = trainer.current_epoch
+
+        def skip(why: str) -> None:
+            if (target, why) in self._cache_skips:  # said once per cut and reason
+                return
+            self._cache_skips.add((target, why))
+            note = f"epoch {epoch}: nothing cached below {target}: {why}"
+            self.cache_notes.append(note)
+            if explicit:
+                rank_zero_info(f"prefix cache: {note}")
+
+        if self.schedule.needs_probe and self.probe is None:
+            return None  # the groups that train are not chosen yet
+        if not explicit and not self._reused(trainer, epoch, names, lowest):
+            return None  # one epoch reads it: caching would cost memory and save nothing
+        if rows is None:
+            skip("the training loader's dataset gives no `index` per example (peft_lightning.data.sampling.RowNumbers)")
+            return None
+        split = pl_module.prefix_split(target)
+        if split is None:
+            skip(f"{type(pl_module).__name__} cannot cut its model at {target}")
+            return None
+        max_bytes = int(self.cache_max_gb * 2**30) if self.cache_max_gb else default_max_bytes()
+        folder = Path(_run_folder(trainer)) / "prefix_cache" if explicit else None
+        pl_module.prefix_cache = PrefixCache(split, len(rows), max_bytes, folder, module=pl_module,
+                                             on_fail=skip)
+        rank_zero_info(f"prefix cache: epoch {epoch}: the frozen groups below {target} run once per training "
+                       "example; later epochs train from their output")
+        return pl_module.prefix_cache
+
+    def cache_summary(self, pl_module: LightningModule | None = None) -> list[str]:
+        """What the prefix cache did in this run, for the run summary."""
+        cache = getattr(pl_module, "prefix_cache", None)
+        return [*self.cache_notes, *([f"now: {cache.describe()}"] if cache is not None else [])]
 
     # --- hooks ---
     @override
@@ -333,13 +455,9 @@ class FineTuning(Callback):
             pl_module.schedule_epochs = self.round_epochs
         self.phase(0, [name for name, _ in groups])  # a selector that names no group stops here, before any work
         if self.cache_features and stage == "fit":
-            dm = trainer.datamodule
-            if not getattr(pl_module, "supports_feature_cache", False):
-                raise UsageError(f"{type(pl_module).__name__} does not support feature caching: "
-                                 "drop --finetuning.cache_features")
-            if dm is None or not getattr(dm, "deterministic_train", False):
-                raise UsageError("feature caching needs deterministic training inputs (no random augmentation): "
-                                 "pass --data.augment false, or drop --finetuning.cache_features")
+            why = self._no_cache_reason(trainer, pl_module)
+            if why is not None:
+                raise UsageError(f"--finetuning.cache_features true cannot be exact here: {why}; or drop it")
         # A group unfrozen after DDP wrapped the model must still be all-reduced: DDP registers every parameter
         # (nothing is frozen yet, see on_fit_start) and tolerates the ones that get no gradient.
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
@@ -372,7 +490,9 @@ class FineTuning(Callback):
         # A resumed run restores the probe (and so the choice) from its checkpoint instead of probing again.
         if self.schedule.needs_probe and self.probe is None and trainer.global_step >= self._probe_after:
             self.run_probe(trainer, pl_module)
-        self._freeze_bn(pl_module)
+        self._set_modes(pl_module)
+        if self.cache_features is not False and self._no_cache_reason(trainer, pl_module) is None:
+            self._update_cache(trainer, pl_module)
         if self.pending == "stop" and between_epochs(trainer):  # else at the restored epoch's end (see below)
             trainer.should_stop = True
 
@@ -389,7 +509,8 @@ class FineTuning(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.schedule.needs_probe and self.probe is None and trainer.global_step >= self._probe_after > 0:
             self.run_probe(trainer, pl_module)  # after the head's warm-up steps
-            self._freeze_bn(pl_module)
+            self._set_modes(pl_module)
+            self._drop_cache(trainer, pl_module)  # the head's warm-up cached below the head; the choice moves it
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -409,8 +530,13 @@ class FineTuning(Callback):
         if self.pending == "next":
             self._next_round(trainer, pl_module)
         self.apply(pl_module, trainer.current_epoch)
-        self._freeze_bn(pl_module)
+        self._set_modes(pl_module)
         self._refresh_lrs(trainer)
+        cache = getattr(pl_module, "prefix_cache", None)
+        if cache is not None and cache.failed:
+            pl_module.prefix_cache = None
+        if self.cache_features is not False and self._no_cache_reason(trainer, pl_module) is None:
+            self._update_cache(trainer, pl_module)
 
     @staticmethod
     def _refresh_lrs(trainer: Trainer) -> None:
@@ -423,6 +549,9 @@ class FineTuning(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        cache = getattr(pl_module, "prefix_cache", None)
+        if cache is not None and trainer.world_size > 1 and not cache.complete and not cache.failed:
+            cache.sync()  # each rank filled the rows its sampler gave it: every rank gets every row
         if self.pending == "stop":  # Lightning does not save `should_stop`: a resumed run whose rounds ended stops
             trainer.should_stop = True
 
@@ -497,6 +626,11 @@ class FineTuning(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        cache = getattr(pl_module, "prefix_cache", None)
+        if cache is not None:
+            self.cache_notes.append(f"end: {cache.describe()}")
+            self._drop_cache(trainer, pl_module)
+            self.cache_notes.pop()
         if not self.uses_rounds:
             return
         if self.pending is None and self.round_epochs_done:  # max_epochs ended the run mid-round
@@ -550,3 +684,21 @@ class FineTuning(Callback):
             if k in state_dict:
                 setattr(self, k, state_dict[k])
         self.schedule.load_state_dict(state_dict.get("strategy_state", {}))
+
+
+def _row_numbers(trainer: Trainer) -> Any:
+    """The training loader's ``RowNumbers`` dataset (which can serve cached epochs), or None."""
+    from peft_lightning.data.sampling import RowNumbers
+
+    try:
+        loader = trainer.train_dataloader
+    except Exception:  # no fit loop data yet
+        return None
+    dataset = getattr(loader, "dataset", None)
+    return dataset if isinstance(dataset, RowNumbers) else None
+
+
+def _run_folder(trainer: Trainer) -> str:
+    from peft_lightning.report import _log_dir
+
+    return _log_dir(trainer) or trainer.default_root_dir

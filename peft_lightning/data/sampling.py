@@ -69,6 +69,66 @@ class EpochShuffle(Sampler[int]):
         return self.length
 
 
+class RowNumbers(torch.utils.data.Dataset):
+    """A training dataset whose rows carry their row number as ``index``: the prefix cache's key.
+
+    ``add_column`` would do the same but rewrites a shuffled subset's whole Arrow table first (~10 s for 40k
+    Fashion-MNIST images, a twentieth of ``effnet_fashion``'s budget); this adds the numbers as rows are read.
+    Once the prefix cache holds every row, ``serve_cached(True)`` makes rows ``{index, labels}`` only: no image is
+    decoded, no text collated. The switch is a shared-memory flag, so worker processes (persistent or not, forked or
+    spawned) see it from their next batch on.
+
+    Args:
+        data: a ``datasets.Dataset`` (with its transform) or any map-style dataset of dicts.
+        label_column: the column ``labels`` come from when rows are served from the cache (read once, from Arrow).
+    """
+
+    def __init__(self, data: Any, label_column: str = "labels") -> None:
+        self.data = data
+        self.label_column = label_column
+        self._cached = torch.zeros((), dtype=torch.bool).share_memory_()
+        # Read now (one Arrow column, milliseconds), so that worker processes started from here have them too.
+        try:
+            self._labels: torch.Tensor | None = torch.as_tensor(list(data.with_format(None)[label_column]))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            self._labels = None  # not a `datasets.Dataset` with that column: every epoch reads raw rows
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def can_serve_cached(self) -> bool:
+        return self._labels is not None
+
+    def serve_cached(self, on: bool) -> None:
+        self._cached.fill_(on and self.can_serve_cached)
+
+    @property
+    def cached(self) -> bool:
+        return bool(self._cached)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.cached:
+            return {"index": i, "labels": self._labels[i]}
+        return {**self.data[i], "index": i}
+
+    def __getitems__(self, keys: list[int]) -> list[dict[str, Any]]:
+        if self.cached:
+            return [{"index": i, "labels": self._labels[i]} for i in keys]
+        rows = self.data.__getitems__(keys)  # one batched read and transform, as DataLoader does for a Dataset
+        return [{**row, "index": i} for row, i in zip(rows, keys)]
+
+
+def cache_aware(collate: Callable[[list[dict[str, Any]]], Any]) -> Callable[[list[dict[str, Any]]], Any]:
+    """``collate`` for rows with raw inputs; torch's default for the ``{index, labels}`` rows of a cached epoch."""
+    from torch.utils.data import default_collate
+
+    def apply(rows: list[dict[str, Any]]) -> Any:
+        return default_collate(rows) if rows and rows[0].keys() == {"index", "labels"} else collate(rows)
+
+    return apply
+
+
 def train_progress(trainer: object) -> dict[str, int]:
     """Where a fit stands: the epoch and how many of its training batches have run, for a data module's
     ``state_dict`` (Lightning saves it in every checkpoint). Empty outside ``fit``."""

@@ -15,7 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from peft_lightning.data.checks import NON_NEGATIVE, POSITIVE, at_least, check_options, within
-from peft_lightning.data.sampling import train_loader
+from peft_lightning.data.sampling import RowNumbers, cache_aware, train_loader
 from peft_lightning.data.source import find_column, load_source
 from peft_lightning.errors import UsageError
 
@@ -150,6 +150,11 @@ class TextDataModule(LightningDataModule):
         self.lengths: dict[str, list[int]] = {}
         self.label_names: list[str] = []
         self.tokenizer: Any = None
+
+    @property
+    def deterministic_train(self) -> bool:
+        """A training example always encodes to the same tokens (nothing random): the prefix cache may keep it."""
+        return True
 
     @property
     def num_labels(self) -> int | None:
@@ -373,7 +378,9 @@ class TextDataModule(LightningDataModule):
                   "pin_memory": hp.pin_memory and torch.cuda.is_available(),
                   "persistent_workers": hp.persistent_workers and hp.num_workers > 0}
         if train:  # an epoch-seeded order grouped by length, resumed mid-epoch where it stopped (data/sampling.py)
-            return train_loader(self, self.splits[split], hp.batch_size, hp.seed, lengths=lengths, **kwargs)
+            kwargs["collate_fn"] = cache_aware(kwargs["collate_fn"])
+            return train_loader(self, RowNumbers(self.splits[split]), hp.batch_size, hp.seed, lengths=lengths,
+                                **kwargs)
         # Evaluation order does not change metrics; sorted by length, batches pad less.
         sampler = sorted(range(len(lengths)), key=lengths.__getitem__) if lengths is not None and ordered else None
         return DataLoader(self.splits[split], batch_size=hp.eval_batch_size or 2 * hp.batch_size, sampler=sampler,

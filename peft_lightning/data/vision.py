@@ -16,7 +16,7 @@ from peft_lightning.data.checks import (
     increasing_pair,
     within,
 )
-from peft_lightning.data.sampling import train_loader
+from peft_lightning.data.sampling import RowNumbers, train_loader
 from peft_lightning.data.source import find_column, load_source
 from peft_lightning.errors import UsageError
 
@@ -64,27 +64,6 @@ def open_image(value: Any) -> Any:
         raise UsageError(f"cannot read image {where} ({type(err).__name__}: {str(err).splitlines()[0][:120]}): "
                          "remove or replace the file") from None
     return image
-
-
-class RowNumbers(torch.utils.data.Dataset):
-    """A ``datasets.Dataset`` whose rows carry their row number as ``index``: the frozen-feature cache's key.
-
-    ``add_column`` would do the same but rewrites a shuffled subset's whole Arrow table first (~10 s for 40k
-    Fashion-MNIST images, a twentieth of ``effnet_fashion``'s budget); this adds the numbers as rows are read.
-    """
-
-    def __init__(self, data: Any) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.data[i], "index": i}
-
-    def __getitems__(self, keys: list[int]) -> list[dict[str, Any]]:
-        rows = self.data.__getitems__(keys)  # one batched read and transform, as DataLoader does for a Dataset
-        return [{**row, "index": i} for row, i in zip(rows, keys)]
 
 
 class ImageDataModule(LightningDataModule):
@@ -202,6 +181,7 @@ class ImageDataModule(LightningDataModule):
         for split in (hp.test_split, hp.val_split):  # carve test first so val never overlaps it
             if split not in ds:
                 self._carve(ds, split, label_col)
+        self.label_column = label_col
         feature = ds[hp.train_split].features[label_col]
         if hasattr(feature, "names"):
             self.class_names = list(feature.names)
@@ -271,7 +251,8 @@ class ImageDataModule(LightningDataModule):
         kwargs = {"num_workers": workers, "pin_memory": hp.pin_memory and torch.cuda.is_available(),
                   "persistent_workers": hp.persistent_workers and workers > 0}
         if train:  # an epoch-seeded order, resumed mid-epoch where it stopped (data/sampling.py)
-            return train_loader(self, RowNumbers(self.splits[split]), hp.batch_size, hp.seed, **kwargs)
+            return train_loader(self, RowNumbers(self.splits[split], label_column=self.label_column), hp.batch_size,
+                                hp.seed, **kwargs)
         return DataLoader(self.splits[split], batch_size=hp.eval_batch_size or 2 * hp.batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

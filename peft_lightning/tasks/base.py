@@ -152,6 +152,13 @@ class FineTuneTask(LightningModule):
         self.phase_lr_scale: float = 1.0  # multiplier of every group's LR in the current phase / round
         self.group_lr_scales: dict[str, float] = {}  # per-group multiplier of the phase (auto's RGN scaling)
         self.schedule_epochs: int | None = None  # schedule length; None: the whole run (retune: one round)
+        self.prefix_cache: Any = None  # a PrefixCache while FineTuning caches the frozen prefix's output
+
+    def prefix_split(self, group: str) -> Any:
+        """Where the training forward pass can start from cached rows: a ``prefix.Split`` at the input of layer
+        group ``group`` (the lowest that trains), or None when the model cannot be cut there. Override per domain
+        (``FineTuning`` caches the frozen groups below ``group`` only where this gives a split)."""
+        return None
 
     # --- what each domain supplies ---
     def layer_groups(self) -> LayerGroups:

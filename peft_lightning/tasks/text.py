@@ -12,6 +12,7 @@ from torch import nn
 
 from peft_lightning import adapters
 from peft_lightning.errors import UsageError
+from peft_lightning.prefix import Split, container_item, start_at, stop_before
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
 
 ProblemType = Literal["single_label_classification", "multi_label_classification"]
@@ -247,9 +248,51 @@ class TextClassifier(FineTuneTask):
         """Logits (float32 even under autocast) for a tokenized batch (``input_ids``, ``attention_mask``, ...)."""
         return self.model(**inputs).logits.float()
 
+    @staticmethod
+    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k not in ("labels", "index")}
+
+    def prefix_split(self, group: str) -> Split | None:
+        """Cut before a numbered block (``layer.3``): the cached rows are its input hidden states, padded to the
+        data's ``max_length``, with their attention mask. Needs right padding (a left-padded example's positions
+        would change with its batch)."""
+        found = container_item(self, dict(self.layer_groups())[group])
+        if found is None:
+            return None
+        parent, attr, index = found
+        dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        max_length = getattr(getattr(dm, "hparams", None), "max_length", None) \
+            or getattr(self.backbone.config, "max_position_embeddings", None)
+        if not max_length:
+            return None
+
+        def features(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            inputs = self._inputs(batch)
+            mask = inputs["attention_mask"]
+            if bool((mask[:, 1:] > mask[:, :-1]).any()):
+                raise UsageError("the prefix cache needs right-padded batches (this tokenizer pads on the left): "
+                                 "set --finetuning.cache_features false")
+            hidden = stop_before(getattr(parent, attr)[index], lambda: self.model(**inputs))
+            pad = max_length - hidden.shape[1]
+            return {"hidden": F.pad(hidden, (0, 0, 0, pad)), "mask": F.pad(mask, (0, pad)).to(torch.int8)}
+
+        def logits(batch: dict[str, Any], rows: dict[str, torch.Tensor]) -> torch.Tensor:
+            mask = rows["mask"].long()
+            length = int(mask.sum(1).max())  # the batch's padded length, as the collator made it
+            mask = mask[:, :length]
+            # The embeddings see blank tokens and are thrown away: the cached hidden states replace their output.
+            with start_at(parent, attr, index, rows["hidden"][:, :length].contiguous()):
+                return self.model(input_ids=torch.zeros_like(mask), attention_mask=mask).logits.float()
+
+        return Split(group, features, logits, ("input_ids", "attention_mask"),
+                     lambda batch: self(**self._inputs(batch)))
+
     def _logits_and_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
-        logits = self(**{k: v for k, v in batch.items() if k != "labels"})
+        if self.training and self.prefix_cache is not None and "index" in batch:
+            logits = self.prefix_cache.logits(batch)
+        else:
+            logits = self(**self._inputs(batch))
         if self.multi_label:
             loss = F.binary_cross_entropy_with_logits(logits, labels.float())
         else:
@@ -278,7 +321,7 @@ class TextClassifier(FineTuneTask):
         self._eval_step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self(**{k: v for k, v in batch.items() if k != "labels"})
+        logits = self(**self._inputs(batch))
         if self.multi_label:
             probs = logits.sigmoid()
             return {"pred": (probs > self.threshold).long(), "probs": probs}

@@ -12,6 +12,7 @@ from torch import nn
 
 from peft_lightning import adapters
 from peft_lightning.errors import UsageError
+from peft_lightning.prefix import Split, container_item, start_at, stop_before
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
 
 
@@ -114,7 +115,6 @@ class ImageClassifier(FineTuneTask):
         self.label_smoothing = label_smoothing
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.add_adapters(self.build_model(), base_name=model_name).to(memory_format=self.memory_format)
-        self.feature_cache: Any = None  # set by FineTuning(cache_features=True) while only the head trains
         self._build_metrics()
 
     # --- model ---
@@ -220,27 +220,57 @@ class ImageClassifier(FineTuneTask):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.contiguous(memory_format=self.memory_format))
 
-    @property
-    def supports_feature_cache(self) -> bool:
-        """True when the head group is exactly timm's classifier and nothing random runs before it."""
-        head = self.layer_groups()[-1][1]
+    def prefix_split(self, group: str) -> Split | None:
+        """Cut before ``group``: the classifier's input (``pre_logits``) when only the classifier trains, else the
+        input of the numbered block (``blocks.5``, ``stages.2`` ...) where ``group`` starts."""
+        groups = self.layer_groups()
+        members = dict(groups)[group]
         classifier = f"model.{adapters.inner_prefix(self.model)}{self.backbone.pretrained_cfg.get('classifier', 'head')}."
-        return all(n.startswith(classifier) for n in head) and not self.hparams.drop_rate
+        model = self.model
+        if group == groups[-1][0] and all(n.startswith(classifier) for n in members):
+            if self.hparams.drop_rate:  # timm's dropout runs before pre_logits: random, so not cacheable
+                return None
 
-    def _cached_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        features = self.feature_cache.get(batch["index"])
-        if features is None:
-            with torch.no_grad():
+            def pooled(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
                 x = batch["pixel_values"].contiguous(memory_format=self.memory_format)
-                features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-            self.feature_cache.put(batch["index"], features)
-        return self.model.get_classifier()(features)
+                return {"x": model.forward_head(model.forward_features(x), pre_logits=True)}
+
+            return Split(group, pooled, lambda batch, rows: model.get_classifier()(rows["x"]), ("pixel_values",),
+                         lambda batch: self(batch["pixel_values"]))
+        found = container_item(self, members)
+        if found is None:
+            return None
+        parent, attr, index = found
+        shape: list[tuple[int, ...]] = []
+        layout: list[torch.memory_format] = [torch.contiguous_format]
+
+        def features(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            shape[:] = [tuple(batch["pixel_values"].shape[1:])]
+            x = stop_before(getattr(parent, attr)[index], lambda: self(batch["pixel_values"]))
+            # The block receives its input in the layout the model made it (NHWC after channels-last convolutions):
+            # rows read back from the cache get that layout again, so the block computes exactly what it would.
+            if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                layout[0] = torch.channels_last
+            return {"x": x}
+
+        def logits(batch: dict[str, Any], rows: dict[str, torch.Tensor]) -> torch.Tensor:
+            x = rows["x"]
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=layout[0])
+            # What runs before the cut sees one blank image and is thrown away: the cached rows replace its output.
+            blank = x.new_zeros((1, *shape[0]), dtype=torch.float32) if shape else None
+            if blank is None:
+                blank = torch.zeros((1, *self.data_config()["input_size"]), device=x.device)
+            with start_at(parent, attr, index, x):
+                return self(blank)
+
+        return Split(group, features, logits, ("pixel_values",), lambda batch: self(batch["pixel_values"]))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        cached = self.feature_cache is not None and "index" in batch
-        logits = self._cached_logits(batch) if cached else self(batch["pixel_values"])
+        cached = self.prefix_cache is not None and "index" in batch
+        logits = self.prefix_cache.logits(batch) if cached else self(batch["pixel_values"])
         loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> None:
