@@ -6,11 +6,11 @@ processes that test the best checkpoint; ``benchmarks.quality.fit`` reads their 
 
 - ``effnet_fashion``: the recipe's ``search_space`` (learning rate, weight decay, warmup, label smoothing, how many
   layer groups train). Per trial: 6,000 training images, 1,000 validation images, 1 epoch (the recipe's), ~1 minute
-  on 2 cores; 20 minutes of search. Then ``fit -c best.yaml`` at the recipe's budget (36,000 images, 2,000 for
+  on 2 cores; 15 minutes of search. Then ``fit -c best.yaml`` at the recipe's budget (36,000 images, 2,000 for
   validation, the full test set) against ``fit --recipe effnet_fashion``.
 - ``minilm_austen`` with LoRA on every layer and the head (``--peft.method lora --finetuning.strategy full``, the
   LoRA row of docs/text.md): rank, alpha, learning rate and target modules (``LORA_SPACE``). Per trial: 1,000
-  passages, 300 for validation, 1 epoch; 20 minutes of search. Then the best at the recipe's budget (3,000
+  passages, 300 for validation, 1 epoch; 15 minutes of search. Then the best at the recipe's budget (3,000
   passages) against the documented LoRA setting (r 8, alpha 16, lr 5e-4) and full fine-tuning at that budget.
 
 One-epoch trials leave the pruner nothing to stop early (it judges at each epoch's validation): every trial runs
@@ -61,7 +61,7 @@ STUDIES = {
         "default": LORA_DEFAULT, "references": {"full fine-tuning": ["--finetuning.strategy", "full"]},
     },
 }
-SEARCH_S = 20 * 60  # wall budget of each search (full mode)
+SEARCH_S = 15 * 60  # wall budget of each search (full mode)
 
 
 def search(recipe: str, flags: list[str], space: dict | None, root: Path, quick: bool) -> dict:

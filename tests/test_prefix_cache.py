@@ -208,3 +208,15 @@ open({str(tmp_path)!r} + f"/{{sys.argv[1]}}{{trainer.global_rank}}.json", "w").w
         assert json.loads((tmp_path / f"cached{rank}.json").read_text()) == [[0, False], [28, True], [28, True]]
     cached, plain = (torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in ("cached", "plain"))
     assert [k for k in plain if not torch.allclose(plain[k], cached[k], atol=1e-5)] == []
+
+
+def test_the_run_summary_says_what_was_cached_its_size_and_where(image_folder, tmp_path, cli):
+    from helpers import tiny_cli_args
+
+    code, out, err = cli(*tiny_cli_args(image_folder, tmp_path, "--finetuning.strategy", "head", "--data.augment",
+                                        "false", "--trainer.max_epochs", "2", "--finetuning.cache_features", "true",
+                                        "--finetuning.cache_max_gb", "1e-9"))
+    assert code == 0, err[-2000:]
+    row = next(line for line in out.splitlines() if "prefix cache" in line and "│" in line)
+    assert "input of head" in row and "examples" in row and "B in" in row
+    assert "prefix_cache.rank0.bin" in out  # past its budget: a file in the run folder

@@ -350,9 +350,9 @@ class FineTuning(Callback):
 
     def _no_cache_reason(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
         """Why nothing may be cached in this run at all (None: it may)."""
-        dm = trainer.datamodule
         from peft_lightning.tasks.base import FineTuneTask
 
+        dm = trainer.datamodule
         if type(pl_module).prefix_split is FineTuneTask.prefix_split:
             return f"{type(pl_module).__name__} does not say where its model can be cut (prefix_split)"
         if dm is None or not getattr(dm, "deterministic_train", False):
@@ -374,11 +374,11 @@ class FineTuning(Callback):
         later = self.phase(epoch + 1, names).groups
         return min(names.index(g) for g in later) == lowest
 
-    def _drop_cache(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _drop_cache(self, trainer: Trainer, pl_module: LightningModule, why: str = "dropped the cache of the") -> None:
         cache = getattr(pl_module, "prefix_cache", None)
         if cache is None:
             return
-        self.cache_notes.append(f"epoch {trainer.current_epoch}: dropped the cache of the {cache.describe()}")
+        self.cache_notes.append(f"epoch {trainer.current_epoch}: {why} {cache.describe()}")
         cache.release()
         pl_module.prefix_cache = None
         rows = _row_numbers(trainer)
@@ -419,6 +419,8 @@ class FineTuning(Callback):
 
         if self.schedule.needs_probe and self.probe is None:
             return None  # the groups that train are not chosen yet
+        if any(cut == target for cut, _ in self._cache_skips):
+            return None  # this cut was tried and could not be cached (said once, in the summary)
         if not explicit and not self._reused(trainer, epoch, names, lowest):
             return None  # one epoch reads it: caching would cost memory and save nothing
         if rows is None:
@@ -510,7 +512,6 @@ class FineTuning(Callback):
         if self.schedule.needs_probe and self.probe is None and trainer.global_step >= self._probe_after > 0:
             self.run_probe(trainer, pl_module)  # after the head's warm-up steps
             self._set_modes(pl_module)
-            self._drop_cache(trainer, pl_module)  # the head's warm-up cached below the head; the choice moves it
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -626,11 +627,7 @@ class FineTuning(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        cache = getattr(pl_module, "prefix_cache", None)
-        if cache is not None:
-            self.cache_notes.append(f"end: {cache.describe()}")
-            self._drop_cache(trainer, pl_module)
-            self.cache_notes.pop()
+        self._drop_cache(trainer, pl_module, why="end of fit:")
         if not self.uses_rounds:
             return
         if self.pending is None and self.round_epochs_done:  # max_epochs ended the run mid-round
