@@ -217,6 +217,12 @@ def test_the_run_summary_says_what_was_cached_its_size_and_where(image_folder, t
                                         "false", "--trainer.max_epochs", "2", "--finetuning.cache_features", "true",
                                         "--finetuning.cache_max_gb", "1e-9"))
     assert code == 0, err[-2000:]
-    row = next(line for line in out.splitlines() if "prefix cache" in line and "│" in line)
-    assert "input of head" in row and "examples" in row and "B in" in row
-    assert "prefix_cache.rank0.bin" in out  # past its budget: a file in the run folder
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("│ prefix cache"))
+    cell = lines[first].split("│")[2].strip()
+    for line in lines[first + 1:]:  # the row wraps: its value goes on while the field column is empty
+        if line.split("│")[1].strip():
+            break
+        cell += line.split("│")[2].strip()
+    assert cell.startswith("end of fit: input of head: ") and "examples" in cell and "KB in" in cell
+    assert "/prefix_cache/prefix_cache.rank0.bin," in cell  # past its budget: a file in the run folder

@@ -374,11 +374,12 @@ class FineTuning(Callback):
         later = self.phase(epoch + 1, names).groups
         return min(names.index(g) for g in later) == lowest
 
-    def _drop_cache(self, trainer: Trainer, pl_module: LightningModule, why: str = "dropped the cache of the") -> None:
+    def _drop_cache(self, trainer: Trainer, pl_module: LightningModule, end: bool = False) -> None:
         cache = getattr(pl_module, "prefix_cache", None)
         if cache is None:
             return
-        self.cache_notes.append(f"epoch {trainer.current_epoch}: {why} {cache.describe()}")
+        when = "end of fit:" if end else f"epoch {trainer.current_epoch}: dropped the cache of the"
+        self.cache_notes.append(f"{when} {cache.describe()}")
         cache.release()
         pl_module.prefix_cache = None
         rows = _row_numbers(trainer)
@@ -627,7 +628,7 @@ class FineTuning(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._drop_cache(trainer, pl_module, why="end of fit:")
+        self._drop_cache(trainer, pl_module, end=True)
         if not self.uses_rounds:
             return
         if self.pending is None and self.round_epochs_done:  # max_epochs ended the run mid-round
