@@ -244,22 +244,11 @@ def hf(budget: dict[str, Any], root: str) -> dict[str, Any]:
     }
 
 
-def _set_modes(net: torch.nn.Module) -> None:
-    """Train mode, except every largest module whose weights are all frozen (eval: BatchNorm on its running
-    statistics, no dropout), as FineTuning runs frozen groups."""
-    params = list(net.parameters())
-    if params and not any(p.requires_grad for p in params):
-        net.eval()
-        return
-    net.training = True
-    for child in net.children():
-        _set_modes(child)
-
-
 def plain(budget: dict[str, Any], root: str) -> dict[str, Any]:
     """The same vision fine-tune by hand: a loop over the recipe's data, the recipe's optimizer and schedule."""
     import torch.nn.functional as F
 
+    from peft_lightning.callbacks.finetuning import set_frozen_modes
     from peft_lightning.tasks.base import FineTuneTask
     from recipes.effnet_fashion import EffnetFashion
 
@@ -296,7 +285,7 @@ def plain(budget: dict[str, Any], root: str) -> dict[str, Any]:
     )
     bf16 = bf16_like_ours()
     every = interval(len(loader), EVALS_PER_EPOCH["vision"])
-    _set_modes(net)
+    set_frozen_modes(net)  # frozen groups in eval mode, as FineTuning runs them
     curve = Curve(lambda: accuracy(net, test, bf16))
     step = 0
     for epoch in range(EPOCHS["vision"]):

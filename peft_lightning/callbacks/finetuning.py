@@ -320,25 +320,8 @@ class FineTuning(Callback):
         return "\n".join(lines)
 
     def _set_modes(self, pl_module: LightningModule) -> None:
-        """Frozen groups run in eval mode: every largest module whose weights are all frozen (its dropout and
-        stochastic depth off, its BatchNorm on running statistics), unless ``frozen_dropout`` (then only their
-        BatchNorm) or ``train_bn`` (their BatchNorm updates its statistics). Everything else trains, including
-        groups just unfrozen, as in a run that never stopped."""
-        if not pl_module.training:
-            return
-
-        def visit(module: nn.Module) -> None:
-            ps = list(module.parameters())
-            if ps and not any(p.requires_grad for p in ps):
-                for m in module.modules():
-                    bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    m.training = self.train_bn if bn else self.frozen_dropout
-                return
-            module.training = True
-            for child in module.children():
-                visit(child)
-
-        visit(pl_module)
+        if pl_module.training:
+            set_frozen_modes(pl_module, train_bn=self.train_bn, frozen_dropout=self.frozen_dropout)
 
     # --- the prefix cache ---
     def _lowest_trainable(self, pl_module: LightningModule) -> int | None:
@@ -389,6 +372,8 @@ class FineTuning(Callback):
     def _update_cache(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Keep, drop or start the cache for what trains now; serve cached epochs from it once it is full."""
         if self.cache_features is False or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        if self._no_cache_reason(trainer, pl_module) is not None:  # (cache_features true refused it at setup)
             return
         groups = pl_module.layer_groups()
         names = [name for name, _ in groups]
@@ -494,8 +479,7 @@ class FineTuning(Callback):
         if self.schedule.needs_probe and self.probe is None and trainer.global_step >= self._probe_after:
             self.run_probe(trainer, pl_module)
         self._set_modes(pl_module)
-        if self.cache_features is not False and self._no_cache_reason(trainer, pl_module) is None:
-            self._update_cache(trainer, pl_module)
+        self._update_cache(trainer, pl_module)
         if self.pending == "stop" and between_epochs(trainer):  # else at the restored epoch's end (see below)
             trainer.should_stop = True
 
@@ -537,8 +521,7 @@ class FineTuning(Callback):
         cache = getattr(pl_module, "prefix_cache", None)
         if cache is not None and cache.failed:
             pl_module.prefix_cache = None
-        if self.cache_features is not False and self._no_cache_reason(trainer, pl_module) is None:
-            self._update_cache(trainer, pl_module)
+        self._update_cache(trainer, pl_module)
 
     @staticmethod
     def _refresh_lrs(trainer: Trainer) -> None:
@@ -682,6 +665,21 @@ class FineTuning(Callback):
             if k in state_dict:
                 setattr(self, k, state_dict[k])
         self.schedule.load_state_dict(state_dict.get("strategy_state", {}))
+
+
+def set_frozen_modes(module: nn.Module, train_bn: bool = False, frozen_dropout: bool = False) -> None:
+    """Frozen groups run in eval mode: every largest submodule whose weights are all frozen (its dropout and
+    stochastic depth off, its BatchNorm on running statistics), unless ``frozen_dropout`` (then only its BatchNorm)
+    or ``train_bn`` (its BatchNorm updates its statistics). Everything else trains, including groups just
+    unfrozen, as in a run that never stopped."""
+    ps = list(module.parameters())
+    if ps and not any(p.requires_grad for p in ps):
+        for m in module.modules():
+            m.training = train_bn if isinstance(m, nn.modules.batchnorm._BatchNorm) else frozen_dropout
+        return
+    module.training = True
+    for child in module.children():
+        set_frozen_modes(child, train_bn, frozen_dropout)
 
 
 def _row_numbers(trainer: Trainer) -> Any:

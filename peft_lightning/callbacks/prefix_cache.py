@@ -88,8 +88,8 @@ class PrefixCache:
     # --- storage ---
     def _allocate(self, rows: Features) -> None:
         shapes = {k: (v.shape[1:], v.dtype) for k, v in rows.items()}
-        per_row = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes.values())
-        self.nbytes = per_row * self.size
+        sizes = {k: self.size * math.prod(s) * d.itemsize for k, (s, d) in shapes.items()}  # bytes per tensor
+        self.nbytes = sum(sizes.values())
         if self.nbytes <= self.max_bytes:
             self.values = {k: torch.zeros((self.size, *s), dtype=d) for k, (s, d) in shapes.items()}
             return
@@ -100,13 +100,11 @@ class PrefixCache:
         self.path = self.folder / f"prefix_cache.rank{_rank()}.bin"
         self.path.unlink(missing_ok=True)
         # One file, a region per tensor: torch maps it shared, so pages go to the file, not to swap.
+        flat = torch.from_file(str(self.path), shared=True, size=self.nbytes, dtype=torch.uint8)
         offset = 0
-        total = sum(self.size * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes.values())
-        flat = torch.from_file(str(self.path), shared=True, size=total, dtype=torch.uint8)
         for k, (s, d) in shapes.items():
-            n = self.size * math.prod(s) * torch.empty((), dtype=d).element_size()
-            self.values[k] = flat[offset:offset + n].view(d).view(self.size, *s)
-            offset += n
+            self.values[k] = flat[offset:offset + sizes[k]].view(d).view(self.size, *s)
+            offset += sizes[k]
 
     def put(self, index: torch.Tensor, rows: Features) -> None:
         if not self.values:
