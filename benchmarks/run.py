@@ -20,7 +20,15 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS = (
-    "overhead", "trainer", "caching", "adapters", "quality", "startup", "tune", "surgical", "time_to_accuracy"
+    "overhead",
+    "trainer",
+    "caching",
+    "adapters",
+    "quality",
+    "startup",
+    "tune",
+    "surgical",
+    "time_to_accuracy",
 )
 
 
@@ -29,9 +37,7 @@ def machine() -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     import lightning
@@ -70,14 +76,11 @@ def load() -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
     parser.add_argument("name", choices=BENCHMARKS)
-    parser.add_argument(
-        "--quick", action="store_true", help="a short run (under 2 minutes on 2 free CPU cores)"
-    )
+    parser.add_argument("--quick", action="store_true", help="a short run (under 2 minutes on 2 free CPU cores)")
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="a tinier budget than --quick, for the test suite "
-        "(benchmarks that have none run their --quick budget)",
+        help="a tinier budget than --quick, for the test suite (benchmarks that have none run their --quick budget)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG results")
     args = parser.parse_args(argv)

@@ -21,8 +21,11 @@ ROOT = RESULTS.parents[1]
 CONTENDERS = {
     "list": [sys.executable, "-m", "peft_lightning", "list"],
     "help": [sys.executable, "-m", "peft_lightning", "--help"],
-    "import_every_recipe": [sys.executable, "-c", "from peft_lightning.registry import list_recipes; "
-                            "[cls.availability() for _, cls in list_recipes()]"],
+    "import_every_recipe": [
+        sys.executable,
+        "-c",
+        "from peft_lightning.registry import list_recipes; [cls.availability() for _, cls in list_recipes()]",
+    ],
 }
 
 
@@ -45,7 +48,10 @@ def run(quick: bool = False) -> dict:
         "setup": {"repeats": repeats, "target_list_s": 1.5},
         "times_s": times,
         "median_s": med,
-        "headline": {"list_s": round(med["list"], 3), "help_s": round(med["help"], 3),
-                     "import_every_recipe_s": round(med["import_every_recipe"], 3),
-                     "list_speedup": round(med["import_every_recipe"] / med["list"], 1)},
+        "headline": {
+            "list_s": round(med["list"], 3),
+            "help_s": round(med["help"], 3),
+            "import_every_recipe_s": round(med["import_every_recipe"], 3),
+            "list_speedup": round(med["import_every_recipe"] / med["list"], 1),
+        },
     }

@@ -47,10 +47,22 @@ CONTENDERS = {
     "auto_select": ["--finetuning.strategy", "auto", "--finetuning.auto_mode", "select"],
     "auto_scale": ["--finetuning.strategy", "auto", "--finetuning.auto_mode", "scale"],
     # the probe after 10 steps of the head alone (a new head sends noise into the body's gradients)
-    "auto_select_warm": ["--finetuning.strategy", "auto", "--finetuning.auto_mode", "select",
-                         "--finetuning.probe_after", "10"],
-    "auto_scale_warm": ["--finetuning.strategy", "auto", "--finetuning.auto_mode", "scale",
-                        "--finetuning.probe_after", "10"],
+    "auto_select_warm": [
+        "--finetuning.strategy",
+        "auto",
+        "--finetuning.auto_mode",
+        "select",
+        "--finetuning.probe_after",
+        "10",
+    ],
+    "auto_scale_warm": [
+        "--finetuning.strategy",
+        "auto",
+        "--finetuning.auto_mode",
+        "scale",
+        "--finetuning.probe_after",
+        "10",
+    ],
 }
 AUTO = [c for c in CONTENDERS if c.startswith("auto")]
 
@@ -102,10 +114,12 @@ def write_target(folder: Path, name: str, train: int, test: int | None) -> int:
             Image.fromarray(im).save(buf, format="PNG")
             return {"bytes": buf.getvalue(), "path": None}
 
-        features = datasets.Features({"image": datasets.Image(),
-                                      "label": datasets.ClassLabel(names=[str(c) for c in range(classes)])})
-        return datasets.Dataset.from_dict({"image": [png(im) for im in images], "label": labels.tolist()},
-                                          features=features)
+        features = datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(c) for c in range(classes)])}
+        )
+        return datasets.Dataset.from_dict(
+            {"image": [png(im) for im in images], "label": labels.tolist()}, features=features
+        )
 
     datasets.DatasetDict({"train": as_dataset(tx, ty), "test": as_dataset(ex, ey)}).save_to_disk(str(folder))
     return classes
@@ -121,8 +135,22 @@ def source_weights(cache: Path, train_samples: int | None) -> Path:
 
     root = Path(tempfile.mkdtemp(prefix="surgical-source-"))
     extra = ["--data.max_train_samples", str(train_samples)] if train_samples else []
-    cli_fit(["--recipe", "effnet_fashion", "--trainer.default_root_dir", str(root), "--test_after_fit", "false",
-             "--data.max_val_samples", "2000", "--finetuning.strategy", "full", *extra], root / "clock.json")
+    cli_fit(
+        [
+            "--recipe",
+            "effnet_fashion",
+            "--trainer.default_root_dir",
+            str(root),
+            "--test_after_fit",
+            "false",
+            "--data.max_val_samples",
+            "2000",
+            "--finetuning.strategy",
+            "full",
+            *extra,
+        ],
+        root / "clock.json",
+    )
     (ckpt,) = root.glob("*/*/checkpoints/best-*.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     cache.mkdir(parents=True, exist_ok=True)
@@ -131,15 +159,38 @@ def source_weights(cache: Path, train_samples: int | None) -> Path:
 
 
 def one_cell(weights: Path, target: Path, classes: int, contender: str, epochs: int, root: Path) -> dict[str, Any]:
-    args = ["--recipe", "effnet_fashion", "--model.checkpoint_path", str(weights), "--model.num_classes",
-            str(classes), "--data.dataset", str(target), "--data.val_fraction", "0.1", "--data.num_workers", "0",
-            "--data.augment", "false", "--trainer.max_epochs", str(epochs), "--model.warmup", "0.1",
-            "--trainer.default_root_dir", str(root / contender), "--checkpoint.save_last", "false",
-            *CONTENDERS[contender]]
+    args = [
+        "--recipe",
+        "effnet_fashion",
+        "--model.checkpoint_path",
+        str(weights),
+        "--model.num_classes",
+        str(classes),
+        "--data.dataset",
+        str(target),
+        "--data.val_fraction",
+        "0.1",
+        "--data.num_workers",
+        "0",
+        "--data.augment",
+        "false",
+        "--trainer.max_epochs",
+        str(epochs),
+        "--model.warmup",
+        "0.1",
+        "--trainer.default_root_dir",
+        str(root / contender),
+        "--checkpoint.save_last",
+        "false",
+        *CONTENDERS[contender],
+    ]
     start = time.perf_counter()
     out = cli_fit(args, root / f"{contender}.json")
-    return {"test_acc": out["test"]["test/acc"], "wall_s": round(time.perf_counter() - start, 1),
-            "trainable": len(out.get("trainable", []))}
+    return {
+        "test_acc": out["test"]["test/acc"],
+        "wall_s": round(time.perf_counter() - start, 1),
+        "trainable": len(out.get("trainable", [])),
+    }
 
 
 def budget(quick: bool, smoke: bool) -> tuple[int, int | None, int, int | None]:
@@ -156,8 +207,9 @@ def cells(contenders: list[str], quick: bool = False, smoke: bool = False) -> di
         for name in SHIFTS:
             target = Path(tmp) / name
             classes = write_target(target, name, train, test)
-            table[name] = {c: one_cell(weights, target, classes, c, epochs, Path(tmp) / f"runs-{name}")
-                           for c in contenders}
+            table[name] = {
+                c: one_cell(weights, target, classes, c, epochs, Path(tmp) / f"runs-{name}") for c in contenders
+            }
     return table
 
 
@@ -172,24 +224,33 @@ def summarise(table: dict[str, dict[str, dict]], quick: bool = False, smoke: boo
         summary[name] = {
             "best_fixed": best_fixed,
             "best_fixed_acc": row[best_fixed]["test_acc"],
-            **{f"{c}_minus_best_fixed_pts": round(100 * (row[c]["test_acc"] - row[best_fixed]["test_acc"]), 2)
-               for c in auto},
+            **{
+                f"{c}_minus_best_fixed_pts": round(100 * (row[c]["test_acc"] - row[best_fixed]["test_acc"]), 2)
+                for c in auto
+            },
         }
     mean = {c: statistics.mean(table[s][c]["test_acc"] for s in SHIFTS) for c in contenders}
-    chart = {"title": f"surgical fine-tuning: test accuracy after {epochs} epochs on {train} shifted images",
-             "groups": {s: {c: 100 * table[s][c]["test_acc"] for c in contenders} for s in SHIFTS},
-             "ylabel": "test accuracy (%)"}
+    chart = {
+        "title": f"surgical fine-tuning: test accuracy after {epochs} epochs on {train} shifted images",
+        "groups": {s: {c: 100 * table[s][c]["test_acc"] for c in contenders} for s in SHIFTS},
+        "ylabel": "test accuracy (%)",
+    }
     return {
-        "setup": {"train_images": train, "test_images": test or 10_000, "epochs": epochs,
-                  "source_train_samples": source_n or "recipe default (36,000)",
-                  "contenders": {c: CONTENDERS[c] for c in contenders}},
+        "setup": {
+            "train_images": train,
+            "test_images": test or 10_000,
+            "epochs": epochs,
+            "source_train_samples": source_n or "recipe default (36,000)",
+            "contenders": {c: CONTENDERS[c] for c in contenders},
+        },
         "table": table,
         "per_shift": summary,
         "mean_test_acc": mean,
         "chart": chart,
-        "headline": {**{f"mean_{c}": round(v, 4) for c, v in mean.items()},
-                     **{f"{c}_worst_gap_pts": min(s[f"{c}_minus_best_fixed_pts"] for s in summary.values())
-                        for c in auto}},
+        "headline": {
+            **{f"mean_{c}": round(v, 4) for c, v in mean.items()},
+            **{f"{c}_worst_gap_pts": min(s[f"{c}_minus_best_fixed_pts"] for s in summary.values()) for c in auto},
+        },
     }
 
 
@@ -209,13 +270,18 @@ def recipes_vs_auto(quick: bool = False, modes: tuple[str, ...] = ("select", "sc
     with tempfile.TemporaryDirectory(prefix="surgical-recipes-") as tmp:
         for recipe in RECIPES:
             quick_args = list(ROWS[recipe][2]) if quick else []
-            contenders = {"default": [], **{f"auto_{m}": ["--finetuning.strategy", "auto", "--finetuning.auto_mode", m]
-                                            for m in modes}}
+            contenders = {
+                "default": [],
+                **{f"auto_{m}": ["--finetuning.strategy", "auto", "--finetuning.auto_mode", m] for m in modes},
+            }
             rows[recipe] = {}
             for name, extra in contenders.items():  # default, auto ... one after another, from the same state
                 out = cli_process(recipe, [*quick_args, *extra], Path(tmp) / recipe / name)
-                rows[recipe][name] = {"test_acc": out["metrics"].get("test/acc"), "wall_s": out["wall_s"],
-                                      "command": out["command"]}
+                rows[recipe][name] = {
+                    "test_acc": out["metrics"].get("test/acc"),
+                    "wall_s": out["wall_s"],
+                    "command": out["command"],
+                }
     return rows
 
 
@@ -253,8 +319,14 @@ if __name__ == "__main__":
         print(add([a for a in sys.argv[2:] if not a.startswith("--")], quick))
         sys.exit(0)
     started = load()
-    result = {"benchmark": "surgical recipes", "quick": quick, "load_avg_start": started,
-              "rows": recipes_vs_auto(quick, modes=("scale",)), "load_avg_end": load(), "machine": machine()}
+    result = {
+        "benchmark": "surgical recipes",
+        "quick": quick,
+        "load_avg_start": started,
+        "rows": recipes_vs_auto(quick, modes=("scale",)),
+        "load_avg_end": load(),
+        "machine": machine(),
+    }
     out = RESULTS / f"surgical_recipes{'_quick' if quick else ''}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"results": str(out), "rows": result["rows"]}))

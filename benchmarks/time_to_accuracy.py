@@ -48,8 +48,13 @@ MARGIN = 0.005  # the target: the reference's final test accuracy minus half a p
 GOAL = 1.5
 EPOCHS = {"ours_text": 3, "hf": 2, "vision": 3}
 EVALS_PER_EPOCH = {"text": 4, "vision": 2}
-HF_GUIDE = {"learning_rate": 2e-5, "per_device_train_batch_size": 16, "num_train_epochs": EPOCHS["hf"],
-            "weight_decay": 0.01, "save_strategy": "epoch"}  # the guide also evaluates each epoch: see `hf`
+HF_GUIDE = {
+    "learning_rate": 2e-5,
+    "per_device_train_batch_size": 16,
+    "num_train_epochs": EPOCHS["hf"],
+    "weight_decay": 0.01,
+    "save_strategy": "epoch",
+}  # the guide also evaluates each epoch: see `hf`
 
 
 def _budget(quick: bool, smoke: bool) -> dict[str, Any]:
@@ -149,11 +154,26 @@ def ours(recipe: str, args: list[str], evals_per_epoch: int, root: str) -> dict[
     start = time.perf_counter()
     curve_out = Path(root) / "curve.json"
     out = cli_fit(
-        ["--recipe", recipe, "--trainer.precision", "auto", "--finetuning.cache_features", "true",
-         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--test_after_fit", "false",
-         "--trainer.default_root_dir", root, *args,
-         "--trainer.callbacks+=benchmarks.time_to_accuracy.AccuracyCurve", f"--trainer.callbacks.out={curve_out}",
-         f"--trainer.callbacks.evals_per_epoch={evals_per_epoch}"],
+        [
+            "--recipe",
+            recipe,
+            "--trainer.precision",
+            "auto",
+            "--finetuning.cache_features",
+            "true",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--test_after_fit",
+            "false",
+            "--trainer.default_root_dir",
+            root,
+            *args,
+            "--trainer.callbacks+=benchmarks.time_to_accuracy.AccuracyCurve",
+            f"--trainer.callbacks.out={curve_out}",
+            f"--trainer.callbacks.evals_per_epoch={evals_per_epoch}",
+        ],
         Path(root) / "clock.json",
     )
     result = json.loads(curve_out.read_text())
@@ -166,15 +186,24 @@ def _rows(value: int | None, flag: str) -> list[str]:
 
 
 def ours_text(budget: dict[str, Any], root: str) -> dict[str, Any]:
-    args = ["--trainer.max_epochs", str(EPOCHS["ours_text"]), *_rows(budget["text_train"], "--data.max_train_samples"),
-            *_rows(budget["text_test"], "--data.max_test_samples")]
+    args = [
+        "--trainer.max_epochs",
+        str(EPOCHS["ours_text"]),
+        *_rows(budget["text_train"], "--data.max_train_samples"),
+        *_rows(budget["text_test"], "--data.max_test_samples"),
+    ]
     return ours("minilm_austen", args, EVALS_PER_EPOCH["text"], root)
 
 
 def ours_vision(budget: dict[str, Any], root: str) -> dict[str, Any]:
-    args = ["--trainer.max_epochs", str(EPOCHS["vision"]), "--data.augment", "false",
-            *_rows(budget["vision_train"], "--data.max_train_samples"),
-            *_rows(budget["vision_test"], "--data.max_test_samples")]
+    args = [
+        "--trainer.max_epochs",
+        str(EPOCHS["vision"]),
+        "--data.augment",
+        "false",
+        *_rows(budget["vision_train"], "--data.max_train_samples"),
+        *_rows(budget["vision_test"], "--data.max_test_samples"),
+    ]
     return ours("effnet_fashion", args, EVALS_PER_EPOCH["vision"], root)
 
 
@@ -268,15 +297,16 @@ def plain(budget: dict[str, Any], root: str) -> dict[str, Any]:
     data = EffnetFashion.datamodule_class(**hp)
     # The model's own preprocessing at the recipe's size, as the data module resolves it from an attached model.
     size = hp["image_size"]
-    data.resolve_data_config = lambda: {**task.data_config(), "input_size": (3, size, size),
-                                        "crop_pct": hp["crop_pct"]}
+    data.resolve_data_config = lambda: {**task.data_config(), "input_size": (3, size, size), "crop_pct": hp["crop_pct"]}
     data.setup("fit")
     loader, test = data.train_dataloader(), data.test_dataloader()  # the epoch-seeded order ours draws
     init = {**defaults(FineTuneTask), **defaults(EffnetFashion)}
     trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
-        [{"params": [p for _, p in trainable if p.ndim > 1], "weight_decay": init["weight_decay"]},
-         {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0}],
+        [
+            {"params": [p for _, p in trainable if p.ndim > 1], "weight_decay": init["weight_decay"]},
+            {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+        ],
         lr=init["lr"],
     )
     total = EPOCHS["vision"] * len(loader)
@@ -327,8 +357,9 @@ def summarize(runs: dict[str, list[dict]], ref: str) -> dict[str, Any]:
         "ratio": None if ratio is None else round(ratio, 3),
         "goal_ratio": GOAL,
         "reached": {k: f"{sum(t is not None for t in ts)}/{len(ts)}" for k, ts in times.items()},
-        "pairwise_ratios": [None if a is None or b is None else round(b / a, 3)
-                            for a, b in zip(times["ours"], times[ref])],
+        "pairwise_ratios": [
+            None if a is None or b is None else round(b / a, 3) for a, b in zip(times["ours"], times[ref])
+        ],
         "final_acc": {k: round(statistics.median(r["curve"][-1][1] for r in rs), 4) for k, rs in runs.items()},
         "train_s": {k: round(statistics.median(r["curve"][-1][0] for r in rs), 1) for k, rs in runs.items()},
     }
@@ -348,19 +379,30 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
         vision = interleave({"ours": bind(ours_vision), "plain": bind(plain)}, budget["repeats"], warmup=False)
     if any(r["trainable"] != vision["plain"][0]["trainable"] for r in vision["ours"]):
         a, b = set(vision["ours"][0]["trainable"]), set(vision["plain"][0]["trainable"])
-        raise RuntimeError(f"vision: the contenders train different parameters: only ours {sorted(a - b)[:5]}, "
-                           f"only plain {sorted(b - a)[:5]}")
+        raise RuntimeError(
+            f"vision: the contenders train different parameters: only ours {sorted(a - b)[:5]}, "
+            f"only plain {sorted(b - a)[:5]}"
+        )
     for name, runs, ref in (("text", text, "hf"), ("vision", vision, "plain")):
         results[name] = {
             **summarize(runs, ref),
-            "runs": {k: [{key: r[key] for key in ("curve", "every", "precision", "wall_s")}
-                         | ({"prefix_cache": r["prefix_cache"]} if "prefix_cache" in r else {})
-                         for r in rs] for k, rs in runs.items()},
+            "runs": {
+                k: [
+                    {key: r[key] for key in ("curve", "every", "precision", "wall_s")}
+                    | ({"prefix_cache": r["prefix_cache"]} if "prefix_cache" in r else {})
+                    for r in rs
+                ]
+                for k, rs in runs.items()
+            },
             "trainable_tensors": {k: len(rs[0]["trainable"]) for k, rs in runs.items()},
         }
-    headline = {name: {key: results[name][key] for key in ("ratio", "time_to_target_s", "target_acc", "final_acc",
-                                                           "train_s", "reached", "goal_ratio")}
-                for name in results}
+    headline = {
+        name: {
+            key: results[name][key]
+            for key in ("ratio", "time_to_target_s", "target_acc", "final_acc", "train_s", "reached", "goal_ratio")
+        }
+        for name in results
+    }
     groups = {
         f"{name} ({'MiniLM-L6' if name == 'text' else 'EffNet-Lite0'})": {
             "peft_lightning": results[name]["time_to_target_s"]["ours"] or 0.0,

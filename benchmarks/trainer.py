@@ -79,15 +79,11 @@ def hf(budget: dict[str, Any], root: str) -> dict[str, Any]:
         hp["max_test_samples"] = budget["test_samples"]
     data = MinilmAusten.datamodule_class(**hp)
     data.setup("fit")
-    train = data.splits["train"].add_column(
-        "length", data.lengths["train"]
-    )  # the Trainer groups by this column
+    train = data.splits["train"].add_column("length", data.lengths["train"])  # the Trainer groups by this column
     test = data.splits["test"]
     init = defaults(MinilmAusten)
     transformers.set_seed(42)  # the CLI's seed_everything default
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=init["num_labels"]
-    )
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=init["num_labels"])
     prefixes = trainable_prefixes("minilm")
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
@@ -155,8 +151,7 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
     trainable = {k: rs[0]["trainable"] for k, rs in runs.items()}
     if trainable["ours"] != trainable["hf"]:
         raise RuntimeError(
-            "the contenders train different parameters: "
-            f"{sorted(set(trainable['ours']) ^ set(trainable['hf']))[:5]}"
+            f"the contenders train different parameters: {sorted(set(trainable['ours']) ^ set(trainable['hf']))[:5]}"
         )
     summary = ratio_summary(runs, "ours", "hf")
     acc = {k: statistics.median(r["test_acc"] for r in rs) for k, rs in runs.items()}
@@ -187,12 +182,9 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
         "chart": {
             "title": "minilm_austen: peft_lightning vs transformers.Trainer",
             "ylabel": "training samples/s",
-            "groups": {
-                "MiniLM-L6": {"peft_lightning": summary["ours_median"], "HF Trainer": summary["hf_median"]}
-            },
+            "groups": {"MiniLM-L6": {"peft_lightning": summary["ours_median"], "HF Trainer": summary["hf_median"]}},
             "notes": {
-                "MiniLM-L6": f"ratio {summary['ratio_of_medians']:.3f}; test acc "
-                f"{acc['ours']:.3f} vs {acc['hf']:.3f}"
+                "MiniLM-L6": f"ratio {summary['ratio_of_medians']:.3f}; test acc {acc['ours']:.3f} vs {acc['hf']:.3f}"
             },
         },
     }

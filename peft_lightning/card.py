@@ -100,10 +100,15 @@ def evaluation(ckpt: Mapping[str, Any], ckpt_path: Path, monitor_mode: str | Non
             where = f", reached at epoch {best.get('epoch')}, step {best.get('step')}"
         file = f" ({_code(best_path.name)})" if best_path.name else ""
         direction = {"max": "higher", "min": "lower"}.get(monitor_mode or state.get("mode") or "", "")
-        mine = ("this checkpoint holds those weights" if is_best
-                else f"this checkpoint is from step {step}, not the best one")
-        lines.append(f"- validation {_code(monitor)}{f' ({direction} is better)' if direction else ''}: "
-                     f"**{score:.4f}**, the run's best when this checkpoint was written{where}{file}; {mine}.")
+        mine = (
+            "this checkpoint holds those weights"
+            if is_best
+            else f"this checkpoint is from step {step}, not the best one"
+        )
+        lines.append(
+            f"- validation {_code(monitor)}{f' ({direction} is better)' if direction else ''}: "
+            f"**{score:.4f}**, the run's best when this checkpoint was written{where}{file}; {mine}."
+        )
     folder = _run_folder(ckpt_path)
     tested = {}
     for row in _metric_rows(folder / "metrics.csv") if folder else []:
@@ -113,8 +118,7 @@ def evaluation(ckpt: Mapping[str, Any], ckpt_path: Path, monitor_mode: str | Non
     if tested:
         shown = ", ".join(f"{_code(k)} {_number(v):.4f}" for k, v in sorted(tested.items()) if _number(v) is not None)
         whose = "this checkpoint" if is_best else "the run's best checkpoint, not necessarily this one"
-        lines.append(f"- test: {shown} (the run's test after fit, of {whose}; from "
-                     f"{_code(folder / 'metrics.csv')}).")
+        lines.append(f"- test: {shown} (the run's test after fit, of {whose}; from {_code(folder / 'metrics.csv')}).")
     if not lines:
         lines.append("- no validation or test metrics were recorded with this checkpoint.")
     return lines
@@ -145,23 +149,37 @@ def parameters(task: nn.Module, peft_model: nn.Module | None, phases: list[Mappi
 def adapter_rows(config: Any, peft_model: nn.Module | None, default_targets: Any) -> list[tuple[str, str]]:
     """(option, value) rows of the adapter: the method's own options and the modules peft actually wrapped."""
     method = getattr(config, "method", "none") if config is not None else "none"
-    rows = [("method", f"{METHOD_NAMES[method]} ({_code('peft')} {method})" if method in METHOD_NAMES
-             else "none: the weights themselves were fine-tuned, no adapters")]
+    rows = [
+        (
+            "method",
+            f"{METHOD_NAMES[method]} ({_code('peft')} {method})"
+            if method in METHOD_NAMES
+            else "none: the weights themselves were fine-tuned, no adapters",
+        )
+    ]
     if method in ("lora", "dora", "loha", "lokr"):
-        rows += [("r", str(config.r)), ("alpha", f"{config.alpha:g} (updates scaled by alpha / r = "
-                                               f"{config.alpha / config.r:g})")]
+        rows += [
+            ("r", str(config.r)),
+            ("alpha", f"{config.alpha:g} (updates scaled by alpha / r = {config.alpha / config.r:g})"),
+        ]
         rows.append(("dropout", f"{config.dropout:g}"))
     if peft_model is not None:
         pc = peft_model.peft_config[peft_model.active_adapter]
         targets = sorted(pc.target_modules or [])
         shown = ", ".join(_code(t) for t in targets[:6]) + (f" and {len(targets) - 6} more" if len(targets) > 6 else "")
-        asked = (f"from {', '.join(_code(p) for p in config.target_modules)}" if config.target_modules
-                 else f"the recipe's default targets {_code(default_targets)}")
+        asked = (
+            f"from {', '.join(_code(p) for p in config.target_modules)}"
+            if config.target_modules
+            else f"the recipe's default targets {_code(default_targets)}"
+        )
         rows.append(("target modules", f"{len(targets)} modules ({asked}): {shown}"))
         # The modules peft actually copied to train in full: its config may list names absent here (SEQ_CLS adds
         # `classifier` and `score` to whatever was asked).
-        full = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
-                      if type(m).__name__ == "ModulesToSaveWrapper")
+        full = sorted(
+            n.removeprefix("base_model.model.")
+            for n, m in peft_model.named_modules()
+            if type(m).__name__ == "ModulesToSaveWrapper"
+        )
         rows.append(("trained in full", ", ".join(_code(m) for m in full) or "none"))
     if getattr(config, "adapter_path", None):
         rows.append(("started from", f"the adapter folder {_code(config.adapter_path)}"))
@@ -172,13 +190,20 @@ def _timm_base(hp: Mapping[str, Any]) -> list[str]:
     """Lines building the timm base as ``ImageClassifier.build_model`` does (a file's head of another size is
     skipped: the adapter folder holds the trained head)."""
     name, n, path = hp.get("model_name"), hp.get("num_classes"), hp.get("checkpoint_path")
-    lines = [f"base = timm.create_model({name!r}, pretrained={bool(hp.get('pretrained')) and not path}, "
-             f"num_classes={n})"]
+    lines = [
+        f"base = timm.create_model({name!r}, pretrained={bool(hp.get('pretrained')) and not path}, num_classes={n})"
+    ]
     if path:
-        read = (f"load_file({str(path)!r})" if str(path).endswith(".safetensors")
-                else f"torch.load({str(path)!r}, map_location='cpu', weights_only=True)")
-        lines += [f"weights = {read}  # the base the adapter was trained on", "own = base.state_dict()",
-                  "base.load_state_dict({k: v for k, v in weights.items() if v.shape == own[k].shape}, strict=False)"]
+        read = (
+            f"load_file({str(path)!r})"
+            if str(path).endswith(".safetensors")
+            else f"torch.load({str(path)!r}, map_location='cpu', weights_only=True)"
+        )
+        lines += [
+            f"weights = {read}  # the base the adapter was trained on",
+            "own = base.state_dict()",
+            "base.load_state_dict({k: v for k, v in weights.items() if v.shape == own[k].shape}, strict=False)",
+        ]
     return lines
 
 
@@ -193,66 +218,123 @@ def load_snippets(task: nn.Module, out: Path, files: list[Path], recipe: str | N
     adapter = "adapter_config.json" in names and not whole_task
     lines: list[str] = []
     if adapter:
-        lines += ["With `peft` (the base model rebuilt as in training, then the adapter and trained head on it):", "",
-                  "```python"]
+        lines += [
+            "With `peft` (the base model rebuilt as in training, then the adapter and trained head on it):",
+            "",
+            "```python",
+        ]
         by_recipe = not _is_domain_method(task, "build_model")  # a recipe that loads its base its own way
         if image and not by_recipe:
             path = str(hp.get("checkpoint_path") or "")
             imports = ["import timm", "from peft import PeftModel"]
-            imports += (["from safetensors.torch import load_file"] if path.endswith(".safetensors")
-                        else ["import torch"] if path else [])
+            imports += (
+                ["from safetensors.torch import load_file"]
+                if path.endswith(".safetensors")
+                else ["import torch"]
+                if path
+                else []
+            )
             lines += [*imports, "", *_timm_base(hp)]
         elif callable(getattr(task, "model_source", None)) and not by_recipe:  # a transformers classifier
             source = task.model_source()
             extra = f", revision={hp['revision']!r}" if hp.get("revision") else ""
             if hp.get("problem_type", "single_label_classification") != "single_label_classification":
                 extra += f", problem_type={hp['problem_type']!r}"
-            lines += ["from peft import PeftModel",
-                      "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
-                      f"base = AutoModelForSequenceClassification.from_pretrained({source!r}, "
-                      f"num_labels={hp.get('num_labels')}{extra})",
-                      f"tokenizer = AutoTokenizer.from_pretrained({source!r})"]
+            lines += [
+                "from peft import PeftModel",
+                "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                "",
+                f"base = AutoModelForSequenceClassification.from_pretrained({source!r}, "
+                f"num_labels={hp.get('num_labels')}{extra})",
+                f"tokenizer = AutoTokenizer.from_pretrained({source!r})",
+            ]
         else:
-            keep = {k: hp[k] for k in ("model_name", "num_classes", "num_labels", "pretrained", "checkpoint_path")
-                    if k in hp}
-            lines += ["from peft import PeftModel", f"from {cls.__module__} import {cls.__qualname__}", "",
-                      f"base = {cls.__qualname__}({', '.join(f'{k}={v!r}' for k, v in keep.items())}).model"
-                      "  # the recipe's base model, without adapters"]
+            keep = {
+                k: hp[k]
+                for k in ("model_name", "num_classes", "num_labels", "pretrained", "checkpoint_path")
+                if k in hp
+            }
+            lines += [
+                "from peft import PeftModel",
+                f"from {cls.__module__} import {cls.__qualname__}",
+                "",
+                f"base = {cls.__qualname__}({', '.join(f'{k}={v!r}' for k, v in keep.items())}).model"
+                "  # the recipe's base model, without adapters",
+            ]
         lines += [f"model = PeftModel.from_pretrained(base, {folder!r}).eval()", "```", ""]
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in task.modules()):
             # peft saves adapters and modules_to_save, not the base's buffers: statistics that training moved are
             # only in the checkpoint and the merged model (the CLI keeps frozen layers' statistics: train_bn false).
-            lines += ["The base's BatchNorm running statistics are not in the adapter folder: they are the base's "
-                      "own unless training updated them (`--finetuning.train_bn true`, or a Trainer without the "
-                      "FineTuning callback); then only the merged model and the checkpoint have them.", ""]
-    merged_text = ("The merged model (the adapters folded into the weights; no `peft` needed):"
-                   if "adapter_config.json" in names else "The fine-tuned model (plain weights):")
+            lines += [
+                "The base's BatchNorm running statistics are not in the adapter folder: they are the base's "
+                "own unless training updated them (`--finetuning.train_bn true`, or a Trainer without the "
+                "FineTuning callback); then only the merged model and the checkpoint have them.",
+                "",
+            ]
+    merged_text = (
+        "The merged model (the adapters folded into the weights; no `peft` needed):"
+        if "adapter_config.json" in names
+        else "The fine-tuned model (plain weights):"
+    )
     if "merged" in names:
-        lines += [merged_text, "", "```python",
-                  "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
-                  f"merged = AutoModelForSequenceClassification.from_pretrained({str(out / 'merged')!r})",
-                  f"tokenizer = AutoTokenizer.from_pretrained({str(out / 'merged')!r})", "```", ""]
+        lines += [
+            merged_text,
+            "",
+            "```python",
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            f"merged = AutoModelForSequenceClassification.from_pretrained({str(out / 'merged')!r})",
+            f"tokenizer = AutoTokenizer.from_pretrained({str(out / 'merged')!r})",
+            "```",
+            "",
+        ]
     elif "model.safetensors" in names and image and not whole_task:
-        lines += [merged_text, "", "```python", "import timm", "from safetensors.torch import load_file", "",
-                  f"merged = timm.create_model({hp.get('model_name')!r}, pretrained=False, "
-                  f"num_classes={hp.get('num_classes')})",
-                  f"merged.load_state_dict(load_file({str(merged)!r}))", "```", ""]
+        lines += [
+            merged_text,
+            "",
+            "```python",
+            "import timm",
+            "from safetensors.torch import load_file",
+            "",
+            f"merged = timm.create_model({hp.get('model_name')!r}, pretrained=False, "
+            f"num_classes={hp.get('num_classes')})",
+            f"merged.load_state_dict(load_file({str(merged)!r}))",
+            "```",
+            "",
+        ]
     elif "model.safetensors" in names:
-        lines += [f"{_code(merged.name)} is the whole task, merged (the adapted module and everything trained "
-                  "beside it): the recipe loads it with `--model.init_from`.", ""]
+        lines += [
+            f"{_code(merged.name)} is the whole task, merged (the adapted module and everything trained "
+            "beside it): the recipe loads it with `--model.init_from`.",
+            "",
+        ]
     name = recipe or f"{cls.__module__}:{cls.__qualname__}"
     commands = [f"--peft.adapter_path {folder}"] if adapter else []
     if "merged" in names:
         commands.append(f"--model.model_name {out / 'merged'}")
     elif "model.safetensors" in names:
         commands.append(f"--model.{'checkpoint_path' if image and not whole_task else 'init_from'} {merged}")
-    lines += ["With peft_lightning:", "", "```bash",
-              *(f"python -m peft_lightning predict --recipe {name} {c}" for c in commands), "```", ""]
+    lines += [
+        "With peft_lightning:",
+        "",
+        "```bash",
+        *(f"python -m peft_lightning predict --recipe {name} {c}" for c in commands),
+        "```",
+        "",
+    ]
     return lines
 
 
-def model_card(task: nn.Module, out: Path, files: list[Path], *, recipe: str | None = None,
-               ckpt: Mapping[str, Any] | None = None, ckpt_path: Path | None = None, whole_task: bool = False) -> str:
+def model_card(
+    task: nn.Module,
+    out: Path,
+    files: list[Path],
+    *,
+    recipe: str | None = None,
+    ckpt: Mapping[str, Any] | None = None,
+    ckpt_path: Path | None = None,
+    whole_task: bool = False,
+) -> str:
     """The Markdown model card of an export of ``task`` (written to ``files`` in ``out``; ``whole_task``: see
     ``load_snippets``), from the checkpoint ``ckpt`` read from ``ckpt_path`` when there is one."""
     from peft_lightning.adapters import find
@@ -266,10 +348,18 @@ def model_card(task: nn.Module, out: Path, files: list[Path], *, recipe: str | N
     method = getattr(config, "method", "none") if config is not None else "none"
     model_name = hp.get("model_name") or cls.__name__
     name = recipe or f"{cls.__module__}:{cls.__qualname__}"
-    title = (f"{name}: {METHOD_NAMES.get(method, method)} adapter for {model_name}" if peft_model is not None
-             else f"{name}: fine-tuned {model_name}")
-    meta = ["---", "library_name: peft" if peft_model is not None else "library_name: pytorch",
-            "tags:", "- peft_lightning", f"- {name}"]
+    title = (
+        f"{name}: {METHOD_NAMES.get(method, method)} adapter for {model_name}"
+        if peft_model is not None
+        else f"{name}: fine-tuned {model_name}"
+    )
+    meta = [
+        "---",
+        "library_name: peft" if peft_model is not None else "library_name: pytorch",
+        "tags:",
+        "- peft_lightning",
+        f"- {name}",
+    ]
     if method != "none":
         meta.append(f"- {method}")
     if callable(getattr(task, "model_source", None)) and "/" in model_name and not Path(model_name).exists():
@@ -277,8 +367,12 @@ def model_card(task: nn.Module, out: Path, files: list[Path], *, recipe: str | N
     meta.append("---")
     lines = [*meta, "", f"# {title}", ""]
     description = getattr(cls, "description", "")
-    lines += [f"Fine-tuned with the peft_lightning recipe {_code(name)} ({_code(cls.__module__ + '.' + cls.__qualname__)}"
-              + (f"; its defaults: {description}" if description else "") + "). This run's own settings follow.", ""]
+    lines += [
+        f"Fine-tuned with the peft_lightning recipe {_code(name)} ({_code(cls.__module__ + '.' + cls.__qualname__)}"
+        + (f"; its defaults: {description}" if description else "")
+        + "). This run's own settings follow.",
+        "",
+    ]
 
     library = "timm " if hasattr(task, "num_classes") else "transformers " if hasattr(task, "num_labels") else ""
     lines += ["## Base model", "", f"- {library}{_code(model_name)}, weights from {weights_source(task)}"]
@@ -293,11 +387,16 @@ def model_card(task: nn.Module, out: Path, files: list[Path], *, recipe: str | N
 
     lines += ["## Data", ""]
     if data.get("dataset"):
-        lines.append(f"- dataset (`--data.dataset`): {_code(data['dataset'])}"
-                     + (f", configuration {_code(data['config_name'])}" if data.get("config_name") else ""))
-        for key, what in (("image_size", "image size"), ("max_length", "tokens at most"),
-                          ("val_fraction", "validation fraction (carved from train where there is no validation "
-                                           "split)"), ("max_train_samples", "training samples at most")):
+        lines.append(
+            f"- dataset (`--data.dataset`): {_code(data['dataset'])}"
+            + (f", configuration {_code(data['config_name'])}" if data.get("config_name") else "")
+        )
+        for key, what in (
+            ("image_size", "image size"),
+            ("max_length", "tokens at most"),
+            ("val_fraction", "validation fraction (carved from train where there is no validation split)"),
+            ("max_train_samples", "training samples at most"),
+        ):
             if data.get(key) is not None:
                 lines.append(f"- {what}: {data[key]}")
     else:
@@ -315,8 +414,10 @@ def model_card(task: nn.Module, out: Path, files: list[Path], *, recipe: str | N
 
     lines += ["## Training", ""]
     if ckpt_path is not None:
-        lines.append(f"- checkpoint {_code(ckpt_path.name)}: epoch {ckpt.get('epoch')}, global step "
-                     f"{ckpt.get('global_step')} ({_code(ckpt_path)})")
+        lines.append(
+            f"- checkpoint {_code(ckpt_path.name)}: epoch {ckpt.get('epoch')}, global step "
+            f"{ckpt.get('global_step')} ({_code(ckpt_path)})"
+        )
         folder = _run_folder(ckpt_path)
         if folder is not None and (folder / "config.yaml").is_file():
             lines.append(f"- every setting of the run: {_code(folder / 'config.yaml')} (`fit -c` reruns it)")
@@ -326,7 +427,10 @@ def model_card(task: nn.Module, out: Path, files: list[Path], *, recipe: str | N
     lines.append("")
 
     lines += ["## Evaluation", ""]
-    lines += (evaluation(ckpt, ckpt_path, getattr(cls, "monitor_mode", None)) if ckpt_path is not None
-              else ["- exported from a model in memory: no checkpoint, no recorded metrics."])
+    lines += (
+        evaluation(ckpt, ckpt_path, getattr(cls, "monitor_mode", None))
+        if ckpt_path is not None
+        else ["- exported from a model in memory: no checkpoint, no recorded metrics."]
+    )
     lines += ["", "## How to load", "", *load_snippets(task, out, files, recipe, whole_task)]
     return "\n".join(lines).rstrip() + "\n"

@@ -105,8 +105,11 @@ def _make_cli_class():
             self.run_key = run_key(os.environ, argv)
             # default_root_dir: each run gets its own folder below it, <root>/<recipe>/<timestamp> (see
             # instantiate_trainer and peft_lightning/report.py).
-            trainer_defaults = {"callbacks": [LearningRateMonitor(logging_interval="step")],
-                                "default_root_dir": "runs", **recipe.trainer_defaults}
+            trainer_defaults = {
+                "callbacks": [LearningRateMonitor(logging_interval="step")],
+                "default_root_dir": "runs",
+                **recipe.trainer_defaults,
+            }
             # A recipe's "precision": "auto" stays "auto" in --help and --print_config (the recipe's value, the same
             # on every machine); before_instantiate_classes resolves it for this machine (engine.auto_precision).
             self.run_summary = engine.RunSummary()
@@ -152,7 +155,8 @@ def _make_cli_class():
                 config.ckpt_path = ckpt_path = str(resume)
             else:
                 config.ckpt_path = ckpt_path = resolve_ckpt_path(
-                    config.get("ckpt_path"), root=recipe_root if recipe_root.is_dir() else root, dirpath=dirpath)
+                    config.get("ckpt_path"), root=recipe_root if recipe_root.is_dir() else root, dirpath=dirpath
+                )
             if not ckpt_path or not Path(ckpt_path).is_file():
                 return
             ckpt = read_checkpoint(ckpt_path)  # weights_only=True: one line for a corrupt or hostile file
@@ -161,16 +165,21 @@ def _make_cli_class():
             for key in ("_instantiator", "_class_path"):
                 hparams.pop(key, None)
             given = config.get("peft")
-            if (isinstance(saved_peft, dict) and saved_peft.get("method", "none") != "none"
-                    and (given is None or given.get("method", "none") == "none")):
+            if (
+                isinstance(saved_peft, dict)
+                and saved_peft.get("method", "none") != "none"
+                and (given is None or given.get("method", "none") == "none")
+            ):
                 self.config = self.parser.parse_object({self.config.subcommand: {"peft": saved_peft}}, self.config)
             if hparams:
                 try:
                     self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
                 except UsageError:
-                    raise UsageError(f"checkpoint {ckpt_path!r} was not written by recipe {self.recipe_name!r}: its "
-                                     f"model arguments ({', '.join(sorted(hparams))}) do not fit this recipe; pass the "
-                                     "--recipe that wrote it") from None
+                    raise UsageError(
+                        f"checkpoint {ckpt_path!r} was not written by recipe {self.recipe_name!r}: its "
+                        f"model arguments ({', '.join(sorted(hparams))}) do not fit this recipe; pass the "
+                        "--recipe that wrote it"
+                    ) from None
             if self.config.subcommand == "fit":
                 self._stop_if_finished(ckpt, ckpt_path)
 
@@ -185,26 +194,41 @@ def _make_cli_class():
             why = finished_reason(ckpt, trainer.get("max_epochs"), trainer.get("max_steps"))
             if why is None:
                 return
-            state = next((v for k, v in ckpt.get("callbacks", {}).items()
-                          if k.startswith(ResumableCheckpoint.__name__)), {})
+            state = next(
+                (v for k, v in ckpt.get("callbacks", {}).items() if k.startswith(ResumableCheckpoint.__name__)), {}
+            )
             best = state.get("best_model_path") or ""
             tested = best if best and Path(best).is_file() else ckpt_path
             if rank_zero_only.rank == 0:
-                print(f"fit: the run in {ckpt_path} has finished ({why}); nothing to train. Test it with `test "
-                      f"--recipe {self.recipe_name} --ckpt_path {tested}` or start a new run without --ckpt_path")
+                print(
+                    f"fit: the run in {ckpt_path} has finished ({why}); nothing to train. Test it with `test "
+                    f"--recipe {self.recipe_name} --ckpt_path {tested}` or start a new run without --ckpt_path"
+                )
             sys.exit(0)
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            parser.add_argument("--recipe", type=str, default=self.recipe_name,
-                                help="built-in recipe name or package.module:Class (see `list`)")
-            parser.add_argument("--test_after_fit", type=bool, default=True,
-                                help="after fit, test the best checkpoint and print the test metrics")
+            parser.add_argument(
+                "--recipe",
+                type=str,
+                default=self.recipe_name,
+                help="built-in recipe name or package.module:Class (see `list`)",
+            )
+            parser.add_argument(
+                "--test_after_fit",
+                type=bool,
+                default=True,
+                help="after fit, test the best checkpoint and print the test metrics",
+            )
             parser.add_argument("--debug", type=bool, default=False, help="show full tracebacks on errors")
             from jsonargparse import ActionYesNo
 
-            parser.add_argument("--quiet", action=ActionYesNo, default=False,
-                                help="for CI logs: no progress bar, no model summary, only warnings from Lightning; "
-                                     "the summary at the end still prints (--quiet, or quiet: true in a config)")
+            parser.add_argument(
+                "--quiet",
+                action=ActionYesNo,
+                default=False,
+                help="for CI logs: no progress bar, no model summary, only warnings from Lightning; "
+                "the summary at the end still prints (--quiet, or quiet: true in a config)",
+            )
             parser.add_lightning_class_args(FineTuning, "finetuning")
             # ModelCheckpoint plus a recent, whole, finite last.ckpt and graceful SIGTERM/SIGINT (docs/reliability.md)
             parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
@@ -248,7 +272,8 @@ def _make_cli_class():
                 for name in ("lightning.pytorch", "lightning.fabric"):
                     logging.getLogger(name).setLevel(logging.WARNING)
             elif trainer.get("enable_progress_bar") is not False and not any(
-                    isinstance(c, ProgressBar) for c in callbacks):
+                isinstance(c, ProgressBar) for c in callbacks
+            ):
                 callbacks.append(PhaseProgressBar())
             kwargs.setdefault("callbacks", callbacks)
             # --trainer.strategy fsdp -> FSDPStrategy over the task's blocks; 16-mixed on a CPU stays float16.
@@ -276,8 +301,9 @@ def _make_cli_class():
             best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
             metrics: dict[str, float] = {}
             if not self.trainer.interrupted and config.get("test_after_fit", True):
-                results = self.trainer.test(self.model, datamodule=self.datamodule,
-                                            ckpt_path="best" if best else None, verbose=False)
+                results = self.trainer.test(
+                    self.model, datamodule=self.datamodule, ckpt_path="best" if best else None, verbose=False
+                )
                 metrics = results[0] if results else {}
             self._summary(metrics, best)
 
@@ -293,10 +319,21 @@ def _make_cli_class():
             if not shown and best_seen is not None:
                 shown = f"best {best_seen['metric']} {best_seen['value']:.4f}"
             stopped = "  (interrupted)" if self.trainer.interrupted else ""
-            print(f"\n{self.recipe_name}: {shown}  wall {format_wall(wall)}"
-                  f"  ({'best checkpoint ' + best if best else 'final weights'}){stopped}")
-            print_summary(summary_rows(self.trainer, self.model, recipe=self.recipe_name, report=self.report,
-                                       test_metrics=metrics, wall=wall, datamodule=self.datamodule))
+            print(
+                f"\n{self.recipe_name}: {shown}  wall {format_wall(wall)}"
+                f"  ({'best checkpoint ' + best if best else 'final weights'}){stopped}"
+            )
+            print_summary(
+                summary_rows(
+                    self.trainer,
+                    self.model,
+                    recipe=self.recipe_name,
+                    report=self.report,
+                    test_metrics=metrics,
+                    wall=wall,
+                    datamodule=self.datamodule,
+                )
+            )
 
         def after_validate(self) -> None:
             self._print_run_dir()
@@ -368,7 +405,8 @@ def export_command(argv: list[str]) -> None:
         "adapter_model.safetensors, loadable by PeftModel.from_pretrained) and, with --merge, the merged "
         "model (model.safetensors for timm, merged/ with save_pretrained for transformers), and README.md: a model "
         "card with the recipe, base model, data, adapter options, the checkpoint's recorded metrics and how to load "
-        "it.")
+        "it.",
+    )
     parser.add_argument("--recipe", required=True, help="the recipe the checkpoint was trained with")
     parser.add_argument("--ckpt_path", required=True, help="a Lightning checkpoint from fit (adapter-only or full)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -387,11 +425,17 @@ def plot_command(argv: list[str]) -> None:
         "plot",
         "Training curves from run folders' metrics.csv, as a PNG. One run: loss, the monitored metric "
         "and the learning rate per layer group, with unfreeze points and re-tuning rounds marked, written "
-        "to RUN_DIR/curves.png. Several runs (or a folder of runs): overlaid, written to --out.")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run folders (runs/RECIPE/TIMESTAMP), their metrics.csv, or folders holding runs")
-    parser.add_argument("--out", help="output image (default: RUN_DIR/curves.png for one run, comparison.png for "
-                                      "several)")
+        "to RUN_DIR/curves.png. Several runs (or a folder of runs): overlaid, written to --out.",
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders (runs/RECIPE/TIMESTAMP), their metrics.csv, or folders holding runs",
+    )
+    parser.add_argument(
+        "--out", help="output image (default: RUN_DIR/curves.png for one run, comparison.png for several)"
+    )
     parser.add_argument("--x", choices=("step", "epoch"), default="step", help="x axis (default: step)")
     args = parser.parse_args(argv)
     from peft_lightning.plots import find_runs, plot_compare, plot_run
@@ -441,7 +485,9 @@ def main(args: list[str] | None = None) -> None:
             tune_command(argv[1:], debug=debug)
             return
         if argv[0] not in SUBCOMMANDS:
-            raise UsageError(f"unknown command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}, tune, list, export, plot")
+            raise UsageError(
+                f"unknown command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}, tune, list, export, plot"
+            )
         name = _recipe_arg(argv)
         if name is None:
             raise UsageError("no recipe given: pass --recipe NAME (see `python -m peft_lightning list`)")
@@ -480,8 +526,11 @@ def main(args: list[str] | None = None) -> None:
         from peft_lightning.callbacks.checkpoint import stop_signal
 
         signum = stop_signal() or signal.SIGTERM
-        print(f"stopped by {signal.Signals(signum).name}: last.ckpt saved; resume with the same command and "
-              "--ckpt_path last", file=sys.stderr)
+        print(
+            f"stopped by {signal.Signals(signum).name}: last.ckpt saved; resume with the same command and "
+            "--ckpt_path last",
+            file=sys.stderr,
+        )
         sys.exit(128 + signum)  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     except Exception as err:  # one line, not 40: the traceback is there for whoever asks
         if debug:
@@ -494,6 +543,5 @@ def main(args: list[str] | None = None) -> None:
         if isinstance(err, ModuleNotFoundError):  # a flag whose backend is an optional package (transformer-engine)
             print(f"error: {first}: install it, or choose a setting that does not need it", file=sys.stderr)
             sys.exit(2)
-        print(f"error: {type(err).__name__}: {first} (set PEFT_LIGHTNING_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(f"error: {type(err).__name__}: {first} (set PEFT_LIGHTNING_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)

@@ -81,8 +81,12 @@ def _cuda_bf16() -> bool:
     # Asked in a child process: initialising CUDA here would forbid Lightning's fork-based strategies
     # (ddp_notebook) in this process. nvidia-smi answers in milliseconds; a Python child covers ROCm and the rest.
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.split()
         if out:
             return min(float(cap) for cap in out) >= 8.0
     except (OSError, ValueError, subprocess.SubprocessError):
@@ -101,9 +105,12 @@ def detect_hardware() -> Hardware:
     from lightning.fabric.accelerators.cuda import num_cuda_devices
 
     n = num_cuda_devices()
-    return Hardware(cuda_devices=n, cuda_bf16=n > 0 and _cuda_bf16(),
-                    cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                    cpu_flags=cpu_flags() if platform.system() == "Linux" else frozenset())
+    return Hardware(
+        cuda_devices=n,
+        cuda_bf16=n > 0 and _cuda_bf16(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        cpu_flags=cpu_flags() if platform.system() == "Linux" else frozenset(),
+    )
 
 
 def auto_precision(hardware: Hardware, accelerator: str = "auto") -> tuple[str, str]:
@@ -172,8 +179,12 @@ def _launcher(environ: Mapping[str, str]) -> str | None:
     return None
 
 
-def check_launch(trainer: Mapping[str, Any], model: Mapping[str, Any] | None = None,
-                 environ: Mapping[str, str] | None = None, hardware: Hardware | None = None) -> None:
+def check_launch(
+    trainer: Mapping[str, Any],
+    model: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    hardware: Hardware | None = None,
+) -> None:
     """Stop with one line if the parsed ``--trainer.*`` (and ``--model.*``) settings cannot run on this machine.
 
     Runs before any model or data is built: Lightning raises the same errors only once the trainer exists.
@@ -191,40 +202,55 @@ def check_launch(trainer: Mapping[str, Any], model: Mapping[str, Any] | None = N
         cuda = num_cuda_devices()
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda > 0)
     if accelerator in ("gpu", "cuda") and cuda == 0:
-        raise UsageError(f"--trainer.accelerator {accelerator} but no CUDA GPU is visible here: drop it (CPU) or run "
-                         "on a GPU machine")
+        raise UsageError(
+            f"--trainer.accelerator {accelerator} but no CUDA GPU is visible here: drop it (CPU) or run "
+            "on a GPU machine"
+        )
     if strategy.startswith("fsdp") and not on_gpu:
-        raise UsageError(f"--trainer.strategy {strategy} needs CUDA GPUs and this run is on the CPU: use "
-                         "--trainer.strategy ddp (or ddp_spawn) on CPUs")
+        raise UsageError(
+            f"--trainer.strategy {strategy} needs CUDA GPUs and this run is on the CPU: use "
+            "--trainer.strategy ddp (or ddp_spawn) on CPUs"
+        )
     if requested is not None and requested < 1:
         raise UsageError(f"--trainer.devices must be >= 1, 'auto' or -1, got {trainer.get('devices')}")
     if requested is not None and on_gpu and requested > cuda:
-        raise UsageError(f"--trainer.devices {requested} asks for {requested} GPUs but this machine has {cuda}: "
-                         f"pass --trainer.devices {cuda} (or fewer)")
+        raise UsageError(
+            f"--trainer.devices {requested} asks for {requested} GPUs but this machine has {cuda}: "
+            f"pass --trainer.devices {cuda} (or fewer)"
+        )
     cores = os.cpu_count() or 1
     if requested is not None and not on_gpu and requested > cores:
-        raise UsageError(f"--trainer.devices {requested} starts {requested} CPU processes but this machine has "
-                         f"{cores} cores: pass --trainer.devices {cores} (or fewer)")
+        raise UsageError(
+            f"--trainer.devices {requested} starts {requested} CPU processes but this machine has "
+            f"{cores} cores: pass --trainer.devices {cores} (or fewer)"
+        )
     if num_nodes < 1:
         raise UsageError(f"--trainer.num_nodes must be >= 1, got {num_nodes}")
     accumulate = trainer.get("accumulate_grad_batches")
     if accumulate is not None and int(accumulate) < 1:
-        raise UsageError(f"--trainer.accumulate_grad_batches must be >= 1 (batches summed per optimizer step), "
-                         f"got {accumulate}")
+        raise UsageError(
+            f"--trainer.accumulate_grad_batches must be >= 1 (batches summed per optimizer step), got {accumulate}"
+        )
     launcher = _launcher(environ)
     if num_nodes > 1 and launcher is None:
-        raise UsageError(f"--trainer.num_nodes {num_nodes} needs one launch per node: run the same command on every "
-                         f"node under `torchrun --nnodes {num_nodes} --node_rank R --master_addr HOST ...` or `srun` "
-                         "(see docs/parallel.md)")
+        raise UsageError(
+            f"--trainer.num_nodes {num_nodes} needs one launch per node: run the same command on every "
+            f"node under `torchrun --nnodes {num_nodes} --node_rank R --master_addr HOST ...` or `srun` "
+            "(see docs/parallel.md)"
+        )
     if launcher == "torchrun" and requested is not None and "WORLD_SIZE" in environ:
         world = int(environ["WORLD_SIZE"])
         if requested * num_nodes != world:
-            raise UsageError(f"torchrun started {world} processes but --trainer.devices {requested} x "
-                             f"--trainer.num_nodes {num_nodes} = {requested * num_nodes}: make them agree "
-                             "(devices = --nproc_per_node, num_nodes = --nnodes)")
+            raise UsageError(
+                f"torchrun started {world} processes but --trainer.devices {requested} x "
+                f"--trainer.num_nodes {num_nodes} = {requested * num_nodes}: make them agree "
+                "(devices = --nproc_per_node, num_nodes = --nnodes)"
+            )
     if model.get("activation_checkpointing") and not strategy.startswith("fsdp"):
-        raise UsageError("--model.activation_checkpointing works through FSDP (it works on one GPU too): add "
-                         "--trainer.strategy fsdp, or drop it (text models also have --model.gradient_checkpointing)")
+        raise UsageError(
+            "--model.activation_checkpointing works through FSDP (it works on one GPU too): add "
+            "--trainer.strategy fsdp, or drop it (text models also have --model.gradient_checkpointing)"
+        )
 
 
 def block_classes(module: nn.Module) -> set[type[nn.Module]]:
@@ -267,8 +293,9 @@ def fsdp_strategy(task: Any, name: str = "fsdp", **kwargs: Any) -> Any:
     checkpointing = bool(getattr(task, "activation_checkpointing", False))
     if checkpointing and not classes:
         raise UsageError(f"{type(task).__name__} names no blocks to checkpoint: drop --model.activation_checkpointing")
-    return FSDPStrategy(auto_wrap_policy=classes or None,
-                        activation_checkpointing_policy=classes if checkpointing else None, **kwargs)
+    return FSDPStrategy(
+        auto_wrap_policy=classes or None, activation_checkpointing_policy=classes if checkpointing else None, **kwargs
+    )
 
 
 def _on_cpu(accelerator: str, hardware: Hardware | None = None) -> bool:
@@ -320,8 +347,10 @@ class GlobalBatch:
         return self.per_device * self.devices * self.nodes * self.accumulate
 
     def __str__(self) -> str:
-        return (f"{self.size} = {self.per_device} per device x {self.devices} device{'s' * (self.devices != 1)} x "
-                f"{self.nodes} node{'s' * (self.nodes != 1)} x {self.accumulate} accumulated")
+        return (
+            f"{self.size} = {self.per_device} per device x {self.devices} device{'s' * (self.devices != 1)} x "
+            f"{self.nodes} node{'s' * (self.nodes != 1)} x {self.accumulate} accumulated"
+        )
 
 
 def per_device_batch(trainer: Trainer) -> int | None:
@@ -387,15 +416,18 @@ class RunSummary(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         batch = global_batch(trainer)
         note = f" ({self.precision_note})" if self.precision_note else ""
-        parts = [f"global batch {batch}" if batch else "global batch: unknown (the datamodule has no batch_size)",
-                 f"precision {trainer.precision}{note}",
-                 f"strategy {type(trainer.strategy).__name__.removesuffix('Strategy')}"]
+        parts = [
+            f"global batch {batch}" if batch else "global batch: unknown (the datamodule has no batch_size)",
+            f"precision {trainer.precision}{note}",
+            f"strategy {type(trainer.strategy).__name__.removesuffix('Strategy')}",
+        ]
         base, lr = getattr(pl_module, "base_lr", None), getattr(pl_module, "lr", None)
         if base is not None and lr is not None:
             rule = getattr(pl_module, "scale_lr", "none")
             if rule != "none":
-                parts.append(f"lr {lr:.3g} ({rule}-scaled from {base:.3g} at reference batch "
-                             f"{pl_module.reference_batch()})")
+                parts.append(
+                    f"lr {lr:.3g} ({rule}-scaled from {base:.3g} at reference batch {pl_module.reference_batch()})"
+                )
             else:
                 parts.append(f"lr {lr:.3g}")
         self.line = "; ".join(parts)

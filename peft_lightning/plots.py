@@ -229,9 +229,7 @@ def plot_compare(runs: list[str | Path], out: str | Path, x: str = "step") -> Pa
         if train:
             loss_ax.plot(*zip(*train), color=color, linewidth=1.1, label=name)
         if monitor and series.get(monitor):
-            metric_ax.plot(
-                *zip(*series[monitor]), "o-", color=color, markersize=4, label=f"{name}: {monitor}"
-            )
+            metric_ax.plot(*zip(*series[monitor]), "o-", color=color, markersize=4, label=f"{name}: {monitor}")
             if monitor not in monitors:
                 monitors.append(monitor)
         _mark_phases([loss_ax, metric_ax], phase_marks(series), color=color, style=":")

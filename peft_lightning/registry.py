@@ -35,8 +35,9 @@ def get_recipe(name: str) -> type[FineTuneTask]:
         try:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise UsageError(f"cannot import recipe {name!r} ({err}): is the module on PYTHONPATH and the class "
-                             "named right?") from None
+            raise UsageError(
+                f"cannot import recipe {name!r} ({err}): is the module on PYTHONPATH and the class named right?"
+            ) from None
     else:
         names = builtin_names()
         if name not in names:
@@ -78,8 +79,11 @@ def recipe_cards() -> list[RecipeCard]:
     cards = []
     for name in builtin_names():
         attrs = _static_attrs(f"recipes.{name}", "RECIPE", ("domain", "description", "assets"))
-        cards.append(RecipeCard(name, str(attrs.get("domain", "")), str(attrs.get("description", "")),
-                                tuple(attrs.get("assets", ()))))
+        cards.append(
+            RecipeCard(
+                name, str(attrs.get("domain", "")), str(attrs.get("description", "")), tuple(attrs.get("assets", ()))
+            )
+        )
     return cards
 
 
@@ -113,8 +117,11 @@ def _static_attrs(module: str, name: str, wanted: tuple[str, ...], depth: int = 
     for base in reversed(cls.bases):  # the first base wins, as in the method resolution order
         if isinstance(base, ast.Name):
             origin = imports.get(base.id)
-            inherited = (_static_attrs(origin[0], origin[1], wanted, depth + 1) if origin
-                         else _static_attrs(module, base.id, wanted, depth + 1))
+            inherited = (
+                _static_attrs(origin[0], origin[1], wanted, depth + 1)
+                if origin
+                else _static_attrs(module, base.id, wanted, depth + 1)
+            )
             found.update(inherited)
     for node in cls.body:
         if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
@@ -138,8 +145,9 @@ def _literal(node: ast.expr, env: dict[str, Any]) -> Any:
     if isinstance(node, ast.Name):
         return env.get(node.id, _Ref(node.id))
     if isinstance(node, ast.JoinedStr):
-        parts = [str(_literal(v.value, env)) if isinstance(v, ast.FormattedValue) else str(v.value)
-                 for v in node.values]
+        parts = [
+            str(_literal(v.value, env)) if isinstance(v, ast.FormattedValue) else str(v.value) for v in node.values
+        ]
         return "".join(parts)
     if isinstance(node, (ast.Tuple, ast.List)):
         return tuple(_literal(e, env) for e in node.elts)

@@ -99,9 +99,7 @@ def run_loggers(folder: str | Path) -> list[Logger]:
     loggers: list[Logger] = [RunCSVLogger(save_dir=str(folder), name="", version="")]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(
-            TensorBoardLogger(
-                save_dir=str(folder), name="", version="", sub_dir="tensorboard", default_hp_metric=False
-            )
+            TensorBoardLogger(save_dir=str(folder), name="", version="", sub_dir="tensorboard", default_hp_metric=False)
         )
     return loggers
 
@@ -162,9 +160,7 @@ class RunReport(Callback):
     def current_phase(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         params = dict(pl_module.named_parameters())
         groups = pl_module.layer_groups() if hasattr(pl_module, "layer_groups") else [("all", list(params))]
-        training = [
-            name for name, names in groups if any(params[n].requires_grad for n in names if n in params)
-        ]
+        training = [name for name, names in groups if any(params[n].requires_grad for n in names if n in params)]
         ft = _finetuning(trainer)
         return {
             "groups": len(training),
@@ -185,9 +181,7 @@ class RunReport(Callback):
         return f"round {p['round']}, {text}" if p["round"] is not None else text
 
     @override
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx != 0:
             return
         phase = self.current_phase(trainer, pl_module)
@@ -256,9 +250,7 @@ class RunReport(Callback):
 
     @property
     def samples_per_second(self) -> float | None:
-        return (
-            self.train_samples / self.train_seconds if self.train_seconds > 0 and self.train_samples else None
-        )
+        return self.train_samples / self.train_seconds if self.train_seconds > 0 and self.train_samples else None
 
     # --- plots ---
     @override
@@ -271,11 +263,7 @@ class RunReport(Callback):
         # saw is kept (see load_state_dict), and the round table copied before the fine-tuning callback's is.
         self._fit_done = True
         ft = _finetuning(trainer)
-        self.rounds = (
-            [dict(r) for r in getattr(ft, "history", [])]
-            if ft is not None and ft.uses_rounds
-            else []
-        )
+        self.rounds = [dict(r) for r in getattr(ft, "history", [])] if ft is not None and ft.uses_rounds else []
         if not self.plot or not trainer.is_global_zero:
             return
         csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
@@ -306,9 +294,7 @@ class PhaseProgressBar(RichProgressBar):
     ``phase: round 1, 5/7 groups``) beside the metrics. The phase comes from the trainer's ``RunReport``."""
 
     @override
-    def get_metrics(
-        self, trainer: Trainer, pl_module: LightningModule
-    ) -> dict[str, int | str | float | dict]:
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | str | float | dict]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)  # the run folder names the run: a version number says nothing here
         report = next((c for c in trainer.callbacks if isinstance(c, RunReport)), None)
@@ -334,8 +320,12 @@ def best_validation(trainer: Trainer, report: RunReport | None = None) -> dict[s
     callback = trainer.checkpoint_callback
     score = getattr(callback, "best_model_score", None)
     if score is not None and getattr(callback, "monitor", None):
-        return {"metric": callback.monitor, "value": float(score), "epoch": getattr(callback, "best_epoch", None),
-                "step": getattr(callback, "best_step", None)}
+        return {
+            "metric": callback.monitor,
+            "value": float(score),
+            "epoch": getattr(callback, "best_epoch", None),
+            "step": getattr(callback, "best_step", None),
+        }
     return report.best if report is not None else None
 
 
@@ -371,30 +361,27 @@ def summary_rows(
     if batch:  # the same figure and wording as the start-of-fit line (engine.RunSummary)
         from peft_lightning.engine import GlobalBatch
 
-        size = GlobalBatch(int(batch), int(trainer.num_devices), int(trainer.num_nodes),
-                           int(trainer.accumulate_grad_batches))
+        size = GlobalBatch(
+            int(batch), int(trainer.num_devices), int(trainer.num_nodes), int(trainer.accumulate_grad_batches)
+        )
         rows.append(("effective batch", str(size)))
     rows.append(("precision", str(trainer.precision)))
     accel = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
     rows.append(
         (
             "strategy",
-            f"{type(trainer.strategy).__name__} ({trainer.num_nodes} node(s) x "
-            f"{trainer.num_devices} {accel})",
+            f"{type(trainer.strategy).__name__} ({trainer.num_nodes} node(s) x {trainer.num_devices} {accel})",
         )
     )
     ft = _finetuning(trainer)
-    rounds = (report.rounds if report is not None else []) or (
-        ft.history if ft is not None and ft.uses_rounds else []
-    )
+    rounds = (report.rounds if report is not None else []) or (ft.history if ft is not None and ft.uses_rounds else [])
     if rounds:
         for r in rounds:
             best = "-" if r["best"] is None else f"{r['best']:.4f}"
             rows.append(
                 (
                     f"round {r['round']}",
-                    f"{r['groups']} groups, {_count(r['trainable'])} trained, "
-                    f"best {best}, {r['epochs']} epoch(s)",
+                    f"{r['groups']} groups, {_count(r['trainable'])} trained, best {best}, {r['epochs']} epoch(s)",
                 )
             )
     elif report is not None:
@@ -414,8 +401,13 @@ def summary_rows(
         rgn = ft.probe["rgn"]
         norm = {g: v for g, v in Auto.normalised(rgn, list(rgn)).items() if g != list(rgn)[-1]}
         ranked = ", ".join(f"{g} {v:.2f}" for g, v in sorted(norm.items(), key=lambda kv: -kv[1])[:4])
-        rows.append(("gradient probe", f"{ft.probe['batches']} batches in {ft.probe['seconds']:.1f} s; RGN/max below "
-                                       f"the head: {ranked}{' ...' if len(norm) > 4 else ''}"))
+        rows.append(
+            (
+                "gradient probe",
+                f"{ft.probe['batches']} batches in {ft.probe['seconds']:.1f} s; RGN/max below "
+                f"the head: {ranked}{' ...' if len(norm) > 4 else ''}",
+            )
+        )
     for i, note in enumerate(ft.cache_summary(model) if ft is not None else []):
         rows.append(("prefix cache" if i == 0 else "", note))
     b = best_validation(trainer, report)

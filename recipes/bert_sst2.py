@@ -49,8 +49,15 @@ class BertSst2(TextClassifier):
         scheduler: SchedulerName = "linear",
         **kwargs: Any,
     ) -> None:
-        super().__init__(model_name=model_name, num_labels=num_labels, lr=lr, weight_decay=weight_decay,
-                         warmup=warmup, scheduler=scheduler, **kwargs)
+        super().__init__(
+            model_name=model_name,
+            num_labels=num_labels,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            scheduler=scheduler,
+            **kwargs,
+        )
 
 
 RECIPE = BertSst2

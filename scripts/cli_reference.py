@@ -17,9 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "cli.md"
-RECIPE = (
-    "effnet_fashion"  # the flags are the same for every recipe of a domain; the defaults are the recipe's
-)
+RECIPE = "effnet_fashion"  # the flags are the same for every recipe of a domain; the defaults are the recipe's
 
 SECTIONS = [
     ("Commands", [], "The entry point: `python -m peft_lightning` (or the `peft-lightning` script)."),
@@ -73,9 +71,7 @@ def render() -> str:
         "explains the ideas; this page lists every flag.",
         "",
     ]
-    lines += [
-        f"- [{title}](#{title.lower().replace(' / ', '--').replace(' ', '-')})" for title, _, _ in SECTIONS
-    ]
+    lines += [f"- [{title}](#{title.lower().replace(' / ', '--').replace(' ', '-')})" for title, _, _ in SECTIONS]
     lines.append("")
     for title, args, intro in SECTIONS:
         lines += [f"## {title}", "", intro, ""]
@@ -94,9 +90,7 @@ def render() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 if docs/cli.md differs from the current help"
-    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/cli.md differs from the current help")
     args = parser.parse_args()
     text = render()
     if args.check:

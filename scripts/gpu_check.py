@@ -101,10 +101,13 @@ class Meter:
 
             def figures(self) -> dict:
                 timed = self.t1 - self.t0 if self.t0 is not None else 0.0
-                return {"steps": len(self.losses), "timed_steps": self.steps,
-                        "samples_per_s": round(self.steps * self.batch / timed, 2) if timed > 0 else None,
-                        "loss_first": round(self.losses[0], 4) if self.losses else None,
-                        "loss_last": round(self.losses[-1], 4) if self.losses else None}
+                return {
+                    "steps": len(self.losses),
+                    "timed_steps": self.steps,
+                    "samples_per_s": round(self.steps * self.batch / timed, 2) if timed > 0 else None,
+                    "loss_first": round(self.losses[0], 4) if self.losses else None,
+                    "loss_last": round(self.losses[-1], 4) if self.losses else None,
+                }
 
         return _Meter(*args, **kwargs)
 
@@ -121,18 +124,29 @@ def peak_mem(reset: bool = False) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
 
-def trainer_for(precision: str, steps: int, meter, model, strategy=None, callbacks=(), val_batches: int | float = 0,
-                **kw):
+def trainer_for(
+    precision: str, steps: int, meter, model, strategy=None, callbacks=(), val_batches: int | float = 0, **kw
+):
     from lightning.pytorch import Trainer
 
     from peft_lightning import engine
 
     args = {"precision": precision, "accelerator": "auto"}
     over = engine.trainer_overrides(args, model)
-    return Trainer(devices=1, max_steps=steps, limit_val_batches=val_batches, num_sanity_val_steps=0, logger=False,
-                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   callbacks=[meter, *callbacks], **({"strategy": strategy} if strategy is not None else {}),
-                   **{"precision": precision, **over}, **kw)
+    return Trainer(
+        devices=1,
+        max_steps=steps,
+        limit_val_batches=val_batches,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[meter, *callbacks],
+        **({"strategy": strategy} if strategy is not None else {}),
+        **{"precision": precision, **over},
+        **kw,
+    )
 
 
 def synthetic_images(n_batches: int, batch: int, size: int, classes: int = 10):
@@ -178,8 +192,13 @@ def check_vit(precision: str, dry: bool) -> dict:
     peak_mem(reset=True)
     trainer = trainer_for(precision, cfg["steps"], meter, model)
     trainer.fit(model, train_dataloaders=synthetic_images(cfg["steps"], cfg["batch"], cfg["size"]))
-    return {"model": cfg["model"], "precision": str(trainer.precision), "batch": cfg["batch"], **meter.figures(),
-            "peak_mem_gib": peak_mem()}
+    return {
+        "model": cfg["model"],
+        "precision": str(trainer.precision),
+        "batch": cfg["batch"],
+        **meter.figures(),
+        "peak_mem_gib": peak_mem(),
+    }
 
 
 def check_plain_loop(dry: bool) -> dict:
@@ -212,9 +231,16 @@ def check_plain_loop(dry: bool) -> dict:
         torch.cuda.synchronize()
     timed = time.perf_counter() - t0
     steps = cfg["steps"] - cfg["warmup"]
-    return {"model": cfg["model"], "precision": "bf16 autocast (plain loop)", "batch": cfg["batch"],
-            "steps": cfg["steps"], "samples_per_s": round(steps * cfg["batch"] / timed, 2),
-            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "peak_mem_gib": peak_mem()}
+    return {
+        "model": cfg["model"],
+        "precision": "bf16 autocast (plain loop)",
+        "batch": cfg["batch"],
+        "steps": cfg["steps"],
+        "samples_per_s": round(steps * cfg["batch"] / timed, 2),
+        "loss_first": round(losses[0], 4),
+        "loss_last": round(losses[-1], 4),
+        "peak_mem_gib": peak_mem(),
+    }
 
 
 def check_fsdp(kind: str, dry: bool) -> dict:
@@ -233,8 +259,11 @@ def check_fsdp(kind: str, dry: bool) -> dict:
     if kind == "checkpointing":
         kw["activation_checkpointing"] = True
     model = vit_model(cfg, **kw)
-    ft = FineTuning("full") if kind != "frozen" else FineTuning("freeze_unfreeze", unfreeze_at_epoch=0,
-                                                                  unfreeze_groups=4)
+    ft = (
+        FineTuning("full")
+        if kind != "frozen"
+        else FineTuning("freeze_unfreeze", unfreeze_at_epoch=0, unfreeze_groups=4)
+    )
     before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     trainable = model.trainable_parameter_names() if kind == "lora" else None
     if kind == "frozen":
@@ -257,10 +286,20 @@ def check_fsdp(kind: str, dry: bool) -> dict:
             now = {plain(n): p.detach().float().cpu() for n, p in model.named_parameters()}
     except Exception:  # one process holds whole shards: the parameters are the full tensors
         now = {plain(n): p.detach().float().cpu() for n, p in model.named_parameters()}
-    changed = {n for n, p in before.items() if n in now and p.shape == now[n].shape and not torch.equal(p.cpu(), now[n])}
-    out = {"model": cfg["model"], "precision": "bf16-mixed", "batch": cfg["batch"], **meter.figures(),
-           "peak_mem_gib": peak_mem(), "fsdp_units": units, "block_classes": blocks,
-           "params_compared": sum(n in now for n in before), "params": len(before)}
+    changed = {
+        n for n, p in before.items() if n in now and p.shape == now[n].shape and not torch.equal(p.cpu(), now[n])
+    }
+    out = {
+        "model": cfg["model"],
+        "precision": "bf16-mixed",
+        "batch": cfg["batch"],
+        **meter.figures(),
+        "peak_mem_gib": peak_mem(),
+        "fsdp_units": units,
+        "block_classes": blocks,
+        "params_compared": sum(n in now for n in before),
+        "params": len(before),
+    }
     if trainable is not None:
         out["frozen_unchanged"] = not (changed - trainable)
         out["trained_changed"] = bool(changed & trainable)
@@ -289,9 +328,15 @@ def check_compile(dry: bool) -> dict:
     trainer = trainer_for("bf16-mixed", cfg["steps"], meter, model)
     trainer.fit(model, train_dataloaders=synthetic_images(cfg["steps"], cfg["batch"], cfg["size"]))
     compiled = sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
-    return {"model": cfg["model"], "precision": "bf16-mixed", "batch": cfg["batch"], **meter.figures(),
-            "peak_mem_gib": peak_mem(), "compiled_modules": compiled,
-            "first_steps_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "model": cfg["model"],
+        "precision": "bf16-mixed",
+        "batch": cfg["batch"],
+        **meter.figures(),
+        "peak_mem_gib": peak_mem(),
+        "compiled_modules": compiled,
+        "first_steps_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def check_recipe(name: str, precision: str, dry: bool) -> dict:
@@ -307,8 +352,12 @@ def check_recipe(name: str, precision: str, dry: bool) -> dict:
         raise RuntimeError(f"{name}: {why}")
     batch = {"effnet_fashion": 256, "minilm_austen": 64}[name] if not dry else 8
     steps, warmup = (60, 10) if not dry else (3, 1)
-    data = {**recipe.data_defaults, "batch_size": batch, "max_val_samples": 1000 if not dry else 16,
-            "max_train_samples": batch * steps}
+    data = {
+        **recipe.data_defaults,
+        "batch_size": batch,
+        "max_val_samples": 1000 if not dry else 16,
+        "max_train_samples": batch * steps,
+    }
     if not dry:
         data["num_workers"] = min(8, os.cpu_count() or 1)
     seed_everything(0)
@@ -316,21 +365,39 @@ def check_recipe(name: str, precision: str, dry: bool) -> dict:
     dm = recipe.datamodule_class(**data)
     meter = Meter(warmup, batch)
     peak_mem(reset=True)
-    trainer = trainer_for(precision, steps, meter, model, callbacks=[FineTuning(**recipe.finetuning_defaults)],
-                          val_batches=1.0, max_epochs=1)
+    trainer = trainer_for(
+        precision,
+        steps,
+        meter,
+        model,
+        callbacks=[FineTuning(**recipe.finetuning_defaults)],
+        val_batches=1.0,
+        max_epochs=1,
+    )
     trainer.fit(model, dm)
     metrics = trainer.validate(model, dm, verbose=False)[0]
-    return {"recipe": name, "precision": str(trainer.precision), "batch": batch, **meter.figures(),
-            "peak_mem_gib": peak_mem(), "val_acc": round(float(metrics.get("val/acc", float("nan"))), 4)}
+    return {
+        "recipe": name,
+        "precision": str(trainer.precision),
+        "batch": batch,
+        **meter.figures(),
+        "peak_mem_gib": peak_mem(),
+        "val_acc": round(float(metrics.get("val/acc", float("nan"))), 4),
+    }
 
 
 def group_checks(group: str, dry: bool) -> list[tuple[str, object]]:
     if group == "recipes":
-        return [(f"recipe_{r}_{p}", lambda r=r, p=p: check_recipe(r, p, dry))
-                for r in ("effnet_fashion", "minilm_austen") for p in PRECISIONS]
+        return [
+            (f"recipe_{r}_{p}", lambda r=r, p=p: check_recipe(r, p, dry))
+            for r in ("effnet_fashion", "minilm_austen")
+            for p in PRECISIONS
+        ]
     if group == "vit":
-        return [*((f"vit_{p}", lambda p=p: check_vit(p, dry)) for p in PRECISIONS),
-                ("vit_plain_loop_bf16", lambda: check_plain_loop(dry))]
+        return [
+            *((f"vit_{p}", lambda p=p: check_vit(p, dry)) for p in PRECISIONS),
+            ("vit_plain_loop_bf16", lambda: check_plain_loop(dry)),
+        ]
     if group == "fsdp":
         return [(f"fsdp_{k}", lambda k=k: check_fsdp(k, dry)) for k in ("frozen", "lora", "checkpointing")]
     if group == "compile":
@@ -352,8 +419,11 @@ def run_group(group: str, dry: bool, out: Path) -> None:
             if isinstance(err, KeyboardInterrupt):
                 raise
             first = (str(err).strip().splitlines() or [""])[0][:300]
-            result = {"ok": False, "error": f"{type(err).__name__}: {first}",
-                      "where": traceback.format_exc().strip().splitlines()[-3:]}
+            result = {
+                "ok": False,
+                "error": f"{type(err).__name__}: {first}",
+                "where": traceback.format_exc().strip().splitlines()[-3:],
+            }
         result["seconds"] = round(time.perf_counter() - t0, 1)
         with open(out, "a") as f:
             f.write(json.dumps({name: result}) + "\n")
@@ -385,8 +455,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     deadline = time.monotonic() + args.budget
-    result: dict = {"dry": args.dry, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "machine": machine(), "checks": {}}
+    result: dict = {
+        "dry": args.dry,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "checks": {},
+    }
     for group in groups:
         left = deadline - time.monotonic()
         if left < 15:
@@ -397,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", group, "--out", str(lines)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         try:
-            done = subprocess.run([*cmd, *(["--dry"] if args.dry else [])], env=env, capture_output=True,
-                                  text=True, timeout=left)
+            done = subprocess.run(
+                [*cmd, *(["--dry"] if args.dry else [])], env=env, capture_output=True, text=True, timeout=left
+            )
             tail = (done.stderr or "").strip().splitlines()[-1:] if done.returncode else []
         except subprocess.TimeoutExpired:
             tail = [f"timeout: the group ran past the budget ({left:.0f} s left when it started)"]

@@ -15,8 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 40, splits: bool = False,
-                      grey_every: int = 4) -> Path:
+def make_image_folder(
+    root: Path, classes: int = 3, per_class: int = 12, size: int = 40, splits: bool = False, grey_every: int = 4
+) -> Path:
     """Class subfolders of PNGs whose class is visible (a bright square in a class-specific corner); every
     ``grey_every``-th image is greyscale, to exercise mode conversion."""
     from PIL import Image
@@ -30,7 +31,7 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: i
                 img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
                 q = size // 2
                 y0, x0 = (c // 2) * q, (c % 2) * q
-                img[y0:y0 + q, x0:x0 + q] = 230
+                img[y0 : y0 + q, x0 : x0 + q] = 230
                 im = Image.fromarray(img)
                 if i % grey_every == 0:
                     im = im.convert("L")
@@ -76,5 +77,11 @@ def cli(capsys):
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run `python -m peft_lightning ARGS` as a user would."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "peft_lightning", *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "peft_lightning", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -45,11 +45,21 @@ def main() -> None:
     # bias) into visible steps; SGD keeps the comparison at rounding level.
     model = tiny_model(optimizer="sgd", lr=0.05)
     seen, summary = SeenSamples(), RunSummary()
-    trainer = Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes,
-                      strategy="ddp" if devices * num_nodes > 1 else "auto", max_epochs=2,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, num_sanity_val_steps=0, deterministic=True,
-                      callbacks=[FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=3), seen, summary])
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        callbacks=[FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=3), seen, summary],
+    )
     trainer.fit(model, tiny_data(folder, batch_size=batch))
     rank = trainer.global_rank
     (out / f"seen_{tag}_{rank}.json").write_text(json.dumps(seen.seen))

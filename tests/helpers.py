@@ -56,17 +56,35 @@ class StopAfterEpoch(Callback):
             trainer.should_stop = True
 
 
-def train(folder: Path, finetuning: FineTuning, epochs: int, *, root: Path | None = None, extra=(), ckpt_path=None,
-          model_kw=None, limit_val_batches: int | float = 1.0, logger=False):
+def train(
+    folder: Path,
+    finetuning: FineTuning,
+    epochs: int,
+    *,
+    root: Path | None = None,
+    extra=(),
+    ckpt_path=None,
+    model_kw=None,
+    limit_val_batches: int | float = 1.0,
+    logger=False,
+):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     model = tiny_model(**(model_kw or {}))
     callbacks = [finetuning, *extra]
     if root is not None:
         callbacks.append(ModelCheckpoint(dirpath=root, save_last=True))
-    trainer = Trainer(max_epochs=epochs, logger=logger, enable_checkpointing=root is not None,
-                      enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-                      limit_val_batches=limit_val_batches, callbacks=callbacks, num_sanity_val_steps=0)
+    trainer = Trainer(
+        max_epochs=epochs,
+        logger=logger,
+        enable_checkpointing=root is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        limit_val_batches=limit_val_batches,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, tiny_data(folder), ckpt_path=ckpt_path)
     return model, trainer
 
@@ -75,20 +93,64 @@ def tiny_cli_args(dataset: Path, root: Path, *extra: str, recipe: str = "vit_cif
     """``fit`` of a tiny random EfficientNet (3 classes, 32 px, batch 4, a fifth of the folder for validation, fp32,
     on the CPU whatever else the machine has, no progress bar, no test after fit) on an image folder, for tests
     that drive the CLI; ``extra`` flags go last (a later flag wins)."""
-    return ["fit", "--recipe", recipe, "--model.model_name", "test_efficientnet", "--model.pretrained", "false",
-            "--model.num_classes", "3", "--data.dataset", str(dataset), "--data.image_size", "32",
-            "--data.num_workers", "0", "--data.batch_size", "4", "--data.val_fraction", "0.2",
-            "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.accumulate_grad_batches", "1",
-            "--test_after_fit", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root), *extra]
+    return [
+        "fit",
+        "--recipe",
+        recipe,
+        "--model.model_name",
+        "test_efficientnet",
+        "--model.pretrained",
+        "false",
+        "--model.num_classes",
+        "3",
+        "--data.dataset",
+        str(dataset),
+        "--data.image_size",
+        "32",
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "4",
+        "--data.val_fraction",
+        "0.2",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.accumulate_grad_batches",
+        "1",
+        "--test_after_fit",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        *extra,
+    ]
 
 
 # Imported once by the fork server, so that each forked run starts in about a second (a fresh interpreter spends
 # 5-10 s of a busy 2-core machine importing them).
-_FORK_PRELOAD = ["lightning", "lightning.pytorch", "lightning.pytorch.cli", "lightning.pytorch.loggers", "torchmetrics",
-                 "torchvision", "timm", "jsonargparse", "datasets", "rich", "matplotlib.backends.backend_agg",
-                 "peft_lightning.cli", "peft_lightning.callbacks.checkpoint", "peft_lightning.report",
-                 "peft_lightning.engine", "recipes.vit_cifar", "reliability_callbacks", "helpers"]
+_FORK_PRELOAD = [
+    "lightning",
+    "lightning.pytorch",
+    "lightning.pytorch.cli",
+    "lightning.pytorch.loggers",
+    "torchmetrics",
+    "torchvision",
+    "timm",
+    "jsonargparse",
+    "datasets",
+    "rich",
+    "matplotlib.backends.backend_agg",
+    "peft_lightning.cli",
+    "peft_lightning.callbacks.checkpoint",
+    "peft_lightning.report",
+    "peft_lightning.engine",
+    "recipes.vit_cifar",
+    "reliability_callbacks",
+    "helpers",
+]
 
 
 def _forked_main(args: list[str], out: str, err: str) -> None:

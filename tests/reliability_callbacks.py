@@ -75,11 +75,13 @@ class RecordMetrics(Callback):
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        self.rows.append({
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            **{k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-        })
+        self.rows.append(
+            {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                **{k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+            }
+        )
         self._write()
 
     def on_train_end(self, trainer, pl_module):

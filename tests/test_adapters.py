@@ -41,19 +41,29 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("model_name, method", [
-    *[("test_vit", m) for m in METHODS],
-    # a convnet at 32 px: LoRA on its groups==1 convolutions, LoHa also on the depthwise ones
-    ("tf_efficientnet_lite0", "lora"),
-    ("tf_efficientnet_lite0", "loha"),
-])
+@pytest.mark.parametrize(
+    "model_name, method",
+    [
+        *[("test_vit", m) for m in METHODS],
+        # a convnet at 32 px: LoRA on its groups==1 convolutions, LoHa also on the depthwise ones
+        ("tf_efficientnet_lite0", "lora"),
+        ("tf_efficientnet_lite0", "loha"),
+    ],
+)
 def test_only_adapters_and_head_change(image_folder, model_name, method):
     model = ImageClassifier(model_name, num_classes=3, pretrained=False, lr=1e-2, peft=AdapterConfig(method, r=4))
     before = snapshot(model)
     trainable = model.trainable_parameter_names()
-    trainer = Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[FineTuning("full")])
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FineTuning("full")],
+    )
     trainer.fit(model, tiny_data(image_folder, image_size=32 if model_name != "test_vit" else None))
     after = snapshot(model)
     changed = {n for n in after if not torch.equal(after[n], before[n])}
@@ -67,8 +77,13 @@ def test_only_adapters_and_head_change(image_folder, model_name, method):
 
 def test_callback_schedules_adapters_by_layer_group_and_never_unfreezes_base(image_folder, vit_weights):
     rec = PhaseRecorder()
-    model, _ = train(image_folder, FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=2), epochs=2,
-                     extra=[rec], model_kw=vit(vit_weights))
+    model, _ = train(
+        image_folder,
+        FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=2),
+        epochs=2,
+        extra=[rec],
+        model_kw=vit(vit_weights),
+    )
     # Adapter parameters are grouped with their block: epoch 0 trains the head, epoch 1 blocks.5's adapters too.
     assert rec.changed == [["head"], ["blocks.5", "head"]]
     groups = dict(model.layer_groups())
@@ -83,15 +98,27 @@ def test_adapter_only_checkpoint_resumes_exactly(image_folder, vit_weights, tmp_
     strategy, kw, stop_after, epochs = "retune", {"monitor": "val/loss", "mode": "min", "round_epochs": 2}, 1, 3
     mkw = vit(vit_weights)
     full, _ = train(image_folder, FineTuning(strategy, **kw), epochs, model_kw=mkw)
-    train(image_folder, FineTuning(strategy, **kw), epochs, root=tmp_path, extra=[StopAfterEpoch(stop_after)],
-          model_kw=mkw)
+    train(
+        image_folder,
+        FineTuning(strategy, **kw),
+        epochs,
+        root=tmp_path,
+        extra=[StopAfterEpoch(stop_after)],
+        model_kw=mkw,
+    )
     ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)  # plain types only
     assert set(ckpt["state_dict"]) == set(full.trainable_state_dict())
     assert not any(".base_layer." in k or ".original_module." in k for k in ckpt["state_dict"])
     for state in ckpt["callbacks"].values():  # retune's best weights are adapter-sized too
         assert state.get("best_state") is None or set(state["best_state"]) == set(ckpt["state_dict"])
-    resumed, _ = train(image_folder, FineTuning(strategy, **kw), epochs, root=tmp_path / "again",
-                       ckpt_path=str(tmp_path / "last.ckpt"), model_kw=mkw)
+    resumed, _ = train(
+        image_folder,
+        FineTuning(strategy, **kw),
+        epochs,
+        root=tmp_path / "again",
+        ckpt_path=str(tmp_path / "last.ckpt"),
+        model_kw=mkw,
+    )
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
 
@@ -116,8 +143,9 @@ def test_export_round_trips_and_merge_preserves_outputs(vit_weights, tmp_path, m
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    model = ImageClassifier("test_vit", num_classes=3, checkpoint_path=vit_weights,
-                            peft=AdapterConfig(method, r=4)).eval()
+    model = ImageClassifier(
+        "test_vit", num_classes=3, checkpoint_path=vit_weights, peft=AdapterConfig(method, r=4)
+    ).eval()
     torch.manual_seed(1)
     with torch.no_grad():  # adapters start as the identity: move them so that merging has something to merge
         for name, p in model.named_parameters():
@@ -127,8 +155,12 @@ def test_export_round_trips_and_merge_preserves_outputs(vit_weights, tmp_path, m
     with torch.no_grad():
         expected = model(x)
     written = export(model, tmp_path, merge=True)
-    assert {p.name for p in written} == {"adapter_config.json", "adapter_model.safetensors", "model.safetensors",
-                                         "README.md"}
+    assert {p.name for p in written} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "model.safetensors",
+        "README.md",
+    }
     card = (tmp_path / "README.md").read_text()  # ours, not peft's template
     assert "[More Information Needed]" not in card and f"({'`peft`'} {method})" in card
 
@@ -145,8 +177,9 @@ def test_export_round_trips_and_merge_preserves_outputs(vit_weights, tmp_path, m
         assert torch.allclose(merged.eval()(x), expected, atol=1e-4)
         assert not torch.allclose(base().eval()(x), expected, atol=1e-3)  # the adapters and head do matter
         # what `predict` builds from the adapter folder (--peft.adapter_path) and the merged file
-        from_adapter = ImageClassifier("test_vit", num_classes=3, checkpoint_path=vit_weights,
-                                       peft=AdapterConfig(adapter_path=str(tmp_path))).eval()
+        from_adapter = ImageClassifier(
+            "test_vit", num_classes=3, checkpoint_path=vit_weights, peft=AdapterConfig(adapter_path=str(tmp_path))
+        ).eval()
         assert from_adapter.adapter_config.method == method
         assert torch.allclose(from_adapter(x), expected, atol=1e-5)
         from_merged = ImageClassifier("test_vit", num_classes=3, checkpoint_path=str(tmp_path / "model.safetensors"))
@@ -172,9 +205,23 @@ def test_cli_export_writes_a_model_card_from_the_checkpoint_and_its_run(tmp_path
     weights = tmp_path / "base.safetensors"  # a fixed base: the adapters are only valid on it
     save_file(timm.create_model("test_efficientnet", num_classes=3).state_dict(), str(weights))
     images = make_image_folder(tmp_path / "images", classes=3, per_class=8, size=32, splits=True)
-    code, _, err = cli(*tiny_cli_args(images, tmp_path / "runs", "--model.checkpoint_path", str(weights),
-                                      "--peft.method", "lora", "--peft.r", "4", "--trainer.max_epochs", "1",
-                                      "--test_after_fit", "true", "--quiet"))
+    code, _, err = cli(
+        *tiny_cli_args(
+            images,
+            tmp_path / "runs",
+            "--model.checkpoint_path",
+            str(weights),
+            "--peft.method",
+            "lora",
+            "--peft.r",
+            "4",
+            "--trainer.max_epochs",
+            "1",
+            "--test_after_fit",
+            "true",
+            "--quiet",
+        )
+    )
     assert code == 0, err
     (run,) = (tmp_path / "runs" / "vit_cifar").iterdir()
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
@@ -188,12 +235,23 @@ def test_cli_export_writes_a_model_card_from_the_checkpoint_and_its_run(tmp_path
     score = next(float(s["best_model_score"]) for s in ckpt["callbacks"].values() if "best_model_score" in s)
     with open(run / "metrics.csv", newline="") as f:
         test_acc = next(float(r["test/acc"]) for r in csv.DictReader(f) if r.get("test/acc"))
-    for needle in ("recipe `vit_cifar`", "LoRA (`peft` lora)", "| r | 4 |", "| alpha | 16 ", "timm `test_efficientnet`",
-                   f"the local file `{weights}`", f"`{images}`", "`class_0`, `class_1`, `class_2`",
-                   f"`val/acc` (higher is better): **{score:.4f}**", "this checkpoint holds those weights",
-                   f"`test/acc` {test_acc:.4f}", f"epoch {ckpt['epoch']}, global step {ckpt['global_step']}",
-                   "| trainable parameters | ", "PeftModel.from_pretrained(base, ",
-                   f"predict --recipe vit_cifar --peft.adapter_path {out}"):
+    for needle in (
+        "recipe `vit_cifar`",
+        "LoRA (`peft` lora)",
+        "| r | 4 |",
+        "| alpha | 16 ",
+        "timm `test_efficientnet`",
+        f"the local file `{weights}`",
+        f"`{images}`",
+        "`class_0`, `class_1`, `class_2`",
+        f"`val/acc` (higher is better): **{score:.4f}**",
+        "this checkpoint holds those weights",
+        f"`test/acc` {test_acc:.4f}",
+        f"epoch {ckpt['epoch']}, global step {ckpt['global_step']}",
+        "| trainable parameters | ",
+        "PeftModel.from_pretrained(base, ",
+        f"predict --recipe vit_cifar --peft.adapter_path {out}",
+    ):
         assert needle in card, f"{needle!r} not in\n{card}"
     snippets = run_card_snippets(out / "README.md")
     task = load_task(VitCifar, best)
@@ -204,10 +262,13 @@ def test_cli_export_writes_a_model_card_from_the_checkpoint_and_its_run(tmp_path
         assert torch.allclose(snippets["merged"].eval()(x), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("peft, match", [
-    (AdapterConfig("lora", target_modules=["nothing_here"]), "matches no module.*qkv"),
-    (AdapterConfig("lora", target_modules=["conv_dw"]), "cannot adapt"),  # depthwise: LoRA refuses
-])
+@pytest.mark.parametrize(
+    "peft, match",
+    [
+        (AdapterConfig("lora", target_modules=["nothing_here"]), "matches no module.*qkv"),
+        (AdapterConfig("lora", target_modules=["conv_dw"]), "cannot adapt"),  # depthwise: LoRA refuses
+    ],
+)
 def test_bad_targets_stop_with_one_line(peft, match):
     name = "tf_efficientnet_lite0" if "conv_dw" in peft.target_modules else "test_vit"
     with pytest.raises(UsageError, match=match) as err:
@@ -222,8 +283,14 @@ def test_cli_export_and_predict_from_an_adapter_checkpoint_of_a_recipe(tmp_path,
         pytest.skip(EffnetFashion.availability()[1])
     folder = make_image_folder(tmp_path / "images", classes=10, per_class=4, size=32, splits=True)
     model = EffnetFashion(peft=AdapterConfig("lora", r=4))
-    trainer = Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     data = tiny_data(folder, image_size=32, val_fraction=0.4)
     trainer.fit(model, data)
     ckpt = tmp_path / "adapter.ckpt"
@@ -248,12 +315,21 @@ def test_cli_export_and_predict_from_an_adapter_checkpoint_of_a_recipe(tmp_path,
     garbage.write_bytes(b"not a checkpoint")
     from peft_lightning.cli import main
 
-    for args, match in [(["--recipe", "nope"], "unknown recipe"),
-                        (["--recipe", "effnet_fashion", "--ckpt_path", str(tmp_path / "missing.ckpt")], "does not exist"),
-                        (["--recipe", "effnet_fashion", "--ckpt_path", str(garbage)], "cannot load")]:
+    for args, match in [
+        (["--recipe", "nope"], "unknown recipe"),
+        (["--recipe", "effnet_fashion", "--ckpt_path", str(tmp_path / "missing.ckpt")], "does not exist"),
+        (["--recipe", "effnet_fashion", "--ckpt_path", str(garbage)], "cannot load"),
+    ]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_:
-            main(["export", *args, *(["--ckpt_path", str(ckpt)] if "--ckpt_path" not in args else []),
-                  "--out", str(tmp_path / "bad")])
+            main(
+                [
+                    "export",
+                    *args,
+                    *(["--ckpt_path", str(ckpt)] if "--ckpt_path" not in args else []),
+                    "--out",
+                    str(tmp_path / "bad"),
+                ]
+            )
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and match in err and len(err.strip().splitlines()) == 1, err

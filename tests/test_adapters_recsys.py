@@ -30,9 +30,16 @@ def tiny_encoder(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("tiny-encoder")
     tok = transformers.AutoTokenizer.from_pretrained(default_text_encoder())
-    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -54,8 +61,7 @@ def loader() -> DataLoader:
 def two_tower(encoder: str, method: str | None = "lora", **kw) -> Recommender:
     seed_everything(3)
     peft = AdapterConfig(method, r=4) if method else None
-    model = Recommender("two_tower", num_users=USERS, num_items=ITEMS, text_encoder=encoder, lr=1e-2, peft=peft,
-                        **kw)
+    model = Recommender("two_tower", num_users=USERS, num_items=ITEMS, text_encoder=encoder, lr=1e-2, peft=peft, **kw)
     model.set_item_text(TEXTS)
     return model
 
@@ -64,8 +70,16 @@ def train(model, epochs, *, root=None, ckpt_path=None, extra=()) -> Trainer:
     callbacks = [FineTuning("full"), *extra]
     if root is not None:
         callbacks.append(ModelCheckpoint(dirpath=root, save_last=True))
-    trainer = Trainer(max_epochs=epochs, logger=False, enable_checkpointing=root is not None, limit_val_batches=0,
-                      enable_progress_bar=False, enable_model_summary=False, deterministic=True, callbacks=callbacks)
+    trainer = Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=root is not None,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=callbacks,
+    )
     trainer.fit(model, loader(), ckpt_path=ckpt_path)
     return trainer
 
@@ -114,15 +128,22 @@ def test_pretrained_checkpoint_fine_tuned_through_adapters_and_exported_merged(t
     base = dict(model.named_parameters())
     for name, p in pre.named_parameters():  # every pretrained weight is where the adapters start from
         inner = name.replace("item_text.encoder.", "item_text.encoder.base_model.model.")
-        inner = inner if inner in base else inner.replace(".weight", ".base_layer.weight").replace(
-            ".bias", ".base_layer.bias")
+        inner = (
+            inner
+            if inner in base
+            else inner.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        )
         assert torch.equal(base[inner if inner in base else name], p), name
     train(model, 1)
     with pytest.raises(UsageError, match="pass --merge"):
         export(model, tmp_path / "x")
     written = export(model, tmp_path / "x", merge=True)
-    assert {p.name for p in written} == {"adapter_config.json", "adapter_model.safetensors", "model.safetensors",
-                                         "README.md"}
+    assert {p.name for p in written} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "model.safetensors",
+        "README.md",
+    }
     assert "--model.init_from" in (tmp_path / "x" / "README.md").read_text()  # the adapter folder alone is no model
     again = two_tower(tiny_encoder, None, init_from=str(tmp_path / "x" / "model.safetensors"))
     users = torch.arange(USERS)

@@ -31,9 +31,16 @@ def tiny_bert(tmp_path_factory) -> str:
     import transformers
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *string.ascii_lowercase]
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=37, max_position_embeddings=64,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_bert")
     transformers.BertModel(config).save_pretrained(folder)
@@ -63,9 +70,17 @@ def model_for(tiny_bert: str, method: str | None = "lora", **kw) -> TextClassifi
 def train(model, callbacks, epochs, *, root=None, ckpt_path=None, val=True) -> Trainer:
     if root is not None:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=root, save_last=True)]
-    trainer = Trainer(max_epochs=epochs, logger=False, enable_checkpointing=root is not None,
-                      enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-                      num_sanity_val_steps=0, callbacks=callbacks, limit_val_batches=1.0 if val else 0)
+    trainer = Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=root is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        limit_val_batches=1.0 if val else 0,
+    )
     trainer.fit(model, loader(), loader(seed=1, n_batches=1) if val else None, ckpt_path=ckpt_path)
     return trainer
 
@@ -89,7 +104,10 @@ def test_only_adapters_and_head_change(tiny_bert, method):
     adapted = {n.split(".layer.")[1].split(".")[0] for n in changed if ".encoder.layer." in n}
     assert adapted == {"0", "1"}
     assert {n.split(".attention.self.")[1].split(".")[0] for n in changed if ".attention.self." in n} == {
-        "query", "key", "value"}
+        "query",
+        "key",
+        "value",
+    }
     assert any(".intermediate.dense." in n for n in changed) and any(".output.dense." in n for n in changed)
     assert not any("embeddings" in n for n in trainable)
 
@@ -193,23 +211,54 @@ def test_cli_fit_export_and_predict_from_checkpoint_adapter_and_merged(tiny_bert
             w.writerow(["idx", "sentence", "label"])
             for i in range(n):
                 w.writerow([i, f"the movie was {['bad', 'good'][i % 2]} {string.ascii_lowercase[i % 26]}", i % 2])
-    common = ["--recipe", "bert_sst2", "--data.dataset", str(data), "--data.num_workers", "0",
-              "--data.batch_size", "8", "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
-              "--trainer.enable_model_summary", "false"]
+    common = [
+        "--recipe",
+        "bert_sst2",
+        "--data.dataset",
+        str(data),
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "8",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
     root = tmp_path / "run"
-    code, out, err = cli("fit", *common, "--model.model_name", tiny_bert, "--peft.method", "lora", "--peft.r", "4",
-                         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-                         "--trainer.default_root_dir", str(root), "--checkpoint.dirpath", str(root))
+    code, out, err = cli(
+        "fit",
+        *common,
+        "--model.model_name",
+        tiny_bert,
+        "--peft.method",
+        "lora",
+        "--peft.r",
+        "4",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.default_root_dir",
+        str(root),
+        "--checkpoint.dirpath",
+        str(root),
+    )
     assert code == 0, err[-3000:]
     assert "bert_sst2: test/acc" in out
     ckpt = root / "last.ckpt"
     assert "adapter_only" in torch.load(ckpt, map_location="cpu", weights_only=True)
-    code, out, err = cli("export", "--recipe", "bert_sst2", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "x"),
-                         "--merge")
+    code, out, err = cli(
+        "export", "--recipe", "bert_sst2", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "x"), "--merge"
+    )
     assert code == 0, err[-3000:]
     predict = ["predict", *common, "--trainer.default_root_dir", str(tmp_path / "p")]
-    for args in (["--model.model_name", tiny_bert, "--ckpt_path", str(ckpt)],  # the adapters come from the ckpt
-                 ["--model.model_name", tiny_bert, "--peft.adapter_path", str(tmp_path / "x")],
-                 ["--model.model_name", str(tmp_path / "x" / "merged")]):
+    for args in (
+        ["--model.model_name", tiny_bert, "--ckpt_path", str(ckpt)],  # the adapters come from the ckpt
+        ["--model.model_name", tiny_bert, "--peft.adapter_path", str(tmp_path / "x")],
+        ["--model.model_name", str(tmp_path / "x" / "merged")],
+    ):
         code, out, err = cli(*predict, *args)
         assert code == 0, (args, err[-3000:])

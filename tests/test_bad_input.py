@@ -58,18 +58,16 @@ def env(tmp_path_factory) -> dict[str, Path]:
     paths["pixels"] = base / "pixels.parquet"  # Fashion-MNIST as flat pixel lists: no column holds images
     datasets.Dataset.from_dict({"pixels": [[0] * 784] * 12, "label": [0, 1, 2] * 4}).to_parquet(str(paths["pixels"]))
     paths["no_image"] = base / "no_image"
-    datasets.Dataset.from_dict({"text": ["a"] * 12, "label": [0, 1, 2] * 4}).save_to_disk(
-        str(paths["no_image"])
-    )
+    datasets.Dataset.from_dict({"text": ["a"] * 12, "label": [0, 1, 2] * 4}).save_to_disk(str(paths["no_image"]))
     labelled = (
         datasets.Dataset.from_dict({"image": pngs, "label": [0, 1, 2] * 4})
         .cast_column("image", datasets.Image())
         .cast_column("label", datasets.ClassLabel(names=["a", "b", "c"]))
     )
     paths["empty_split"] = base / "empty_split"
-    datasets.DatasetDict(
-        {"train": labelled, "validation": labelled, "test": labelled.select([])}
-    ).save_to_disk(str(paths["empty_split"]))
+    datasets.DatasetDict({"train": labelled, "validation": labelled, "test": labelled.select([])}).save_to_disk(
+        str(paths["empty_split"])
+    )
 
     (base / "garbage.ckpt").write_bytes(os.urandom(4096))
     real = base / "real.ckpt"
@@ -98,13 +96,20 @@ def env(tmp_path_factory) -> dict[str, Path]:
 EVERY_BATCH = ("--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0", "--test_after_fit", "true")
 
 
-def tiny(
-    env: dict[str, Path], *extra: str, dataset: Path | None = None, recipe: str = "vit_cifar"
-) -> list[str]:
+def tiny(env: dict[str, Path], *extra: str, dataset: Path | None = None, recipe: str = "vit_cifar") -> list[str]:
     # One epoch of two training batches and one validation batch.
-    return tiny_cli_args(dataset or env["images"], env["root"], "--trainer.max_epochs", "1",
-                         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", *extra,
-                         recipe=recipe)
+    return tiny_cli_args(
+        dataset or env["images"],
+        env["root"],
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        *extra,
+        recipe=recipe,
+    )
 
 
 # (case id, argv builder, what the error line must say). Exit code 2 throughout: all of these are the user's to fix.
@@ -311,9 +316,11 @@ DATA_OPTIONS = [
 @pytest.mark.parametrize("domain, option, value, line", DATA_OPTIONS, ids=[f"{d}-{o}" for d, o, *_ in DATA_OPTIONS])
 def test_bad_data_options_stop_at_construction_with_one_line(domain, option, value, line, env, cli):
     flag = (f"--data.{option}", value)
-    argv = {"vision": lambda: tiny(env, *flag),
-            "text": lambda: ["fit", "--recipe", "minilm_austen", *flag],
-            "recsys": lambda: ["fit", "--recipe", "bpr_movielens", *flag]}[domain]()
+    argv = {
+        "vision": lambda: tiny(env, *flag),
+        "text": lambda: ["fit", "--recipe", "minilm_austen", *flag],
+        "recsys": lambda: ["fit", "--recipe", "bpr_movielens", *flag],
+    }[domain]()
     code, _, err = cli(*argv)
     errors = [x for x in err.strip().splitlines() if x.startswith("error:")]
     assert code == 2, (code, err[-3000:])
@@ -338,10 +345,7 @@ def test_debug_shows_the_traceback(env, cli):
 def test_bad_input_in_a_real_process(argv, needle, env):
     res = run_cli(*argv(env), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"})
     assert res.returncode == 2, res.stderr[-3000:]
-    assert (
-        res.stderr.strip().splitlines()[-1].startswith("error: ")
-        and needle in res.stderr.strip().splitlines()[-1]
-    )
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ") and needle in res.stderr.strip().splitlines()[-1]
     assert "Traceback" not in res.stderr and not env["marker"].exists()
     debug = run_cli(*argv(env), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}", "PEFT_LIGHTNING_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -33,9 +33,7 @@ def test_ratio_summary_pairs_rounds():
 
 
 def test_quality_reads_the_cli_line():
-    out = (
-        "noise\neffnet_fashion: test/acc 0.9012  test/f1 0.8990  wall 4m51s  (best checkpoint /x/best.ckpt)\n"
-    )
+    out = "noise\neffnet_fashion: test/acc 0.9012  test/f1 0.8990  wall 4m51s  (best checkpoint /x/best.ckpt)\n"
     assert parse(out) == {"test/acc": 0.9012, "test/f1": 0.899, "cli_wall_s": 291}
     with pytest.raises(ValueError):
         parse("Trainer.fit stopped\n")

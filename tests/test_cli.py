@@ -14,17 +14,21 @@ from conftest import ROOT, run_cli
 
 
 def test_help_and_import_do_not_load_heavy_libraries():
-    code = ("import sys, runpy; sys.argv=['peft_lightning','--help'];"
-            "import peft_lightning; runpy.run_module('peft_lightning', run_name='__main__');"
-            "heavy=[m for m in ('timm','transformers','datasets') if m in sys.modules]; print('HEAVY', heavy)")
+    code = (
+        "import sys, runpy; sys.argv=['peft_lightning','--help'];"
+        "import peft_lightning; runpy.run_module('peft_lightning', run_name='__main__');"
+        "heavy=[m for m in ('timm','transformers','datasets') if m in sys.modules]; print('HEAVY', heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "fit" in out and "HEAVY []" in out
 
 
 def test_list_shows_recipes_with_domain_and_availability_without_importing_torch():
-    code = ("import sys, runpy; sys.argv=['peft_lightning','list'];"
-            "runpy.run_module('peft_lightning', run_name='__main__');"
-            "print('HEAVY', [m for m in ('torch', 'lightning', 'datasets') if m in sys.modules])")
+    code = (
+        "import sys, runpy; sys.argv=['peft_lightning','list'];"
+        "runpy.run_module('peft_lightning', run_name='__main__');"
+        "print('HEAVY', [m for m in ('torch', 'lightning', 'datasets') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out  # torch alone takes ~2 s to import (benchmarks: `startup`)
     for name in ("effnet_fashion", "vit_cifar"):
@@ -91,18 +95,22 @@ def test_every_recipe_prints_a_complete_config_that_parses_back(name, tmp_path, 
 def test_overrides_from_cli_and_yaml(tmp_path, cli):
     path = tmp_path / "run.yaml"
     path.write_text("recipe: effnet_fashion\nmodel:\n  lr: 0.0005\ndata:\n  batch_size: 16\n")
-    code, out, err = cli("fit", "-c", str(path), "--trainer.max_epochs", "7", "--finetuning.strategy", "gradual",
-                         "--print_config")
+    code, out, err = cli(
+        "fit", "-c", str(path), "--trainer.max_epochs", "7", "--finetuning.strategy", "gradual", "--print_config"
+    )
     cfg = yaml.safe_load(out)
     assert cfg["model"]["lr"] == 0.0005 and cfg["data"]["batch_size"] == 16
     assert cfg["trainer"]["max_epochs"] == 7 and cfg["finetuning"]["strategy"] == "gradual"
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--model.lr", "fast"], "model.lr"),
-    (["--model.nope", "3"], "unrecognized arguments: --model.nope"),
-    (["--finetuning.strategy", "sometimes"], "finetuning.strategy"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model.lr", "fast"], "model.lr"),
+        (["--model.nope", "3"], "unrecognized arguments: --model.nope"),
+        (["--finetuning.strategy", "sometimes"], "finetuning.strategy"),
+    ],
+)
 def test_bad_flags_are_one_line_usage_errors(args, needle, cli):
     code, _, err = cli("fit", "--recipe", "effnet_fashion", *args)
     assert code == 2 and needle in err
@@ -112,6 +120,11 @@ def test_bad_flags_are_one_line_usage_errors(args, needle, cli):
 def test_the_command_line_reference_is_current():
     """docs/cli.md is generated from every command's --help: a changed flag or help text without a rerun of
     scripts/cli_reference.py fails here."""
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "cli_reference.py"), "--check"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "cli_reference.py"), "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-2000:]

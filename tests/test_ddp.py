@@ -20,8 +20,14 @@ SCRIPT = ROOT / "tests" / "ddp_run.py"
 
 def run_script(out: Path, folder: Path, devices: int, batch: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), str(batch), str(folder)], env=env,
-                          cwd=out, timeout=600, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), str(devices), str(batch), str(folder)],
+        env=env,
+        cwd=out,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -50,7 +56,10 @@ def assert_same_run(out: Path, single: str, multi: str, ranks: int) -> None:
             for i in range(ranks):
                 for j in range(i + 1, ranks):
                     assert not parts[i] & parts[j], (epoch, step)  # disjoint shards
-    assert "global batch 8 = 8 per device x 1 device x 1 node x 1 accumulated" in (out / f"summary_{single}.txt").read_text()
+    assert (
+        "global batch 8 = 8 per device x 1 device x 1 node x 1 accumulated"
+        in (out / f"summary_{single}.txt").read_text()
+    )
 
 
 def single_process_baseline(tmp_path_factory) -> tuple[Path, Path]:

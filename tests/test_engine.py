@@ -80,16 +80,23 @@ class Reference8(type(tiny_model())):
     reference_global_batch = 8
 
 
-@pytest.mark.parametrize("rule, factor", [("linear", 2.0), ("sqrt", 2 ** 0.5), ("none", 1.0)])
+@pytest.mark.parametrize("rule, factor", [("linear", 2.0), ("sqrt", 2**0.5), ("none", 1.0)])
 def test_lr_scales_with_the_global_batch_and_the_summary_says_so(image_folder, rule, factor, caplog):
     from lightning.pytorch import seed_everything
 
     seed_everything(7)
     model = Reference8("test_vit", num_classes=3, pretrained=False, lr=1e-2, scale_lr=rule)
     summary = engine.RunSummary("because")
-    trainer = Trainer(max_steps=1, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[FineTuning("full"), summary])
+    trainer = Trainer(
+        max_steps=1,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FineTuning("full"), summary],
+    )
     trainer.fit(model, tiny_data(image_folder))
     assert model.lr == pytest.approx(1e-2 * factor) and model.base_lr == 1e-2
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(1e-2 * factor)
@@ -101,8 +108,14 @@ def test_lr_scales_with_the_global_batch_and_the_summary_says_so(image_folder, r
 
 def test_scale_lr_without_a_reference_batch_is_a_usage_error(image_folder):
     model = tiny_model(scale_lr="linear")
-    trainer = Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(UsageError, match="reference_global_batch"):
         trainer.fit(model, tiny_data(image_folder))
 

@@ -16,15 +16,37 @@ pytestmark = pytest.mark.slow
 
 def test_dry_run_writes_figures_and_records_errors(tmp_path):
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry", "--only",
-                           "vit,fsdp,compile", "--budget", "900", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_check.py"),
+            "--dry",
+            "--only",
+            "vit,fsdp,compile",
+            "--budget",
+            "900",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["dry"] is True and result["machine"]["torch"]
     checks = result["checks"]
-    assert set(checks) == {"vit_32-true", "vit_bf16-mixed", "vit_16-mixed", "vit_plain_loop_bf16", "fsdp_frozen",
-                           "fsdp_lora", "fsdp_checkpointing", "compile_vit_bf16"}
+    assert set(checks) == {
+        "vit_32-true",
+        "vit_bf16-mixed",
+        "vit_16-mixed",
+        "vit_plain_loop_bf16",
+        "fsdp_frozen",
+        "fsdp_lora",
+        "fsdp_checkpointing",
+        "compile_vit_bf16",
+    }
     for name in ("vit_32-true", "vit_bf16-mixed", "vit_16-mixed", "vit_plain_loop_bf16", "compile_vit_bf16"):
         res = checks[name]
         assert res["ok"], (name, res)
@@ -38,6 +60,11 @@ def test_dry_run_writes_figures_and_records_errors(tmp_path):
 
 
 def test_unknown_group_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--only", "warp"],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--only", "warp"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and done.stderr.strip().startswith("error: unknown group")

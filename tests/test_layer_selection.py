@@ -33,16 +33,19 @@ from helpers import tiny_cli_args, tiny_data
 GROUPS = ["stem", *[f"blocks.{i}" for i in range(7)], "head"]
 
 
-@pytest.mark.parametrize("selector, expected", [
-    (["stem", "blocks.0", "head"], ["stem", "blocks.0", "head"]),
-    ("blocks.4-6", ["blocks.4", "blocks.5", "blocks.6"]),
-    ("blocks.6-4", ["blocks.4", "blocks.5", "blocks.6"]),
-    ("blocks.*", [f"blocks.{i}" for i in range(7)]),
-    (3, ["blocks.5", "blocks.6", "head"]),
-    ("2", ["blocks.6", "head"]),
-    (["head", "blocks.0-1", "head"], ["blocks.0", "blocks.1", "head"]),  # model order, no duplicates
-    (None, GROUPS),
-])
+@pytest.mark.parametrize(
+    "selector, expected",
+    [
+        (["stem", "blocks.0", "head"], ["stem", "blocks.0", "head"]),
+        ("blocks.4-6", ["blocks.4", "blocks.5", "blocks.6"]),
+        ("blocks.6-4", ["blocks.4", "blocks.5", "blocks.6"]),
+        ("blocks.*", [f"blocks.{i}" for i in range(7)]),
+        (3, ["blocks.5", "blocks.6", "head"]),
+        ("2", ["blocks.6", "head"]),
+        (["head", "blocks.0-1", "head"], ["blocks.0", "blocks.1", "head"]),  # model order, no duplicates
+        (None, GROUPS),
+    ],
+)
 def test_selectors_name_any_set_of_groups(selector, expected):
     assert select_groups(selector, GROUPS) == expected
 
@@ -61,11 +64,17 @@ def phases(strategy: Strategy, epochs: int, **state) -> list[list[str]]:
 
 def test_builtin_strategies_work_on_sets_with_holes():
     assert phases(FreezeUnfreeze(head="head", at_epoch=1, target=["blocks.0", "head"]), 2) == [
-        ["head"], ["blocks.0", "head"]]
+        ["head"],
+        ["blocks.0", "head"],
+    ]
     # gradual adds the target's groups from the top down, skipping what is not in the target
     assert phases(Gradual(head="head", at_epoch=1, target=["stem", "blocks.0", "blocks.6", "head"]), 5) == [
-        ["head"], ["blocks.6", "head"], ["blocks.0", "blocks.6", "head"], ["stem", "blocks.0", "blocks.6", "head"],
-        ["stem", "blocks.0", "blocks.6", "head"]]
+        ["head"],
+        ["blocks.6", "head"],
+        ["blocks.0", "blocks.6", "head"],
+        ["stem", "blocks.0", "blocks.6", "head"],
+        ["stem", "blocks.0", "blocks.6", "head"],
+    ]
     ms = Milestones([Milestone(1, ["blocks.0", "head"], 0.5), Milestone(2, 2)])
     assert phases(ms, 3) == [["head"], ["blocks.0", "head"], ["blocks.6", "head"]]
     assert ms.phase(State(epoch=1, groups=GROUPS)).lr_scale == 0.5
@@ -74,7 +83,10 @@ def test_builtin_strategies_work_on_sets_with_holes():
 def test_retune_rounds_add_groups_top_down_or_by_gradient_norm_and_resume():
     top = Retune(head="head", per_round=2, lr_scale=0.5)
     assert [top.phase(State(0, GROUPS, round=r)).groups for r in range(3)] == [
-        ["head"], ["blocks.5", "blocks.6", "head"], ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "head"]]
+        ["head"],
+        ["blocks.5", "blocks.6", "head"],
+        ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "head"],
+    ]
     assert top.phase(State(0, GROUPS, round=2)).lr_scale == 0.25
     rgn = Retune(head="head", per_round=1, order="rgn")
     probe = {g: 0.1 for g in GROUPS} | {"blocks.0": 0.9, "stem": 0.5}
@@ -89,8 +101,7 @@ def test_retune_rounds_add_groups_top_down_or_by_gradient_norm_and_resume():
 def test_auto_selects_by_threshold_or_count_and_scales_by_rgn_normalised_below_the_head():
     # A fresh head's RGN dwarfs the body's: it is left out of the normalisation and always trains at full LR.
     probe = {g: 0.01 for g in GROUPS} | {"blocks.0": 0.8, "blocks.1": 0.5, "head": 20.0}
-    assert Auto("select", threshold=0.5).phase(State(0, GROUPS, probe=probe)).groups == [
-        "blocks.0", "blocks.1", "head"]
+    assert Auto("select", threshold=0.5).phase(State(0, GROUPS, probe=probe)).groups == ["blocks.0", "blocks.1", "head"]
     assert Auto("select", count=1).phase(State(0, GROUPS, probe=probe)).groups == ["blocks.0", "head"]
     scaled = Auto("scale").phase(State(0, GROUPS, probe=probe))
     assert scaled.groups == GROUPS and scaled.group_lr_scales["blocks.0"] == 1.0
@@ -139,9 +150,18 @@ def tiny_effnet(**kw):
 
 
 def fit_tiny(model, folder, callback, epochs=1, **kw):
-    trainer = Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, callbacks=[callback], **kw)
+    trainer = Trainer(
+        max_epochs=epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+        **kw,
+    )
     trainer.fit(model, tiny_data(folder, image_size=32))
     return trainer
 
@@ -186,14 +206,28 @@ def test_auto_in_the_other_domains(sentiment_csv, tiny_bert, synth, tmp_path, on
 
     text = TextClassifier(tiny_bert, num_labels=3, lr=1e-2)
     ft2 = FineTuning("auto", probe_batches=1)
-    Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, callbacks=[ft2]).fit(text, datamodule(sentiment_csv, tiny_bert, tmp_path))
+    Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[ft2],
+    ).fit(text, datamodule(sentiment_csv, tiny_bert, tmp_path))
     assert set(ft2.probe["rgn"]) == {g for g, _ in text.layer_groups()}
     rec = Recommender("mf", num_users=30, num_items=40, lr=1e-2)
     ft3 = FineTuning("auto", probe_batches=1)
-    Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, num_sanity_val_steps=0, callbacks=[ft3]).fit(
-        rec, MovieLensDataModule(str(synth), val_fraction=0.2, num_negatives=2, batch_size=32))
+    Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[ft3],
+    ).fit(rec, MovieLensDataModule(str(synth), val_fraction=0.2, num_negatives=2, batch_size=32))
     assert set(ft3.probe["rgn"]) == {g for g, _ in rec.layer_groups()}
 
 
@@ -211,10 +245,26 @@ class EveryOtherRound(Strategy):
 
 
 def test_a_user_strategy_runs_through_the_cli_with_rounds_and_resumes(image_folder, tmp_path, cli):
-    common = ["--finetuning.strategy", "test_layer_selection:EveryOtherRound", "--finetuning.round_epochs", "1",
-              "--finetuning.monitor", "val/loss", "--finetuning.mode", "min", "--finetuning.min_delta", "-1",
-              "--data.augment", "false", "--trainer.deterministic", "true", "--trainer.limit_train_batches", "2",
-              "--trainer.limit_val_batches", "1"]
+    common = [
+        "--finetuning.strategy",
+        "test_layer_selection:EveryOtherRound",
+        "--finetuning.round_epochs",
+        "1",
+        "--finetuning.monitor",
+        "val/loss",
+        "--finetuning.mode",
+        "min",
+        "--finetuning.min_delta",
+        "-1",
+        "--data.augment",
+        "false",
+        "--trainer.deterministic",
+        "true",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+    ]
 
     def fit(root: Path, epochs: int, *extra: str) -> Path:
         code, out, err = cli(*tiny_cli_args(image_folder, root, *common, "--trainer.max_epochs", str(epochs), *extra))
@@ -246,10 +296,23 @@ def test_a_set_with_holes_caches_below_its_lowest_group(image_folder, one_thread
 
 
 def test_show_groups_marks_what_trains_in_each_phase(tmp_path, cli):
-    code, out, err = cli("fit", "--recipe", "effnet_fashion", "--finetuning.show_groups", "true",
-                         "--finetuning.strategy", "gradual", "--finetuning.groups", "[stem, blocks.5-6, head]",
-                         "--finetuning.unfreeze_at_epoch", "1",
-                         "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(tmp_path))
+    code, out, err = cli(
+        "fit",
+        "--recipe",
+        "effnet_fashion",
+        "--finetuning.show_groups",
+        "true",
+        "--finetuning.strategy",
+        "gradual",
+        "--finetuning.groups",
+        "[stem, blocks.5-6, head]",
+        "--finetuning.unfreeze_at_epoch",
+        "1",
+        "--trainer.max_epochs",
+        "4",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    )
     assert code == 0, err[-2000:]
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("group"))
@@ -260,8 +323,11 @@ def test_show_groups_marks_what_trains_in_each_phase(tmp_path, cli):
 
 
 def test_a_selector_that_names_no_group_stops_before_training(image_folder, tmp_path, cli):
-    code, _, err = cli(*tiny_cli_args(image_folder, tmp_path, "--finetuning.strategy", "head",
-                                      "--finetuning.groups", "[blocks.0, neck]"))
+    code, _, err = cli(
+        *tiny_cli_args(
+            image_folder, tmp_path, "--finetuning.strategy", "head", "--finetuning.groups", "[blocks.0, neck]"
+        )
+    )
     assert code == 2 and "'neck' matches none of the model's groups" in err and err.strip().count("\n") == 0
 
 
@@ -291,7 +357,7 @@ def test_under_ddp_every_rank_probes_the_same_figures_and_chooses_the_same_group
     script = tmp_path / "ddp_auto.py"
     script.write_text(f"""
 import json, sys
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 from lightning.pytorch import Callback, Trainer
 from peft_lightning.callbacks.finetuning import FineTuning
 from helpers import tiny_data, tiny_model
@@ -304,16 +370,23 @@ trainer.fit(model, tiny_data({str(image_folder)!r}, batch_size=4))
 trained = [g for g, names in model.layer_groups() if any(p.requires_grad for n, p in model.named_parameters() if n in names)]
 open({str(tmp_path)!r} + f"/rank{{trainer.global_rank}}.json", "w").write(json.dumps({{"rgn": ft.probe["rgn"], "trained": trained}}))
 """)
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1 and len(r0["trained"]) == 3  # the two highest below the head, and the head
 
 
 @pytest.mark.parametrize("mode", ["select", "scale"])
-def test_a_resumed_auto_run_restores_its_choice_instead_of_probing_again(image_folder, tmp_path, monkeypatch, mode,
-                                                                         one_thread):
+def test_a_resumed_auto_run_restores_its_choice_instead_of_probing_again(
+    image_folder, tmp_path, monkeypatch, mode, one_thread
+):
     from peft_lightning.callbacks import probe as probe_module
 
     from helpers import StopAfterEpoch, train
@@ -324,8 +397,9 @@ def test_a_resumed_auto_run_restores_its_choice_instead_of_probing_again(image_f
     calls = []
     real = probe_module.probe
     monkeypatch.setattr(probe_module, "probe", lambda *a, **k: calls.append(1) or real(*a, **k))
-    resumed, _ = train(image_folder, FineTuning("auto", **kw), 3, root=tmp_path / "again",
-                       ckpt_path=str(tmp_path / "last.ckpt"))
+    resumed, _ = train(
+        image_folder, FineTuning("auto", **kw), 3, root=tmp_path / "again", ckpt_path=str(tmp_path / "last.ckpt")
+    )
     assert calls == []
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
@@ -340,8 +414,9 @@ def test_the_probe_is_refused_under_fsdp_with_one_line():
 
     with pytest.raises(UsageError, match="does not run under FSDP"):
         FineTuning("auto").setup(SimpleNamespace(strategy=FSDPStrategy(), datamodule=None), tiny_model(), "fit")
-    FineTuning("head", groups=["blocks.0", "head"]).setup(SimpleNamespace(strategy=(fsdp := FSDPStrategy()),
-                                                                        datamodule=None), tiny_model(), "fit")
+    FineTuning("head", groups=["blocks.0", "head"]).setup(
+        SimpleNamespace(strategy=(fsdp := FSDPStrategy()), datamodule=None), tiny_model(), "fit"
+    )
     assert fsdp.kwargs["use_orig_params"] is True  # a set with holes under FSDP
 
 
@@ -351,12 +426,25 @@ def test_auto_can_probe_after_the_head_has_trained_a_few_steps(image_folder, one
 
     class Trains(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append([g for g, names in pl_module.layer_groups()
-                         if any(p.requires_grad for n, p in pl_module.named_parameters() if n in names)])
+            seen.append(
+                [
+                    g
+                    for g, names in pl_module.layer_groups()
+                    if any(p.requires_grad for n, p in pl_module.named_parameters() if n in names)
+                ]
+            )
 
     ft = FineTuning("auto", auto_mode="select", probe_after=1, auto_count=1, probe_batches=1)
-    Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-            callbacks=[ft, Trains()]).fit(model, tiny_data(image_folder, image_size=32))
+    Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[ft, Trains()],
+    ).fit(model, tiny_data(image_folder, image_size=32))
     assert seen[0] == ["head"] and len(seen[1]) == 2 and seen[1][-1] == "head"  # step 0 the head, then the probe's
     assert ft.probe is not None

@@ -31,11 +31,29 @@ def torchrun_nodes(out: Path, folder: Path, nodes: int, batch: int, timeout: flo
     torchrun = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` entry point of this interpreter
     procs = []
     for rank in range(nodes):
-        cmd = [*torchrun, "--nnodes", str(nodes), "--nproc_per_node", "1", "--node_rank", str(rank),
-               "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(SCRIPT), str(out), "1", str(batch), str(folder), str(nodes), "nodes"]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        cmd = [
+            *torchrun,
+            "--nnodes",
+            str(nodes),
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(SCRIPT),
+            str(out),
+            "1",
+            str(batch),
+            str(folder),
+            str(nodes),
+            "nodes",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     deadline = time.monotonic() + timeout
     logs = []
     try:

@@ -57,18 +57,14 @@ def images_in(outputs: list[dict]) -> int:
     return sum("image/png" in out.get("data", {}) for out in outputs)
 
 
-@pytest.mark.skipif(
-    not EffnetFashion.availability()[0], reason="offline assets missing: run scripts/setup.sh"
-)
+@pytest.mark.skipif(not EffnetFashion.availability()[0], reason="offline assets missing: run scripts/setup.sh")
 def test_quickstart_notebook_trains_compares_and_shows_curves(tmp_path):
     outputs = execute("quickstart", tmp_path)
     text = text_of(outputs)
     assert "effnet_fashion: test/acc" in text and "run summary" in text
     assert images_in(outputs) == 2  # the run's curves and the comparison
     runs = sorted((tmp_path / "runs" / "effnet_fashion").iterdir())
-    assert len(runs) == 2 and all(
-        (r / "curves.png").is_file() and (r / "config.yaml").is_file() for r in runs
-    )
+    assert len(runs) == 2 and all((r / "curves.png").is_file() and (r / "config.yaml").is_file() for r in runs)
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 

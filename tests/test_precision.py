@@ -23,21 +23,28 @@ AMX = Hardware(cpu_capability="AVX512", cpu_flags=frozenset({"avx2", "avx512f", 
 ZEN4 = Hardware(cpu_capability="AVX512", cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16"}))
 H100 = Hardware(cuda_devices=8, cuda_bf16=True, cpu_capability="AVX512", cpu_flags=AMX.cpu_flags)
 T4 = Hardware(cuda_devices=1, cuda_bf16=False, cpu_capability="AVX2", cpu_flags=AVX2.cpu_flags)
-EXPECTED = {"32-true": torch.float32, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16,
-            "bf16-true": torch.bfloat16}
+EXPECTED = {
+    "32-true": torch.float32,
+    "16-mixed": torch.float16,
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+}
 
 
 # --- the automatic precision decision ---
-@pytest.mark.parametrize("hardware, accelerator, precision", [
-    (AVX2, "auto", "32-true"),  # this machine: bf16 is emulated, 3.6-14x slower than fp32
-    (AMX, "auto", "bf16-mixed"),
-    (ZEN4, "cpu", "bf16-mixed"),
-    (H100, "auto", "bf16-mixed"),
-    (H100, "gpu", "bf16-mixed"),
-    (T4, "auto", "32-true"),  # no native bf16 on compute capability 7.5
-    (Hardware(cuda_devices=1, cuda_bf16=True, cpu_flags=AVX2.cpu_flags), "cpu", "32-true"),  # GPU box, CPU run
-    (AMX, "mps", "32-true"),
-])
+@pytest.mark.parametrize(
+    "hardware, accelerator, precision",
+    [
+        (AVX2, "auto", "32-true"),  # this machine: bf16 is emulated, 3.6-14x slower than fp32
+        (AMX, "auto", "bf16-mixed"),
+        (ZEN4, "cpu", "bf16-mixed"),
+        (H100, "auto", "bf16-mixed"),
+        (H100, "gpu", "bf16-mixed"),
+        (T4, "auto", "32-true"),  # no native bf16 on compute capability 7.5
+        (Hardware(cuda_devices=1, cuda_bf16=True, cpu_flags=AVX2.cpu_flags), "cpu", "32-true"),  # GPU box, CPU run
+        (AMX, "mps", "32-true"),
+    ],
+)
 def test_auto_precision_follows_native_bf16_units(hardware, accelerator, precision):
     chosen, why = auto_precision(hardware, accelerator)
     assert chosen == precision and why
@@ -45,8 +52,10 @@ def test_auto_precision_follows_native_bf16_units(hardware, accelerator, precisi
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu sse avx2 avx512_bf16 amx_bf16 amx_tile\n\n"
-                    "processor\t: 1\nflags\t\t: fpu\n")
+    info.write_text(
+        "processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu sse avx2 avx512_bf16 amx_bf16 amx_tile\n\n"
+        "processor\t: 1\nflags\t\t: fpu\n"
+    )
     assert {"avx2", "amx_bf16", "avx512_bf16"} <= cpu_flags(info)
     assert cpu_flags(tmp_path / "missing") == frozenset()
     assert auto_precision(Hardware(cpu_flags=cpu_flags(info)))[0] == "bf16-mixed"
@@ -60,10 +69,12 @@ def test_only_auto_is_resolved_and_the_reason_is_kept():
     assert resolve_auto_precision(fixed, AMX) is None and fixed["precision"] == "32-true"
 
 
-@pytest.mark.parametrize("hardware, resolved", [(AVX2, "32-true"), (AMX, "bf16-mixed"), (H100, "bf16-mixed"),
-                                                (T4, "32-true")])
-def test_auto_is_shown_as_auto_and_resolved_into_the_run_config(cli, monkeypatch, tmp_path, image_folder, hardware,
-                                                                resolved):
+@pytest.mark.parametrize(
+    "hardware, resolved", [(AVX2, "32-true"), (AMX, "bf16-mixed"), (H100, "bf16-mixed"), (T4, "32-true")]
+)
+def test_auto_is_shown_as_auto_and_resolved_into_the_run_config(
+    cli, monkeypatch, tmp_path, image_folder, hardware, resolved
+):
     # --help and --print_config show the recipe's value on every machine (docs/cli.md is generated from --help);
     # the run's config.yaml and summary hold what this machine resolved it to.
     monkeypatch.setattr(engine, "detect_hardware", lambda: hardware)
@@ -83,9 +94,21 @@ def test_auto_is_shown_as_auto_and_resolved_into_the_run_config(cli, monkeypatch
         engine.resolve_auto_precision(trainer, hardware)
         assert trainer["precision"] == resolved
         return
-    code, out, err = cli(*tiny_cli_args(image_folder, tmp_path, "--trainer.precision", "auto",
-                                        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
-                                        "--trainer.limit_val_batches", "1", "--quiet"))
+    code, out, err = cli(
+        *tiny_cli_args(
+            image_folder,
+            tmp_path,
+            "--trainer.precision",
+            "auto",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+            "--quiet",
+        )
+    )
     assert code == 0, err[-2000:]
     (config,) = tmp_path.glob("*/*/config.yaml")
     assert f"precision: {resolved}\n" in config.read_text()
@@ -93,16 +116,23 @@ def test_auto_is_shown_as_auto_and_resolved_into_the_run_config(cli, monkeypatch
 
 
 # --- launches that cannot run here stop before any work ---
-@pytest.mark.parametrize("trainer, model, environ, match", [
-    ({"strategy": "fsdp"}, {}, {}, "needs CUDA GPUs"),
-    ({"strategy": "fsdp", "accelerator": "gpu"}, {}, {}, "no CUDA GPU"),
-    ({"devices": 64}, {}, {}, "cores"),
-    ({"devices": "0,1,2", "accelerator": "gpu"}, {}, {}, "no CUDA GPU"),
-    ({"num_nodes": 2}, {}, {}, "torchrun --nnodes 2"),
-    ({"num_nodes": 2, "devices": 1}, {}, {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4", "RANK": "0",
-                                          "LOCAL_RANK": "0", "GROUP_RANK": "0"}, "torchrun started 4"),
-    ({}, {"activation_checkpointing": True}, {}, "through FSDP"),
-])
+@pytest.mark.parametrize(
+    "trainer, model, environ, match",
+    [
+        ({"strategy": "fsdp"}, {}, {}, "needs CUDA GPUs"),
+        ({"strategy": "fsdp", "accelerator": "gpu"}, {}, {}, "no CUDA GPU"),
+        ({"devices": 64}, {}, {}, "cores"),
+        ({"devices": "0,1,2", "accelerator": "gpu"}, {}, {}, "no CUDA GPU"),
+        ({"num_nodes": 2}, {}, {}, "torchrun --nnodes 2"),
+        (
+            {"num_nodes": 2, "devices": 1},
+            {},
+            {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"},
+            "torchrun started 4",
+        ),
+        ({}, {"activation_checkpointing": True}, {}, "through FSDP"),
+    ],
+)
 def test_impossible_launches_stop_with_one_line(monkeypatch, trainer, model, environ, match):
     for key in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", "LSB_JOBID", "NODE_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
@@ -114,8 +144,9 @@ def test_impossible_launches_stop_with_one_line(monkeypatch, trainer, model, env
 
 def test_possible_launches_pass(monkeypatch):
     check_launch({"strategy": "ddp", "devices": min(2, os.cpu_count() or 1)}, {}, {}, hardware=AVX2)
-    check_launch({"strategy": "fsdp", "devices": 8, "num_nodes": 1}, {"activation_checkpointing": True}, {},
-                 hardware=H100)
+    check_launch(
+        {"strategy": "fsdp", "devices": 8, "num_nodes": 1}, {"activation_checkpointing": True}, {}, hardware=H100
+    )
     with pytest.raises(UsageError, match="asks for 9 GPUs but this machine has 8"):
         check_launch({"devices": 9}, {}, {}, hardware=H100)
     check_launch({"num_nodes": 2}, {}, {"NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}, hardware=AVX2)
@@ -145,8 +176,17 @@ class DtypeProbe:
 def fit_in(precision: str, model, dm, steps: int = 3) -> Trainer:
     # What the CLI does: --trainer.precision 16-mixed on a CPU becomes a float16 MixedPrecision plugin.
     kw = {"precision": precision, **engine.trainer_overrides({"precision": precision, "accelerator": "cpu"}, model)}
-    trainer = Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
     trainer.fit(model, dm)
     return trainer
 

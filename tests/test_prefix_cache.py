@@ -19,7 +19,9 @@ from helpers import StopAfterEpoch, tiny_data, tiny_model, train
 def same_weights(a: torch.nn.Module, b: torch.nn.Module, atol: float = 1e-5) -> list[str]:
     """Names of the tensors that differ."""
     other = b.state_dict()
-    return [n for n, v in a.state_dict().items() if v.is_floating_point() and not torch.allclose(v, other[n], atol=atol)]
+    return [
+        n for n, v in a.state_dict().items() if v.is_floating_point() and not torch.allclose(v, other[n], atol=atol)
+    ]
 
 
 class Decodes(Callback):
@@ -45,8 +47,12 @@ class Decodes(Callback):
 
 def test_a_cached_run_ends_with_the_weights_of_an_uncached_one_through_unfreezes(image_folder, monkeypatch):
     # gradual: head (epochs 0-1), blocks.5 + head (2-3), blocks.4 up (4): three cuts, each cached, dropped, rebuilt.
-    plain, _ = train(image_folder, FineTuning("gradual", unfreeze_at_epoch=2, unfreeze_every=2,
-                                              cache_features=False), epochs=5, limit_val_batches=0)
+    plain, _ = train(
+        image_folder,
+        FineTuning("gradual", unfreeze_at_epoch=2, unfreeze_every=2, cache_features=False),
+        epochs=5,
+        limit_val_batches=0,
+    )
     ft = FineTuning("gradual", unfreeze_at_epoch=2, unfreeze_every=2, cache_features=True)
     decodes = Decodes(monkeypatch)
     cached, _ = train(image_folder, ft, epochs=5, extra=[decodes], limit_val_batches=0)
@@ -64,8 +70,16 @@ def test_a_text_run_caches_the_input_of_its_lowest_training_block(tiny_bert, sen
         seed_everything(0)
         model = TextClassifier(tiny_bert, num_labels=3, lr=1e-3)
         ft = FineTuning("gradual", unfreeze_at_epoch=0, unfreeze_every=2, unfreeze_groups=3, cache_features=cache)
-        trainer = Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, limit_val_batches=0, callbacks=[ft], deterministic=True)
+        trainer = Trainer(
+            max_epochs=4,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[ft],
+            deterministic=True,
+        )
         trainer.fit(model, datamodule(sentiment_csv, tiny_bert, tmp_path))
         return model, ft
 
@@ -82,8 +96,14 @@ def test_a_resumed_cached_run_equals_an_uninterrupted_one(image_folder, tmp_path
     whole, _ = train(image_folder, ft(), epochs=4, root=tmp_path / "a", limit_val_batches=0)
     train(image_folder, ft(), epochs=4, root=tmp_path / "b", limit_val_batches=0, extra=[StopAfterEpoch(1)])
     # The cache is not in the checkpoint: the resumed run fills it again in its first epoch.
-    resumed, _ = train(image_folder, ft(), epochs=4, root=tmp_path / "b", limit_val_batches=0,
-                       ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    resumed, _ = train(
+        image_folder,
+        ft(),
+        epochs=4,
+        root=tmp_path / "b",
+        limit_val_batches=0,
+        ckpt_path=str(tmp_path / "b" / "last.ckpt"),
+    )
     assert same_weights(whole, resumed) == []
 
 
@@ -98,9 +118,17 @@ def test_past_its_memory_budget_the_cache_goes_to_a_file_in_the_run_folder(image
     plain, _ = train(image_folder, FineTuning("head", cache_features=False), epochs=3, limit_val_batches=0)
     ft = FineTuning("head", cache_features=True, cache_max_gb=1e-9)
     cached = tiny_model()
-    trainer = Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, deterministic=True,
-                      default_root_dir=tmp_path, callbacks=[ft, Where()])
+    trainer = Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        deterministic=True,
+        default_root_dir=tmp_path,
+        callbacks=[ft, Where()],
+    )
     trainer.fit(cached, tiny_data(image_folder))
     path, size = seen[2]
     assert path == tmp_path / "prefix_cache" / "prefix_cache.rank0.bin"
@@ -122,15 +150,23 @@ def test_by_default_the_cache_keeps_to_memory_and_to_phases_that_reuse_it(image_
     assert "input of head: 28/28 examples" in reused.cache_summary()[-1]
 
 
-@pytest.mark.parametrize("option, match", [
-    ({}, "augmentation"),
-    ({"frozen_dropout": True}, "frozen_dropout"),
-    ({"train_bn": True}, "train_bn"),
-])
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        ({}, "augmentation"),
+        ({"frozen_dropout": True}, "frozen_dropout"),
+        ({"train_bn": True}, "train_bn"),
+    ],
+)
 def test_cache_features_true_refuses_what_it_cannot_do_exactly(image_folder, option, match):
     augment = not option
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      callbacks=[FineTuning("head", cache_features=True, **option)])
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[FineTuning("head", cache_features=True, **option)],
+    )
     with pytest.raises(UsageError, match=match):
         trainer.fit(tiny_model(), tiny_data(image_folder, augment=augment))
 
@@ -162,8 +198,13 @@ def test_frozen_groups_run_in_eval_mode_unless_frozen_dropout(image_folder):
             blocks = pl_module.model.blocks
             modes[trainer.current_epoch] = (blocks[0].training, blocks[-1].training, pl_module.model.head.training)
 
-    train(image_folder, FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=2, cache_features=False),
-          epochs=2, extra=[Modes()], limit_val_batches=0)
+    train(
+        image_folder,
+        FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=2, cache_features=False),
+        epochs=2,
+        extra=[Modes()],
+        limit_val_batches=0,
+    )
     assert modes == {0: (False, False, True), 1: (False, True, True)}
     train(image_folder, FineTuning("head", frozen_dropout=True), epochs=1, extra=[Modes()], limit_val_batches=0)
     assert modes[0] == (True, True, True)
@@ -180,7 +221,7 @@ def test_under_ddp_each_rank_fills_its_rows_and_every_rank_ends_with_all_of_them
     script = tmp_path / "ddp_cache.py"
     script.write_text(f"""
 import json, sys, torch
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 from lightning.pytorch import Callback, Trainer
 from peft_lightning.callbacks.finetuning import FineTuning
 from helpers import tiny_data, tiny_model
@@ -201,8 +242,14 @@ if trainer.global_rank == 0:
 open({str(tmp_path)!r} + f"/{{sys.argv[1]}}{{trainer.global_rank}}.json", "w").write(json.dumps(seen))
 """)
     for kind in ("cached", "plain"):
-        done = subprocess.run([sys.executable, str(script), kind], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = subprocess.run(
+            [sys.executable, str(script), kind],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):  # after the first epoch every rank holds all 28 rows (14 its own, 14 from the other)
         assert json.loads((tmp_path / f"cached{rank}.json").read_text()) == [[0, False], [28, True], [28, True]]
@@ -213,14 +260,27 @@ open({str(tmp_path)!r} + f"/{{sys.argv[1]}}{{trainer.global_rank}}.json", "w").w
 def test_the_run_summary_says_what_was_cached_its_size_and_where(image_folder, tmp_path, cli):
     from helpers import tiny_cli_args
 
-    code, out, err = cli(*tiny_cli_args(image_folder, tmp_path, "--finetuning.strategy", "head", "--data.augment",
-                                        "false", "--trainer.max_epochs", "2", "--finetuning.cache_features", "true",
-                                        "--finetuning.cache_max_gb", "1e-9"))
+    code, out, err = cli(
+        *tiny_cli_args(
+            image_folder,
+            tmp_path,
+            "--finetuning.strategy",
+            "head",
+            "--data.augment",
+            "false",
+            "--trainer.max_epochs",
+            "2",
+            "--finetuning.cache_features",
+            "true",
+            "--finetuning.cache_max_gb",
+            "1e-9",
+        )
+    )
     assert code == 0, err[-2000:]
     lines = out.splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("│ prefix cache"))
     cell = lines[first].split("│")[2].strip()
-    for line in lines[first + 1:]:  # the row wraps: its value goes on while the field column is empty
+    for line in lines[first + 1 :]:  # the row wraps: its value goes on while the field column is empty
         if line.split("│")[1].strip():
             break
         cell += line.split("│")[2].strip()

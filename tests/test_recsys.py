@@ -30,8 +30,9 @@ needs_ml100k = pytest.mark.skipif(not HAVE_ML100K, reason="ml-100k missing: run 
 
 
 # --------------------------------------------------------------------------- fixtures
-def write_ml100k_format(folder: Path, users: int = 30, items: int = 40, per_user: tuple[int, int] = (8, 20),
-                        seed: int = 0) -> Path:
+def write_ml100k_format(
+    folder: Path, users: int = 30, items: int = 40, per_user: tuple[int, int] = (8, 20), seed: int = 0
+) -> Path:
     """Synthetic interactions in the GroupLens ml-100k format (u.data, u.item): users prefer one of four item
     clusters, so a model can learn something; timestamps spread over 100 days."""
     rng = np.random.default_rng(seed)
@@ -70,8 +71,14 @@ def tiny_encoder(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("tiny-bert")
     tok = transformers.AutoTokenizer.from_pretrained(default_text_encoder())
-    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -93,8 +100,16 @@ def user_sets(dm: MovieLensDataModule, part: int) -> dict[int, set[int]]:
 
 
 def fit(model, dm, epochs=1, callbacks=(), **kw) -> Trainer:
-    trainer = Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=list(callbacks), num_sanity_val_steps=0, **kw)
+    trainer = Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        num_sanity_val_steps=0,
+        **kw,
+    )
     trainer.fit(model, dm)
     return trainer
 
@@ -109,12 +124,16 @@ def test_grouplens_100k_format_is_read_with_item_texts(synth):
 
 def test_grouplens_1m_format(tmp_path):
     (tmp_path / "ratings.dat").write_text("1::10::5::978300760\n1::20::3::978302109\n2::10::4::978301968\n")
-    (tmp_path / "movies.dat").write_text("10::Toy Story (1995)::Animation|Children's|Comedy\n"
-                                         "20::Heat (1995)::Action|Crime|Thriller\n", encoding="latin-1")
+    (tmp_path / "movies.dat").write_text(
+        "10::Toy Story (1995)::Animation|Children's|Comedy\n20::Heat (1995)::Action|Crime|Thriller\n",
+        encoding="latin-1",
+    )
     data = load_movielens(str(tmp_path))
     assert (data.num_users, data.num_items, len(data.user)) == (2, 2, 3)
-    assert data.item_text == ["Toy Story (1995). Genres: Animation, Children's, Comedy",
-                              "Heat (1995). Genres: Action, Crime, Thriller"]
+    assert data.item_text == [
+        "Toy Story (1995). Genres: Animation, Children's, Comedy",
+        "Heat (1995). Genres: Action, Crime, Thriller",
+    ]
 
 
 @needs_ml100k
@@ -209,7 +228,9 @@ def test_temporal_split_pretrains_before_the_cut_and_both_phases_test_the_same_p
     assert np.array_equal(part, fine.part)
     assert pre.stage_parts == {"train": 0, "val": 1, "test": 4}
     assert fine.stage_parts == {"train": 2, "val": 3, "test": 4}
-    assert len(pre.datasets["train"]) == int((part == 0).sum()) and len(fine.datasets["train"]) == int((part == 2).sum())
+    assert len(pre.datasets["train"]) == int((part == 0).sum()) and len(fine.datasets["train"]) == int(
+        (part == 2).sum()
+    )
     # The test users and what is excluded for them are identical in both phases: all but the held-out period.
     a, b = pre.datasets["test"], fine.datasets["test"]
     assert np.array_equal(a.users, b.users)
@@ -219,8 +240,7 @@ def test_temporal_split_pretrains_before_the_cut_and_both_phases_test_the_same_p
 
 
 def test_bad_split_settings_are_usage_errors(synth):
-    for kw in ({"train_ratio": 1.0}, {"val_fraction": 0.0}, {"time_cut": 1.5}, {"split": "random"},
-               {"batch_size": 0}):
+    for kw in ({"train_ratio": 1.0}, {"val_fraction": 0.0}, {"time_cut": 1.5}, {"split": "random"}, {"batch_size": 0}):
         with pytest.raises(UsageError):
             MovieLensDataModule(str(synth), **kw)
 
@@ -265,8 +285,13 @@ def test_ranking_metrics_match_a_hand_computed_case():
     model.test_metrics.update(preds, tgt, indexes=idx)
     got = {k.split("/")[1]: float(v) for k, v in model.test_metrics.compute().items()}
     ndcg0 = (1 / math.log2(4)) / (1 + 1 / math.log2(3))
-    expected = {"precision@3": 1 / 3, "recall@3": (0.5 + 1) / 2, "hitrate@3": 1.0, "ndcg@3": (ndcg0 + 1) / 2,
-                "map@3": (1 / 3 + 1) / 2}
+    expected = {
+        "precision@3": 1 / 3,
+        "recall@3": (0.5 + 1) / 2,
+        "hitrate@3": 1.0,
+        "ndcg@3": (ndcg0 + 1) / 2,
+        "map@3": (1 / 3 + 1) / 2,
+    }
     assert got == pytest.approx(expected, abs=1e-6)
 
 
@@ -293,8 +318,12 @@ def test_top_k_reduction_equals_ranking_every_unknown_item():
     got = {k.split("/")[1]: float(v) for k, v in model.test_metrics.compute().items()}
     row, col = (~history).nonzero(as_tuple=True)
     full_preds = scores[row, col] + 100  # positive, order kept (torchmetrics' MAP drops preds <= 0)
-    for name, metric in {"ndcg@10": RetrievalNormalizedDCG(top_k=10), "precision@10": RetrievalPrecision(top_k=10),
-                         "recall@10": RetrievalRecall(top_k=10), "map@10": RetrievalMAP(top_k=10)}.items():
+    for name, metric in {
+        "ndcg@10": RetrievalNormalizedDCG(top_k=10),
+        "precision@10": RetrievalPrecision(top_k=10),
+        "recall@10": RetrievalRecall(top_k=10),
+        "map@10": RetrievalMAP(top_k=10),
+    }.items():
         expected = float(metric(full_preds, target[row, col], indexes=ids[row]))
         assert got[name] == pytest.approx(expected, abs=1e-6), name
     assert len(preds) < len(full_preds) / 3
@@ -328,8 +357,11 @@ def test_two_tower_layer_groups_and_one_step(synth, tiny_encoder):
     grouped = [p for _, ps in groups for p in ps]
     assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())  # every parameter, once
     assert "item_text.projection.weight" in dict(groups)["item_tower"]
-    assert set(dict(groups)["user_tower"]) == {"user_embedding.weight", "history_projection.weight",
-                                               "history_projection.bias"}
+    assert set(dict(groups)["user_tower"]) == {
+        "user_embedding.weight",
+        "history_projection.weight",
+        "history_projection.bias",
+    }
     # Adapter targets (relative to the text encoder) are its blocks' linears.
     from peft_lightning.adapters import AdapterConfig, resolve_targets
 
@@ -357,8 +389,7 @@ def test_frozen_text_tower_encodes_the_catalogue_once(synth, tiny_encoder, monke
     computed once for training and validation (not per step), and it does not move."""
     seed_everything(0)
     dm = MovieLensDataModule(str(synth), val_fraction=0.2, num_negatives=2, batch_size=16)
-    model = Recommender("two_tower", num_users=30, num_items=40, user_history=True, text_encoder=tiny_encoder,
-                        lr=1e-2)
+    model = Recommender("two_tower", num_users=30, num_items=40, user_history=True, text_encoder=tiny_encoder, lr=1e-2)
     calls = []
     encode = model.item_text._encode
     monkeypatch.setattr(model.item_text, "_encode", lambda items: calls.append(len(items)) or encode(items))
@@ -402,8 +433,14 @@ def test_init_from_round_trips_checkpoints_and_state_dicts(synth, tmp_path, tiny
     with pytest.raises(UsageError, match="cannot load text encoder"):
         Recommender("two_tower", num_users=30, num_items=40, text_encoder=str(tmp_path / "nowhere"))
     with pytest.raises(UsageError, match="missing"):  # an MF checkpoint has no text tower
-        Recommender("two_tower", num_users=30, num_items=40, user_history=True, text_encoder=tiny_encoder,
-                    init_from=str(tmp_path / "w.pth"))
+        Recommender(
+            "two_tower",
+            num_users=30,
+            num_items=40,
+            user_history=True,
+            text_encoder=tiny_encoder,
+            init_from=str(tmp_path / "w.pth"),
+        )
     with pytest.raises(UsageError, match="does not exist"):
         Recommender("mf", num_users=30, num_items=40, init_from=str(tmp_path / "nope.ckpt"))
 
@@ -420,8 +457,9 @@ def test_fine_tuning_on_the_target_period_beats_the_pretrained_model(tmp_path, o
     pre_test = trainer.test(pre, MovieLensDataModule("ml-100k", phase="finetune", **common), verbose=False)[0]
     trainer.save_checkpoint(tmp_path / "pre.ckpt")
     seed_everything(0)
-    fine = Recommender("mf", l2=1e-2, lr=1e-2, weight_decay=0.0, scheduler="constant",
-                       init_from=str(tmp_path / "pre.ckpt"))
+    fine = Recommender(
+        "mf", l2=1e-2, lr=1e-2, weight_decay=0.0, scheduler="constant", init_from=str(tmp_path / "pre.ckpt")
+    )
     fine_dm = MovieLensDataModule("ml-100k", phase="finetune", **common)
     trainer = fit(fine, fine_dm, epochs=2)
     fine_test = trainer.test(fine, fine_dm, verbose=False)[0]
@@ -433,9 +471,22 @@ def test_fine_tuning_on_the_target_period_beats_the_pretrained_model(tmp_path, o
 @pytest.mark.slow
 @needs_ml100k
 def test_cli_fit_bpr_movielens_small_budget_prints_the_summary(tmp_path):
-    res = run_cli("fit", "--recipe", "bpr_movielens", "--trainer.default_root_dir", str(tmp_path),
-                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "10", "--trainer.limit_val_batches",
-                  "1", "--trainer.enable_progress_bar", "false", env={"OMP_NUM_THREADS": "1"})
+    res = run_cli(
+        "fit",
+        "--recipe",
+        "bpr_movielens",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "10",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = [line for line in res.stdout.splitlines() if line.startswith("bpr_movielens: test/")]
     assert summary, res.stdout[-2000:]

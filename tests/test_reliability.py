@@ -38,12 +38,28 @@ def run_args(folder: Path, root: Path, *extra: str, epochs: int = 3) -> list[str
     # last batch, 3 images, first differed in the last bits), which AdamW turns into visible differences over
     # epochs; these tests compare weights to 1e-6 (tests/test_prefix_cache.py compares cached runs, resumed or not).
     return tiny_cli_args(
-        folder, root, "--model.optimizer", "adamw", "--model.lr", "1e-2", "--model.warmup", "0",
-        "--data.augment", "false", "--finetuning.cache_features", "false",
-        "--trainer.max_epochs", str(epochs), "--trainer.deterministic", "true",
-        "--checkpoint.last_every_n_train_steps", "3",
-        "--trainer.callbacks+=reliability_callbacks.RecordMetrics", "--trainer.callbacks.path",
-        str(root / "metrics.jsonl"), *extra,
+        folder,
+        root,
+        "--model.optimizer",
+        "adamw",
+        "--model.lr",
+        "1e-2",
+        "--model.warmup",
+        "0",
+        "--data.augment",
+        "false",
+        "--finetuning.cache_features",
+        "false",
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.deterministic",
+        "true",
+        "--checkpoint.last_every_n_train_steps",
+        "3",
+        "--trainer.callbacks+=reliability_callbacks.RecordMetrics",
+        "--trainer.callbacks.path",
+        str(root / "metrics.jsonl"),
+        *extra,
     )
 
 
@@ -190,10 +206,7 @@ def test_nonfinite_loss_stops_before_it_spoils_the_last_good_checkpoint(tmp_path
     code, _, err = cli(*args)
     last_line = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err, err[-3000:]
-    assert (
-        last_line.startswith("error: the training loss is nan at epoch 1, step 7")
-        and "--model.lr" in last_line
-    )
+    assert last_line.startswith("error: the training loss is nan at epoch 1, step 7") and "--model.lr" in last_line
     ckpt = final_state(root)  # written at step 6 (every 3 steps), before the NaN
     assert ckpt["global_step"] == 6
     assert all(t.isfinite().all() for t in ckpt["state_dict"].values() if t.is_floating_point())
@@ -250,9 +263,7 @@ def test_sigkill_during_an_unfreeze_phase_with_adapter_only_checkpoints(tmp_path
     assert final_state(run)["global_step"] == last_save_before(kill_step)  # the work since then is lost
     term_step = rng.randrange(kill_step + 1, 12)
     res = subprocess_cli(
-        run_args(
-            folder, run, *extra, "--ckpt_path", "last", *kill_args(term_step, "batch_end", signal.SIGTERM)
-        )
+        run_args(folder, run, *extra, "--ckpt_path", "last", *kill_args(term_step, "batch_end", signal.SIGTERM))
     )
     assert res.returncode == 128 + signal.SIGTERM, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: last.ckpt saved")
@@ -286,9 +297,7 @@ def test_sigint_and_sigkill_during_retune_rounds(tmp_path, folder):
     reference = tmp_path / "reference"
     res = subprocess_cli(run_args(folder, reference, *extra, epochs=5))
     assert res.returncode == 0, res.stderr[-3000:]
-    history = next(v for k, v in final_state(reference)["callbacks"].items() if k.startswith("FineTuning"))[
-        "history"
-    ]
+    history = next(v for k, v in final_state(reference)["callbacks"].items() if k.startswith("FineTuning"))["history"]
     round0_steps = history[0]["epochs"] * 4
     assert len(history) >= 2, history
     rng = random.Random(SEED)
@@ -296,15 +305,11 @@ def test_sigint_and_sigkill_during_retune_rounds(tmp_path, folder):
     kill_step = rng.randrange(round0_steps + 1, round0_steps + 8)  # inside round 1
     why = f"SIGINT at step {int_step}, SIGKILL at step {kill_step} (RELIABILITY_SEED={SEED})"
     run = tmp_path / "run"
-    res = subprocess_cli(
-        run_args(folder, run, *extra, *kill_args(int_step, "batch_end", signal.SIGINT), epochs=5)
-    )
+    res = subprocess_cli(run_args(folder, run, *extra, *kill_args(int_step, "batch_end", signal.SIGINT), epochs=5))
     assert res.returncode == 128 + signal.SIGINT, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1].startswith("stopped by SIGINT: last.ckpt saved"), why
     assert final_state(run)["global_step"] == int_step, why
-    res = subprocess_cli(
-        run_args(folder, run, *extra, "--ckpt_path", "last", *kill_args(kill_step), epochs=5)
-    )
+    res = subprocess_cli(run_args(folder, run, *extra, "--ckpt_path", "last", *kill_args(kill_step), epochs=5))
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     res = subprocess_cli(run_args(folder, run, *extra, "--ckpt_path", "last", epochs=5))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -320,12 +325,26 @@ def test_sigint_and_sigkill_during_retune_rounds(tmp_path, folder):
 # epoch's end at the start and at the end of its validation (before the validation-end save; the epoch's last step
 # saves there, not before) and between that save and the epoch-end one.
 KILL_POINTS = [
-    *(("optimizer_step", s) for s in range(4)), ("validation", 4), ("validation_end", 4), ("epoch_end", 4),
-    *(("optimizer_step", s) for s in range(4, 8)), ("validation", 8), ("validation_end", 8), ("epoch_end", 8),
+    *(("optimizer_step", s) for s in range(4)),
+    ("validation", 4),
+    ("validation_end", 4),
+    ("epoch_end", 4),
+    *(("optimizer_step", s) for s in range(4, 8)),
+    ("validation", 8),
+    ("validation_end", 8),
+    ("epoch_end", 8),
 ]
 STRATEGIES = {
-    "retune": ["--finetuning.strategy", "retune", "--finetuning.round_epochs", "1", "--finetuning.monitor",
-               "val/loss", "--finetuning.mode", "min"],  # a round per epoch: a decision at every validation
+    "retune": [
+        "--finetuning.strategy",
+        "retune",
+        "--finetuning.round_epochs",
+        "1",
+        "--finetuning.monitor",
+        "val/loss",
+        "--finetuning.mode",
+        "min",
+    ],  # a round per epoch: a decision at every validation
     "gradual": ["--finetuning.strategy", "gradual", "--finetuning.unfreeze_at_epoch", "1"],
 }
 
@@ -346,8 +365,17 @@ def test_a_sigkill_at_any_point_of_a_run_resumes_exactly(tmp_path, folder, strat
     uninterrupted run's so far, which names the resume that went wrong."""
 
     def args(root: Path, *extra: str) -> list[str]:
-        return run_args(folder, root, "--trainer.callbacks.weights", "true", *STRATEGIES[strategy],
-                        "--checkpoint.last_every_n_train_steps", "1", *extra, epochs=2)
+        return run_args(
+            folder,
+            root,
+            "--trainer.callbacks.weights",
+            "true",
+            *STRATEGIES[strategy],
+            "--checkpoint.last_every_n_train_steps",
+            "1",
+            *extra,
+            epochs=2,
+        )
 
     reference = tmp_path / "reference"
     res = forked_cli(args(reference))
@@ -387,10 +415,13 @@ def test_a_signal_in_an_epochs_last_step_or_its_validation_stops_when_that_valid
     res = forked_cli(run_args(folder, reference, *extra, epochs=3))
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
-    for signum, where, step, validated in ((signal.SIGTERM, "optimizer_step", 3, 4),
-                                           (signal.SIGINT, "validation", 8, 8)):
-        res = forked_cli(run_args(folder, run, *extra, "--ckpt_path", "last", *kill_args(step, where, signum),
-                                  epochs=3))
+    for signum, where, step, validated in (
+        (signal.SIGTERM, "optimizer_step", 3, 4),
+        (signal.SIGINT, "validation", 8, 8),
+    ):
+        res = forked_cli(
+            run_args(folder, run, *extra, "--ckpt_path", "last", *kill_args(step, where, signum), epochs=3)
+        )
         assert res.returncode == 128 + signum, res.stderr[-3000:]
         rows = final_state(run)["callbacks"]["RecordMetrics"]["rows"]
         assert final_state(run)["global_step"] == validated and rows[-1]["step"] == validated, rows
@@ -409,9 +440,24 @@ def test_a_resumed_run_keeps_its_best_checkpoint_and_a_finished_run_is_not_train
     trains nothing."""
 
     def args(*extra: str) -> list[str]:
-        return run_args(folder, tmp_path, "--finetuning.strategy", "retune", "--finetuning.round_epochs", "1",
-                        "--finetuning.max_rounds", "2", "--checkpoint.monitor", "epoch", "--checkpoint.mode", "min",
-                        "--test_after_fit", "true", *extra, epochs=4)
+        return run_args(
+            folder,
+            tmp_path,
+            "--finetuning.strategy",
+            "retune",
+            "--finetuning.round_epochs",
+            "1",
+            "--finetuning.max_rounds",
+            "2",
+            "--checkpoint.monitor",
+            "epoch",
+            "--checkpoint.mode",
+            "min",
+            "--test_after_fit",
+            "true",
+            *extra,
+            epochs=4,
+        )
 
     res = forked_cli(args(*kill_args(5)))
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
@@ -429,7 +475,8 @@ def test_a_resumed_run_keeps_its_best_checkpoint_and_a_finished_run_is_not_train
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines() == [
         f"fit: the run in {last} has finished (its re-tuning rounds are done); nothing to train. Test it with "
-        f"`test --recipe vit_cifar --ckpt_path {best}` or start a new run without --ckpt_path"], res.stdout[-3000:]
+        f"`test --recipe vit_cifar --ckpt_path {best}` or start a new run without --ckpt_path"
+    ], res.stdout[-3000:]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
 
 
@@ -444,8 +491,15 @@ def text_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("text")
     words = ["good", "bad", "movie", "plot", "the", "was", "very", "not"]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *string.ascii_lowercase]
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.1)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.1,
+    )
     torch.manual_seed(0)
     transformers.BertForSequenceClassification(config).save_pretrained(base / "bert")
     transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(base / "bert")
@@ -471,11 +525,38 @@ def test_sigkill_mid_epoch_of_a_text_run_with_dropout(tmp_path, text_run):
 
     def args(root: Path, *extra: str) -> list[str]:
         # 30 sentences, 6 carved for validation, batch 8: 3 steps per epoch.
-        return ["fit", "--recipe", "bert_sst2", "--model.model_name", str(bert), "--data.dataset", str(data),
-                "--data.val_fraction", "0.2", "--data.batch_size", "8", "--data.num_workers", "0", "--model.lr", "1e-3",
-                "--trainer.precision", "32-true", "--trainer.max_epochs", "3", "--trainer.deterministic", "true",
-                "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
-                "--trainer.default_root_dir", str(root), "--checkpoint.last_every_n_train_steps", "1", *extra]
+        return [
+            "fit",
+            "--recipe",
+            "bert_sst2",
+            "--model.model_name",
+            str(bert),
+            "--data.dataset",
+            str(data),
+            "--data.val_fraction",
+            "0.2",
+            "--data.batch_size",
+            "8",
+            "--data.num_workers",
+            "0",
+            "--model.lr",
+            "1e-3",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.max_epochs",
+            "3",
+            "--trainer.deterministic",
+            "true",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--test_after_fit",
+            "false",
+            "--trainer.default_root_dir",
+            str(root),
+            "--checkpoint.last_every_n_train_steps",
+            "1",
+            *extra,
+        ]
 
     reference = tmp_path / "reference"
     res = subprocess_cli(args(reference))

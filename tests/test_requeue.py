@@ -27,8 +27,16 @@ from conftest import ROOT, make_image_folder
 from helpers import tiny_cli_args
 
 TESTS = Path(__file__).resolve().parent
-SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "tiny_fit", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
-         "SLURM_NNODES": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+SLURM = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "tiny_fit",
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
 
 
 def fake_scontrol(folder: Path) -> Path:
@@ -46,10 +54,14 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def cli_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    full = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))},
-            "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}", **env}
-    return subprocess.run([sys.executable, "-m", "peft_lightning", *args], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=600)
+    full = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))},
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "peft_lightning", *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_a_requeued_slurm_job_resumes_from_its_hpc_checkpoint_in_the_same_run_folder(tmp_path, monkeypatch, caplog):
@@ -57,14 +69,35 @@ def test_a_requeued_slurm_job_resumes_from_its_hpc_checkpoint_in_the_same_run_fo
     # 24 images: 5 test, 4 val, 15 train = 4 steps of 4 per epoch; SIGUSR1 after step 6, mid-epoch 1, where the
     # newest last.ckpt (validation end of epoch 0, step 4) is older than the hpc checkpoint. `--ckpt_path last` is
     # in the command as a job script may have it: it must not win over the newer hpc checkpoint.
-    common = ["--trainer.max_epochs", "2", "--data.augment", "false", "--trainer.deterministic", "true",
-              "--checkpoint.last_every_minutes", "0", "--trainer.log_every_n_steps", "1", "--ckpt_path", "last"]
+    common = [
+        "--trainer.max_epochs",
+        "2",
+        "--data.augment",
+        "false",
+        "--trainer.deterministic",
+        "true",
+        "--checkpoint.last_every_minutes",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--ckpt_path",
+        "last",
+    ]
     reference = tmp_path / "reference"  # uninterrupted, no SLURM: in this process (no interpreter start)
     main(tiny_cli_args(images, reference, *common))
     root = tmp_path / "runs"
-    args = tiny_cli_args(images, root, *common, "--trainer.callbacks+=reliability_callbacks.KillAt",
-                         "--trainer.callbacks.step", "6", "--trainer.callbacks.where", "batch_end",
-                         "--trainer.callbacks.signum", str(int(signal.SIGUSR1)))
+    args = tiny_cli_args(
+        images,
+        root,
+        *common,
+        "--trainer.callbacks+=reliability_callbacks.KillAt",
+        "--trainer.callbacks.step",
+        "6",
+        "--trainer.callbacks.where",
+        "batch_end",
+        "--trainer.callbacks.signum",
+        str(int(signal.SIGUSR1)),
+    )
     bin_dir = fake_scontrol(tmp_path / "bin")
     env = {**SLURM, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
@@ -96,8 +129,15 @@ def test_a_requeued_slurm_job_resumes_from_its_hpc_checkpoint_in_the_same_run_fo
     # them, less the training loss of the step SIGUSR1 interrupted (index 5): Lightning logs a step's metrics after
     # on_train_batch_end, where the hpc checkpoint was written, and the restored loop counts that step as done.
     (ref_folder,) = (reference / "vit_cifar").iterdir()
-    logged = {run: {(r["step"], k, v) for r in read_csv(run / "metrics.csv") for k, v in r.items()
-                    if v and k in ("train/loss", "val/acc", "val/loss")} for run in (folder, ref_folder)}
+    logged = {
+        run: {
+            (r["step"], k, v)
+            for r in read_csv(run / "metrics.csv")
+            for k, v in r.items()
+            if v and k in ("train/loss", "val/acc", "val/loss")
+        }
+        for run in (folder, ref_folder)
+    }
     assert logged[folder] == {row for row in logged[ref_folder] if row[:2] != ("5", "train/loss")}
 
 

@@ -214,8 +214,16 @@ def test_wall_time_rounds_once_and_run_folders_never_collide(tmp_path):
     assert second != first and second.name == f"{first.name}-2"
 
 
-NOISE = ("Tip:", "litlogger", "Saving the dataset", "Flattening the indices", "LeafSpec", "not supported by the model "
-         "summary", "smaller than the logging interval", "Loading `train_dataloader` to estimate")
+NOISE = (
+    "Tip:",
+    "litlogger",
+    "Saving the dataset",
+    "Flattening the indices",
+    "LeafSpec",
+    "not supported by the model summary",
+    "smaller than the logging interval",
+    "Loading `train_dataloader` to estimate",
+)
 
 
 def test_a_default_run_shows_no_third_party_noise_and_debug_shows_it(tmp_path, image_folder):
@@ -223,18 +231,37 @@ def test_a_default_run_shows_no_third_party_noise_and_debug_shows_it(tmp_path, i
 
     # As a user runs it (a fresh process: warning filters and log handlers start clean). 6 training batches,
     # fewer than the default logging interval (50): the interval follows the data instead of a warning.
-    args = tiny_cli_args(image_folder, tmp_path, "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-                         "--trainer.precision", "bf16-mixed")  # the model summary warns of bf16
-    quiet = subprocess.run([sys.executable, "-m", "peft_lightning", *args], cwd=ROOT, capture_output=True, text=True,
-                           timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    args = tiny_cli_args(
+        image_folder,
+        tmp_path,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.precision",
+        "bf16-mixed",
+    )  # the model summary warns of bf16
+    quiet = subprocess.run(
+        [sys.executable, "-m", "peft_lightning", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     shown = quiet.stdout + quiet.stderr
     assert not [n for n in NOISE if n in shown], shown[-3000:]
     assert "global batch 4" in shown  # what the project means to show is still there
     (metrics,) = tmp_path.glob("vit_cifar/*/metrics.csv")
     assert any(row["train/loss"] for row in csv.DictReader(metrics.open()))
-    debug = subprocess.run([sys.executable, "-m", "peft_lightning", *args], cwd=ROOT, capture_output=True, text=True,
-                           timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT),
-                                             "PEFT_LIGHTNING_DEBUG": "1"})
+    debug = subprocess.run(
+        [sys.executable, "-m", "peft_lightning", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PEFT_LIGHTNING_DEBUG": "1"},
+    )
     assert debug.returncode == 0, debug.stderr[-2000:]
     assert "Tip:" in debug.stderr and "not supported by the model summary" in debug.stderr

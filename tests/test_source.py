@@ -127,8 +127,10 @@ def test_column_errors_name_the_columns_found_and_the_one_needed():
     is_text = lambda f: getattr(f, "dtype", None) == "string"  # noqa: E731
     with pytest.raises(UsageError) as err:
         find_column(features, None, "text", is_text, "strings")
-    assert str(err.value) == ("the dataset has no text column (columns: pixels (list of uint8), label (int64); "
-                              "a text column holds strings): pass --data.text_column NAME")
+    assert str(err.value) == (
+        "the dataset has no text column (columns: pixels (list of uint8), label (int64); "
+        "a text column holds strings): pass --data.text_column NAME"
+    )
     with pytest.raises(UsageError, match=r"^column 'label' holds int64 \(columns: .*\): pass --data.text_column"):
         find_column(features, "label", "text", is_text, "strings")
     assert find_column(features, "label", "label") == "label"

@@ -13,14 +13,20 @@ from helpers import PhaseRecorder, StopAfterEpoch, train
 ALL = ["stem", *[f"blocks.{i}" for i in range(6)], "head"]
 
 
-@pytest.mark.parametrize("strategy, kw, phases", [
-    ("head", {}, [["head"], ["head"]]),
-    ("full", {}, [ALL, ALL]),
-    ("freeze_unfreeze", {"unfreeze_at_epoch": 1, "unfreeze_groups": 2}, [["head"], ["blocks.5", "head"]]),
-    ("gradual", {"unfreeze_every": 1}, [["head"], ["blocks.5", "head"], ["blocks.4", "blocks.5", "head"]]),
-    ("milestones", {"milestones": [Milestone(1, 3, 0.5), Milestone(2, 1)]},
-     [["head"], ["blocks.4", "blocks.5", "head"], ["head"]]),
-])
+@pytest.mark.parametrize(
+    "strategy, kw, phases",
+    [
+        ("head", {}, [["head"], ["head"]]),
+        ("full", {}, [ALL, ALL]),
+        ("freeze_unfreeze", {"unfreeze_at_epoch": 1, "unfreeze_groups": 2}, [["head"], ["blocks.5", "head"]]),
+        ("gradual", {"unfreeze_every": 1}, [["head"], ["blocks.5", "head"], ["blocks.4", "blocks.5", "head"]]),
+        (
+            "milestones",
+            {"milestones": [Milestone(1, 3, 0.5), Milestone(2, 1)]},
+            [["head"], ["blocks.4", "blocks.5", "head"], ["head"]],
+        ),
+    ],
+)
 def test_phase_by_phase(image_folder, strategy, kw, phases):
     rec = PhaseRecorder()
     train(image_folder, FineTuning(strategy, **kw), epochs=len(phases), extra=[rec], model_kw={"scheduler": "constant"})
@@ -39,8 +45,13 @@ def test_param_groups_never_change_across_unfreezes(image_folder):
 @pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "plateau"])
 def test_schedulers_run_across_an_unfreeze(image_folder, scheduler):
     rec = PhaseRecorder()
-    model, trainer = train(image_folder, FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, lr_decay=0.5), epochs=3,
-                           extra=[rec], model_kw={"scheduler": scheduler, "warmup": 0.2})
+    model, trainer = train(
+        image_folder,
+        FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, lr_decay=0.5),
+        epochs=3,
+        extra=[rec],
+        model_kw={"scheduler": scheduler, "warmup": 0.2},
+    )
     assert rec.changed[0] == ["head"] and rec.changed[1] == ALL
     first, last = rec.lrs[0], rec.lrs[-1]
     if scheduler == "cosine":
@@ -52,7 +63,7 @@ def test_schedulers_run_across_an_unfreeze(image_folder, scheduler):
         # The LR of each group follows the one schedule through the unfreeze, scaled by its layer decay.
         assert last["head"] == pytest.approx(1e-2 * shape(2 * steps_per_epoch))
         assert last["blocks.5"] == pytest.approx(0.5 * last["head"])
-        assert first["stem"] == pytest.approx(1e-2 * 0.5 ** 7 * shape(0))
+        assert first["stem"] == pytest.approx(1e-2 * 0.5**7 * shape(0))
     else:
         assert all(v > 0 for v in last.values())
 
@@ -79,9 +90,17 @@ def _tiny_fit(image_folder, finetuning: FineTuning, scheduler: str, steps: int, 
 
     from helpers import tiny_data, tiny_model
 
-    trainer = Trainer(max_epochs=epochs, limit_train_batches=steps, limit_val_batches=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, callbacks=[finetuning])
+    trainer = Trainer(
+        max_epochs=epochs,
+        limit_train_batches=steps,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[finetuning],
+    )
     trainer.fit(tiny_model(scheduler=scheduler, warmup=0.1), tiny_data(image_folder))
     assert trainer.global_step == steps * epochs or finetuning.strategy == "retune"
     return trainer
@@ -96,11 +115,16 @@ def test_every_scheduler_trains_any_number_of_steps(image_folder, scheduler, ste
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
-@pytest.mark.parametrize("strategy, kw", [
-    ("head", {}), ("freeze_unfreeze", {"unfreeze_at_epoch": 1}), ("gradual", {"unfreeze_every": 1}),
-    ("milestones", {"milestones": [Milestone(1, 2, 0.5)]}),
-    ("retune", {"monitor": "val/loss", "mode": "min", "round_epochs": 1, "max_rounds": 2}),
-])
+@pytest.mark.parametrize(
+    "strategy, kw",
+    [
+        ("head", {}),
+        ("freeze_unfreeze", {"unfreeze_at_epoch": 1}),
+        ("gradual", {"unfreeze_every": 1}),
+        ("milestones", {"milestones": [Milestone(1, 2, 0.5)]}),
+        ("retune", {"monitor": "val/loss", "mode": "min", "round_epochs": 1, "max_rounds": 2}),
+    ],
+)
 def test_every_scheduler_runs_every_strategy_on_one_step_epochs(image_folder, scheduler, strategy, kw, one_thread):
     # One step per epoch, phases and rounds changing every epoch: the shortest schedules a strategy makes.
     trainer = _tiny_fit(image_folder, FineTuning(strategy, **kw), scheduler, steps=1, epochs=3)
@@ -108,8 +132,7 @@ def test_every_scheduler_runs_every_strategy_on_one_step_epochs(image_folder, sc
 
 
 def test_retune_rounds_unfreeze_restore_best_and_print_a_table(image_folder, capsys):
-    ft = FineTuning("retune", monitor="val/loss", mode="min", patience=1, round_epochs=2, retune_groups=2,
-                    max_rounds=3)
+    ft = FineTuning("retune", monitor="val/loss", mode="min", patience=1, round_epochs=2, retune_groups=2, max_rounds=3)
     rec = PhaseRecorder()
     optimizers = []
 
@@ -132,28 +155,45 @@ def test_retune_rounds_unfreeze_restore_best_and_print_a_table(image_folder, cap
     assert "round" in table and "trainable" in table and "best val/loss" in table
 
 
-@pytest.mark.parametrize("strategy, kw, stop_after", [
-    ("freeze_unfreeze", {"unfreeze_at_epoch": 2}, 0),  # mid-phase
-    ("freeze_unfreeze", {"unfreeze_at_epoch": 2}, 2),  # just after the unfreeze
-    ("retune", {"monitor": "val/loss", "mode": "min", "round_epochs": 2, "patience": 1}, 1),  # mid-round / at a turn
-])
+@pytest.mark.parametrize(
+    "strategy, kw, stop_after",
+    [
+        ("freeze_unfreeze", {"unfreeze_at_epoch": 2}, 0),  # mid-phase
+        ("freeze_unfreeze", {"unfreeze_at_epoch": 2}, 2),  # just after the unfreeze
+        (
+            "retune",
+            {"monitor": "val/loss", "mode": "min", "round_epochs": 2, "patience": 1},
+            1,
+        ),  # mid-round / at a turn
+    ],
+)
 def test_resume_matches_an_uninterrupted_run(image_folder, tmp_path, strategy, kw, stop_after):
     epochs = 4
     full, _ = train(image_folder, FineTuning(strategy, **kw), epochs)
     train(image_folder, FineTuning(strategy, **kw), epochs, root=tmp_path, extra=[StopAfterEpoch(stop_after)])
-    resumed, _ = train(image_folder, FineTuning(strategy, **kw), epochs, root=tmp_path / "again",
-                       ckpt_path=str(tmp_path / "last.ckpt"))
+    resumed, _ = train(
+        image_folder, FineTuning(strategy, **kw), epochs, root=tmp_path / "again", ckpt_path=str(tmp_path / "last.ckpt")
+    )
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
 def test_show_groups_prints_and_exits(tmp_path, cli):
-    code, out, err = cli("fit", "--recipe", "effnet_fashion", "--finetuning.show_groups", "true",
-                         "--finetuning.lr_decay", "0.5", "--trainer.default_root_dir", str(tmp_path))
+    code, out, err = cli(
+        "fit",
+        "--recipe",
+        "effnet_fashion",
+        "--finetuning.show_groups",
+        "true",
+        "--finetuning.lr_decay",
+        "0.5",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    )
     assert code == 0, err[-2000:]
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("group"))
-    rows = [line.split() for line in lines[start + 1:] if line.strip()]
+    rows = [line.split() for line in lines[start + 1 :] if line.strip()]
     assert [r[0] for r in rows] == ["stem", *[f"blocks.{i}" for i in range(7)], "head"]
     assert rows[-1][1] == "12,810" and rows[-1][2] == "1" and rows[-2][2] == "0.5"
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
@@ -161,8 +201,10 @@ def test_show_groups_prints_and_exits(tmp_path, cli):
 
 def test_milestones_from_yaml_via_the_cli(tmp_path, cli):
     cfg = tmp_path / "ms.yaml"
-    cfg.write_text("recipe: effnet_fashion\nfinetuning:\n  strategy: milestones\n  milestones:\n"
-                   "    - {epoch: 0, groups: 1}\n    - {epoch: 1, groups: 3, lr_scale: 0.3}\n")
+    cfg.write_text(
+        "recipe: effnet_fashion\nfinetuning:\n  strategy: milestones\n  milestones:\n"
+        "    - {epoch: 0, groups: 1}\n    - {epoch: 1, groups: 3, lr_scale: 0.3}\n"
+    )
     code, out, err = cli("fit", "-c", str(cfg), "--print_config")
     assert code == 0, err[-2000:]
     assert "lr_scale: 0.3" in out

@@ -32,11 +32,25 @@ def tiny_bert(tmp_path_factory) -> str:
     import transformers
 
     words = WORDS + [w for ws in CLASS_WORDS.values() for w in ws]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *string.ascii_lowercase,
-             *(f"##{c}" for c in string.ascii_lowercase)]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *words,
+        *string.ascii_lowercase,
+        *(f"##{c}" for c in string.ascii_lowercase),
+    ]
     tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=37, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_bert")
     transformers.BertForSequenceClassification(config).save_pretrained(folder)
@@ -67,14 +81,29 @@ def sentiment_csv(tmp_path_factory) -> Path:
 
 
 def datamodule(path, tiny_bert, tmp_path, **kw) -> TextDataModule:
-    kw = {"tokenizer": tiny_bert, "batch_size": 8, "num_workers": 0, "max_length": 32,
-          "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.2, **kw}
+    kw = {
+        "tokenizer": tiny_bert,
+        "batch_size": 8,
+        "num_workers": 0,
+        "max_length": 32,
+        "cache_dir": str(tmp_path / "cache"),
+        "val_fraction": 0.2,
+        **kw,
+    }
     return TextDataModule(str(path), **kw)
 
 
 def fit(model, dm, **trainer_kw) -> Trainer:
-    kw = {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "logger": False,
-          "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False, **trainer_kw}
+    kw = {
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        **trainer_kw,
+    }
     trainer = Trainer(**kw)
     trainer.fit(model, dm)
     return trainer
@@ -92,18 +121,22 @@ def test_layer_groups_run_from_embeddings_to_head_and_cover_every_parameter(tiny
     assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())  # every parameter, once
 
 
-@pytest.mark.parametrize("arch, blocks, head_has", [
-    ("gpt2", ["h.0", "h.1"], ["model.transformer.ln_f.weight", "model.score.weight"]),
-    ("distilbert", ["layer.0", "layer.1"], ["model.pre_classifier.weight", "model.classifier.weight"]),
-    ("roberta", ["layer.0", "layer.1"], ["model.classifier.dense.weight", "model.classifier.out_proj.weight"]),
-])
+@pytest.mark.parametrize(
+    "arch, blocks, head_has",
+    [
+        ("gpt2", ["h.0", "h.1"], ["model.transformer.ln_f.weight", "model.score.weight"]),
+        ("distilbert", ["layer.0", "layer.1"], ["model.pre_classifier.weight", "model.classifier.weight"]),
+        ("roberta", ["layer.0", "layer.1"], ["model.classifier.dense.weight", "model.classifier.out_proj.weight"]),
+    ],
+)
 def test_layer_groups_of_other_architectures(arch, blocks, head_has, tmp_path):
     import transformers
 
-    sizes = {"gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "pad_token_id": 0},
-             "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 37},
-             "roberta": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                         "intermediate_size": 37}}[arch]
+    sizes = {
+        "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "pad_token_id": 0},
+        "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 37},
+        "roberta": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37},
+    }[arch]
     config = transformers.AutoConfig.for_model(arch, vocab_size=99, **sizes)
     transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
     model = TextClassifier(str(tmp_path), num_labels=3)
@@ -119,8 +152,10 @@ def test_head_is_reset_to_num_labels_and_the_body_is_loaded(tiny_bert):
     saved = load_file(str(Path(tiny_bert) / "model.safetensors"))
     model = TextClassifier(tiny_bert, num_labels=5)
     assert model.model.classifier.out_features == 5 and model.model.training
-    assert torch.equal(model.model.bert.encoder.layer[1].attention.self.query.weight,
-                       saved["bert.encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(
+        model.model.bert.encoder.layer[1].attention.self.query.weight,
+        saved["bert.encoder.layer.1.attention.self.query.weight"],
+    )
     logits = model(input_ids=torch.tensor([[2, 6, 7, 3]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
     assert logits.shape == (1, 5) and logits.dtype == torch.float32
     with pytest.raises(UsageError, match="num_labels"):
@@ -144,8 +179,14 @@ def test_missing_model_and_offline_hub_stop_with_one_line_naming_the_flag(tmp_pa
 
 
 def test_bert_sst2_offline_says_what_it_tried(tmp_path):
-    res = run_cli("fit", "--recipe", "bert_sst2", "--trainer.default_root_dir", str(tmp_path),
-                  env={"HF_HOME": str(tmp_path / "empty_cache")})
+    res = run_cli(
+        "fit",
+        "--recipe",
+        "bert_sst2",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        env={"HF_HOME": str(tmp_path / "empty_cache")},
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     err = [line for line in res.stderr.splitlines() if line.startswith("error:")]  # after Lightning's "Seed set"
@@ -160,7 +201,13 @@ def test_labels_splits_and_dynamic_padding(sentiment_csv, tiny_bert, tmp_path):
     assert dm.label_names == ["meh", "neg", "pos"] and dm.num_labels == 3
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 57, "validation": 15, "test": 18}
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "index"}  # index: the prefix cache's key
+    assert set(batch) == {
+        "input_ids",
+        "token_type_ids",
+        "attention_mask",
+        "labels",
+        "index",
+    }  # index: the prefix cache's key
     widths = batch["attention_mask"].sum(1)
     # Padded to the longest example of this batch, not to max_length; pads are masked out.
     assert batch["input_ids"].shape[1] == widths.max() < 32
@@ -218,7 +265,7 @@ def test_length_grouped_batches_pad_less(sentiment_csv, tiny_bert, tmp_path):
     grouped.setup()
     lengths = sorted(grouped.lengths["train"], reverse=True)
     assert sorted(plain.lengths["train"], reverse=True) == lengths
-    least = sum(max(chunk) * len(chunk) for chunk in (lengths[i:i + 4] for i in range(0, len(lengths), 4)))
+    least = sum(max(chunk) * len(chunk) for chunk in (lengths[i : i + 4] for i in range(0, len(lengths), 4)))
     # Same seed, same examples: sorting within shuffled chunks of batches pads less than a plain shuffle.
     assert least <= padded_tokens(grouped) < padded_tokens(plain)
     val = list(grouped.val_dataloader())
@@ -260,8 +307,9 @@ def test_label_errors_name_the_fix(tiny_bert, tmp_path):
 def test_a_relative_parquet_file_and_a_save_to_disk_folder(sentiment_csv, tiny_bert, tmp_path, monkeypatch):
     import datasets
 
-    table = datasets.load_dataset("csv", data_files=str(sentiment_csv), split="train",
-                                  cache_dir=str(tmp_path / "cache"))
+    table = datasets.load_dataset(
+        "csv", data_files=str(sentiment_csv), split="train", cache_dir=str(tmp_path / "cache")
+    )
     table.to_parquet(str(tmp_path / "reviews.parquet"))
     table.save_to_disk(str(tmp_path / "saved"))
     monkeypatch.chdir(tmp_path)
@@ -276,7 +324,8 @@ def test_a_column_without_text_names_the_columns_and_the_text_column_needed(tiny
     import datasets
 
     datasets.Dataset.from_dict({"tokens": [[1, 2, 3]] * 6, "label": [0, 1] * 3}).to_parquet(
-        str(tmp_path / "ids.parquet"))
+        str(tmp_path / "ids.parquet")
+    )
     for column in (None, "tokens"):
         with pytest.raises(UsageError) as err:
             datamodule(tmp_path / "ids.parquet", tiny_bert, tmp_path, text_column=column).setup()
@@ -305,12 +354,14 @@ def test_tokenizer_comes_from_the_attached_model(sentiment_csv, tiny_bert, tmp_p
 
 def test_head_strategy_trains_only_the_head(sentiment_csv, tiny_bert, tmp_path):
     model = TextClassifier(tiny_bert, num_labels=3, lr=1e-2)
-    before = {g: [p.detach().clone() for n, p in model.named_parameters() if n in names]
-              for g, names in model.layer_groups()}
+    before = {
+        g: [p.detach().clone() for n, p in model.named_parameters() if n in names] for g, names in model.layer_groups()
+    }
     fit(model, datamodule(sentiment_csv, tiny_bert, tmp_path), callbacks=[FineTuning("head")])
     params = dict(model.named_parameters())
-    changed = [g for g, names in model.layer_groups()
-               if any(not torch.equal(b, params[n]) for b, n in zip(before[g], names))]
+    changed = [
+        g for g, names in model.layer_groups() if any(not torch.equal(b, params[n]) for b, n in zip(before[g], names))
+    ]
     assert changed == ["head"]
 
 
@@ -327,8 +378,10 @@ def test_multi_label_from_a_separated_column(sentiment_csv, tiny_bert, tmp_path)
     preds = model.predict_step(batch, 0)
     assert preds["pred"].shape == (8, 3) and ((preds["probs"] > 0) & (preds["probs"] < 1)).all()
     with pytest.raises(UsageError, match="multi_label_classification"):
-        fit(TextClassifier(tiny_bert, num_labels=3), datamodule(sentiment_csv, tiny_bert, tmp_path,
-                                                                label_column="tags", multi_label=True))
+        fit(
+            TextClassifier(tiny_bert, num_labels=3),
+            datamodule(sentiment_csv, tiny_bert, tmp_path, label_column="tags", multi_label=True),
+        )
 
 
 def test_num_labels_mismatch_is_reported(sentiment_csv, tiny_bert, tmp_path):
@@ -343,14 +396,14 @@ def test_passages_drop_headings_and_never_share_a_line():
     body = [f"line {i}" for i in range(1, 60) if i % 4]
     assert passages[0] == "line 1 line 2 line 3" and len(passages) == len(body) // 3
     used = [line for p in passages for line in p.replace(" line", "|line").split("|")]
-    assert used == body[:len(used)] and len(set(used)) == len(used)  # in order, each line once
+    assert used == body[: len(used)] and len(set(used)) == len(used)  # in order, each line once
 
 
 def test_splits_are_whole_contiguous_blocks():
     where = split_blocks(1000, block=10, fractions=(0.1, 0.1), seed=3)
     assert {s: where.count(s) for s in set(where)} == {"train": 800, "validation": 100, "test": 100}
     for start in range(0, 1000, 10):
-        assert len(set(where[start:start + 10])) == 1
+        assert len(set(where[start : start + 10])) == 1
     assert where != split_blocks(1000, block=10, fractions=(0.1, 0.1), seed=4)
 
 
@@ -382,10 +435,27 @@ def test_bert_sst2_runs_on_local_copies(tiny_bert, tmp_path):
             for i in range(n):
                 word = rng.choice(CLASS_WORDS["pos" if i % 2 else "neg"])
                 w.writerow([i, f"{spell(i)} the movie was {word}", i % 2])
-    res = run_cli("fit", "--recipe", "bert_sst2", "--model.model_name", tiny_bert, "--data.dataset", str(data),
-                  "--data.num_workers", "0", "--data.batch_size", "8", "--trainer.precision", "32-true",
-                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-                  "--trainer.default_root_dir", str(tmp_path / "run"))
+    res = run_cli(
+        "fit",
+        "--recipe",
+        "bert_sst2",
+        "--model.model_name",
+        tiny_bert,
+        "--data.dataset",
+        str(data),
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "8",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "bert_sst2: test/acc" in res.stdout
     hparams = next((tmp_path / "run").rglob("config.yaml")).read_text()
@@ -395,11 +465,29 @@ def test_bert_sst2_runs_on_local_copies(tiny_bert, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not MinilmAusten.availability()[0], reason="offline assets missing: run scripts/setup.sh")
 def test_minilm_austen_small_budget(tmp_path):
-    res = run_cli("fit", "--recipe", "minilm_austen", "--trainer.default_root_dir", str(tmp_path),
-                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches",
-                  "1", "--trainer.limit_test_batches", "1", "--data.max_train_samples", "64",
-                  "--data.max_val_samples", "64", "--data.max_test_samples", "64",
-                  "--data.cache_dir", str(tmp_path / "cache"))
+    res = run_cli(
+        "fit",
+        "--recipe",
+        "minilm_austen",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "4",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.limit_test_batches",
+        "1",
+        "--data.max_train_samples",
+        "64",
+        "--data.max_val_samples",
+        "64",
+        "--data.max_test_samples",
+        "64",
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = [line for line in res.stdout.splitlines() if line.startswith("minilm_austen: test/acc")]
     assert summary, res.stdout[-2000:]

@@ -24,10 +24,20 @@ from conftest import ROOT
 from helpers import tiny_cli_args
 
 # Two optimizer steps and one validation batch per trial: what is tested is the search, not the training.
-BUDGET = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-          "--quiet"]
-LR_ONLY = {"model.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "model.weight_decay": None,
-           "model.warmup": None}
+BUDGET = [
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--quiet",
+]
+LR_ONLY = {
+    "model.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+    "model.weight_decay": None,
+    "model.warmup": None,
+}
 
 
 def fit_flags(images: Path, root: Path, *extra: str) -> list[str]:
@@ -42,17 +52,26 @@ def sqlite(root: Path, study: str) -> str:
 def worker(*args: str) -> subprocess.Popen:
     """`python -m peft_lightning ARGS` in its own process, as a user (or a cluster job) starts it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "peft_lightning", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "peft_lightning", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_study_runs_fits_scores_validation_and_writes_a_best_yaml_that_fit_reruns(image_folder, tmp_path, cli):
     space = tmp_path / "space.yaml"
-    space.write_text("model.lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}\n"
-                     "finetuning.strategy: {type: categorical, choices: [full, head]}\n"
-                     "model.weight_decay: null\nmodel.warmup: null\n")
-    code, out, err = cli("tune", *fit_flags(image_folder, tmp_path), "--n_trials", "3", "--space", str(space),
-                         "--study", "s")
+    space.write_text(
+        "model.lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}\n"
+        "finetuning.strategy: {type: categorical, choices: [full, head]}\n"
+        "model.weight_decay: null\nmodel.warmup: null\n"
+    )
+    code, out, err = cli(
+        "tune", *fit_flags(image_folder, tmp_path), "--n_trials", "3", "--space", str(space), "--study", "s"
+    )
     assert code == 0, err
     folder = tmp_path / "vit_cifar" / "tune-s"
     study = optuna.load_study(study_name="s", storage=sqlite(tmp_path, "s"))
@@ -85,14 +104,26 @@ def test_failed_trials_keep_their_reason_and_the_study_goes_on_and_a_pruned_tria
     flags = fit_flags(image_folder, tmp_path)
     # A learning rate of 1e30 makes the loss NaN at the second step: each trial fails with the reason, none stops
     # the study.
-    study = peft_lightning.tune("vit_cifar", 2, study="nan", args=flags, plots=False,
-                                space={**LR_ONLY, "model.lr": {"type": "categorical", "choices": [1e30]}})
+    study = peft_lightning.tune(
+        "vit_cifar",
+        2,
+        study="nan",
+        args=flags,
+        plots=False,
+        space={**LR_ONLY, "model.lr": {"type": "categorical", "choices": [1e30]}},
+    )
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
     assert all("training loss is nan" in t.user_attrs["reason"] for t in study.trials)
     # A pruner that rejects every value stops a 3-epoch trial at its first validation.
-    study = peft_lightning.tune("vit_cifar", 1, study="pruned", space=LR_ONLY, plots=False,
-                                pruner=optuna.pruners.ThresholdPruner(lower=2.0),
-                                args=[*flags, "--trainer.max_epochs", "3"])
+    study = peft_lightning.tune(
+        "vit_cifar",
+        1,
+        study="pruned",
+        space=LR_ONLY,
+        plots=False,
+        pruner=optuna.pruners.ThresholdPruner(lower=2.0),
+        args=[*flags, "--trainer.max_epochs", "3"],
+    )
     (trial,) = study.trials
     assert trial.state == TrialState.PRUNED and trial.last_step == 0 and "epoch 0" in trial.user_attrs["reason"]
     rows = list(csv.DictReader((Path(trial.user_attrs["run_dir"]) / "metrics.csv").open()))
@@ -110,7 +141,8 @@ def wait_for_a_running_trial(proc: subprocess.Popen, load, after_complete: bool 
         except Exception:  # not created yet
             trials = []
         if (not after_complete or any(t.state == TrialState.COMPLETE for t in trials)) and any(
-                t.state == TrialState.RUNNING and t.user_attrs.get("pid") == proc.pid for t in trials):
+            t.state == TrialState.RUNNING and t.user_attrs.get("pid") == proc.pid for t in trials
+        ):
             return
         time.sleep(0.1)
 
@@ -147,8 +179,16 @@ def test_a_killed_study_resumes_with_the_same_command(image_folder, tmp_path, cl
 def test_two_workers_on_one_storage_share_the_study_without_duplicating_a_trial(image_folder, tmp_path, cli):
     journal = tmp_path / "study.log"
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    command = ["tune", *fit_flags(image_folder, tmp_path), "--n_trials", "4", "--study", "w",
-               "--storage", f"journal://{journal}"]
+    command = [
+        "tune",
+        *fit_flags(image_folder, tmp_path),
+        "--n_trials",
+        "4",
+        "--study",
+        "w",
+        "--storage",
+        f"journal://{journal}",
+    ]
     # One worker in its own process; once it runs a trial, a second one in this process, on the same journal file.
     proc = worker(*command)
     try:
@@ -169,18 +209,25 @@ def test_two_workers_on_one_storage_share_the_study_without_duplicating_a_trial(
     assert len({t.user_attrs["run_dir"] for t in trials}) == len(trials)
 
 
-@pytest.mark.parametrize("space, extra, needle", [
-    ("model.lr: {type: gaussian, low: 1, high: 2}", [], "unknown type 'gaussian'"),
-    ("model.lr: {type: float, low: 1e-2, high: 1e-4}", [], "low 0.01 > high 0.0001"),
-    ("model.lr: {type: float, low: 0, high: 1, log: true}", [], "model.lr"),
-    ("model.lrr: {type: float, low: 1.0e-4, high: 1.0e-2}", [], "'model.lrr' is not a fit flag of recipe vit_cifar"),
-    ("finetuning.strategy: {type: categorical, choices: [full, sometimes]}", [], "finetuning.strategy"),
-    ("model.lr: {type: float, low: 1.0e-4, high: [1", [], "cannot parse space file"),
-    ("- model.lr", [], "must map fit flags to distributions"),
-    ("test_after_fit: {type: categorical, choices: [true]}", [], "set by tune itself"),
-    ("model.lr: {type: float, low: 1.0e-4, high: 1.0e-2}", ["--trainer.devices", "2"], "one device"),
-    ("model.lr: {type: float, low: 1.0e-4, high: 1.0e-2}", ["--storage", "study.db"], "--storage 'study.db'"),
-])
+@pytest.mark.parametrize(
+    "space, extra, needle",
+    [
+        ("model.lr: {type: gaussian, low: 1, high: 2}", [], "unknown type 'gaussian'"),
+        ("model.lr: {type: float, low: 1e-2, high: 1e-4}", [], "low 0.01 > high 0.0001"),
+        ("model.lr: {type: float, low: 0, high: 1, log: true}", [], "model.lr"),
+        (
+            "model.lrr: {type: float, low: 1.0e-4, high: 1.0e-2}",
+            [],
+            "'model.lrr' is not a fit flag of recipe vit_cifar",
+        ),
+        ("finetuning.strategy: {type: categorical, choices: [full, sometimes]}", [], "finetuning.strategy"),
+        ("model.lr: {type: float, low: 1.0e-4, high: [1", [], "cannot parse space file"),
+        ("- model.lr", [], "must map fit flags to distributions"),
+        ("test_after_fit: {type: categorical, choices: [true]}", [], "set by tune itself"),
+        ("model.lr: {type: float, low: 1.0e-4, high: 1.0e-2}", ["--trainer.devices", "2"], "one device"),
+        ("model.lr: {type: float, low: 1.0e-4, high: 1.0e-2}", ["--storage", "study.db"], "--storage 'study.db'"),
+    ],
+)
 def test_a_bad_space_file_or_launch_stops_with_one_line(space, extra, needle, image_folder, tmp_path, cli):
     path = tmp_path / "space.yaml"
     path.write_text(space + "\n")
@@ -194,8 +241,10 @@ def test_space_files_extend_override_and_drop_the_recipes_space_and_carry_lists(
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     path = tmp_path / "space.yaml"
-    path.write_text("model.warmup: null\npeft.target_modules: {type: categorical, choices: [[query, value], null]}\n"
-                    "model.lr: {type: float, low: 1e-4, high: 1e-3, log: true}\n")  # YAML reads 1e-4 as text
+    path.write_text(
+        "model.warmup: null\npeft.target_modules: {type: categorical, choices: [[query, value], null]}\n"
+        "model.lr: {type: float, low: 1e-4, high: 1e-3, log: true}\n"
+    )  # YAML reads 1e-4 as text
     space = load_space(peft_lightning.get_recipe("minilm_austen").search_space, path)
     assert "model.warmup" not in space and "peft.method" in space
     assert space["model.lr"] == FloatDistribution(1e-4, 1e-3, log=True)
@@ -215,10 +264,13 @@ def test_every_recipes_search_space_names_fit_flags_whose_ranges_and_choices_par
 def test_help_lists_tune_and_neither_help_nor_list_imports_optuna(cli):
     code, out, _ = cli("tune", "--help")
     assert code == 0 and "--n_trials" in out and "--storage" in out and "--space" in out and "--pruner" in out
-    code = ("import sys, runpy; sys.argv=['peft_lightning', sys.argv[1]];"
-            "runpy.run_module('peft_lightning', run_name='__main__'); print('OPTUNA', 'optuna' in sys.modules)")
+    code = (
+        "import sys, runpy; sys.argv=['peft_lightning', sys.argv[1]];"
+        "runpy.run_module('peft_lightning', run_name='__main__'); print('OPTUNA', 'optuna' in sys.modules)"
+    )
     for command in ("--help", "list"):
-        out = subprocess.run([sys.executable, "-c", code, command], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code, command], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
         assert "OPTUNA False" in out
         assert command == "list" or "\n  tune " in out

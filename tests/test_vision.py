@@ -122,8 +122,14 @@ def test_one_training_step_changes_weights_and_logs_metrics(image_folder):
     model = tiny(lr=1e-2)
     dm = ImageDataModule(str(image_folder), batch_size=8, num_workers=0)
     before = model.model.head.weight.detach().clone()
-    trainer = Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False)
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(model, dm)
     assert not torch.equal(before, model.model.head.weight)
     assert {"val/acc", "val/f1", "val/loss"} <= set(trainer.callback_metrics)
@@ -143,8 +149,10 @@ def image_rows(n: int = 12, size: int = 32) -> dict:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    return {"image": [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)],
-            "label": [0, 1, 2] * (n // 3)}
+    return {
+        "image": [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)],
+        "label": [0, 1, 2] * (n // 3),
+    }
 
 
 @pytest.fixture
@@ -160,8 +168,9 @@ def parquet_file(tmp_path):
 def test_one_parquet_file_by_absolute_and_relative_path(parquet_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in (str(parquet_file), "./train.parquet", "train.parquet"):
-        dm = ImageDataModule(name, image_size=32, batch_size=4, num_workers=0, val_fraction=0.2,
-                             cache_dir=str(tmp_path / "cache"))
+        dm = ImageDataModule(
+            name, image_size=32, batch_size=4, num_workers=0, val_fraction=0.2, cache_dir=str(tmp_path / "cache")
+        )
         dm.setup()
         assert {k: len(v) for k, v in dm.splits.items()} == {"train": 7, "validation": 2, "test": 3}, name
         assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (4, 3, 32, 32)
@@ -180,8 +189,14 @@ def test_parquet_written_by_other_tools_holds_images_as_bytes_and_path(tmp_path)
         image.save(buf, format="PNG")
         cells.append({"bytes": buf.getvalue(), "path": None})
     pq.write_table(pa.table({"picture": cells, "label": rows["label"]}), tmp_path / "other.parquet")
-    dm = ImageDataModule(str(tmp_path / "other.parquet"), image_size=32, batch_size=4, num_workers=0,
-                         val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    dm = ImageDataModule(
+        str(tmp_path / "other.parquet"),
+        image_size=32,
+        batch_size=4,
+        num_workers=0,
+        val_fraction=0.2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (4, 3, 32, 32)
 
 
@@ -189,10 +204,12 @@ def test_a_column_of_pixel_lists_names_the_columns_and_the_image_column_needed(t
     import datasets
 
     datasets.Dataset.from_dict({"pixels": [[0] * 784] * 6, "label": [0, 1, 2] * 2}).to_parquet(
-        str(tmp_path / "pixels.parquet"))
+        str(tmp_path / "pixels.parquet")
+    )
     for column in (None, "pixels"):
-        dm = ImageDataModule(str(tmp_path / "pixels.parquet"), image_column=column, num_workers=0,
-                             cache_dir=str(tmp_path / "cache"))
+        dm = ImageDataModule(
+            str(tmp_path / "pixels.parquet"), image_column=column, num_workers=0, cache_dir=str(tmp_path / "cache")
+        )
         with pytest.raises(UsageError) as err:
             dm.setup()
         message = str(err.value)
@@ -204,8 +221,19 @@ def test_cli_fits_on_one_parquet_file_given_by_a_relative_path(parquet_file, tmp
     from helpers import tiny_cli_args
 
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(*tiny_cli_args("./train.parquet", tmp_path / "runs", "--trainer.max_epochs", "1",
-                                      "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-                                      "--data.cache_dir", str(tmp_path / "cache")))
+    code, _, err = cli(
+        *tiny_cli_args(
+            "./train.parquet",
+            tmp_path / "runs",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+            "--data.cache_dir",
+            str(tmp_path / "cache"),
+        )
+    )
     assert code == 0, err[-3000:]
     assert list((tmp_path / "runs").rglob("last.ckpt"))

@@ -64,9 +64,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(str(path).removeprefix("file://"))
@@ -117,9 +115,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     ) -> None:
         super().__init__(*args, **kwargs)
         if last_every_n_train_steps < 0 or (last_every_minutes is not None and last_every_minutes < 0):
-            raise UsageError(
-                "--checkpoint.last_every_n_train_steps and --checkpoint.last_every_minutes must be >= 0"
-            )
+            raise UsageError("--checkpoint.last_every_n_train_steps and --checkpoint.last_every_minutes must be >= 0")
         self.last_every_minutes = last_every_minutes
         self.last_every_n_train_steps = last_every_n_train_steps
         self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
@@ -174,7 +170,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             # In an epoch's last step or in a validation, Lightning would stop inside the validation, and a checkpoint
             # from there resumes as if the epoch had ended, its validation skipped: the stop waits for its end.
             hold = (trainer.validating and not trainer.sanity_checking) or (
-                trainer.training and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch))
+                trainer.training and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+            )
             rank_zero_info(
                 f"received {signal.Signals(signum).name}: stopping after this "
                 f"{'validation' if hold else 'step'} and saving last.ckpt (Ctrl+C again to interrupt at once)"
@@ -188,9 +185,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         try:
             signal.signal(signal.SIGTERM, on_signal)
             self._previous_sigint = signal.signal(signal.SIGINT, on_signal)
-        except (
-            ValueError
-        ):  # not the main thread (e.g. a notebook's worker): Lightning's SIGTERM handling only
+        except ValueError:  # not the main thread (e.g. a notebook's worker): Lightning's SIGTERM handling only
             self._previous_sigint = None
 
     @override
@@ -248,7 +243,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _ends_epoch(trainer: Trainer, batch_idx: int) -> bool:
         """Whether this training batch is its epoch's last (what Lightning's restore treats as the epoch's end)."""
         return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch) or (
-            batch_idx + 1 >= trainer.num_training_batches)
+            batch_idx + 1 >= trainer.num_training_batches
+        )
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -340,8 +336,12 @@ class ResumableCheckpoint(ModelCheckpoint):
     # --- state ---
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "best_epoch": self.best_epoch, "best_step": self.best_step,
-                "stopped": self.stopped}
+        return {
+            **super().state_dict(),
+            "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
+            "stopped": self.stopped,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -423,8 +423,11 @@ def find_resume(folder: str | os.PathLike, dirpath: str | None = None) -> Path |
     end of the step the hpc checkpoint interrupted, and an hpc checkpoint of an earlier requeue is older than the
     ``last.ckpt`` of the training since. A tie goes to hpc. None: nothing to continue."""
     folder = Path(folder)
-    numbered = [(int(m.group(1)), p) for p in folder.glob("hpc_ckpt_*.ckpt")
-                if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name)) and p.is_file()]
+    numbered = [
+        (int(m.group(1)), p)
+        for p in folder.glob("hpc_ckpt_*.ckpt")
+        if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name)) and p.is_file()
+    ]
     found = [max(numbered)[1]] if numbered else []
     last = find_last(folder, dirpath)
     if last is not None:
@@ -432,9 +435,7 @@ def find_resume(folder: str | os.PathLike, dirpath: str | None = None) -> Path |
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("hpc_ckpt_")), default=None)
 
 
-def resolve_ckpt_path(
-    value: str | None, *, root: str | os.PathLike, dirpath: str | None = None
-) -> str | None:
+def resolve_ckpt_path(value: str | None, *, root: str | os.PathLike, dirpath: str | None = None) -> str | None:
     """``--ckpt_path`` as a file: ``last`` becomes the newest ``last*.ckpt`` under ``root`` (or ``dirpath``), or
     None when there is none yet (a job can always pass ``--ckpt_path last``: its first run starts fresh). Other
     names Lightning resolves itself (``best``, ``hpc``, URLs) pass through; a missing file stops with one line."""

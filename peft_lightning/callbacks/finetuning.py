@@ -59,6 +59,8 @@ STRATEGIES = ", ".join(BUILTIN)
 STRATEGY_PATTERN = rf"^({'|'.join(BUILTIN)})$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 StrategyName = restricted_string_type("StrategyName", STRATEGY_PATTERN)
 """A built-in strategy's name or ``package.module:Class``: the CLI refuses anything else when it parses."""
+
+
 class FineTuning(Callback):
     """Which layer groups train, when, and at which learning rate.
 
@@ -157,28 +159,37 @@ class FineTuning(Callback):
         frozen_dropout: bool = False,
         show_groups: bool = False,
     ) -> None:
-        if min(head_groups, unfreeze_every, patience, round_epochs, retune_groups, probe_batches) < 1 \
-                or unfreeze_at_epoch < 0:
-            raise UsageError("head_groups, unfreeze_every, patience, round_epochs, retune_groups and probe_batches "
-                             "must be >= 1, unfreeze_at_epoch >= 0")
+        if (
+            min(head_groups, unfreeze_every, patience, round_epochs, retune_groups, probe_batches) < 1
+            or unfreeze_at_epoch < 0
+        ):
+            raise UsageError(
+                "head_groups, unfreeze_every, patience, round_epochs, retune_groups and probe_batches "
+                "must be >= 1, unfreeze_at_epoch >= 0"
+            )
         if unfreeze_groups is not None and unfreeze_groups < 1:
             raise UsageError(f"unfreeze_groups must be >= 1 or None, got {unfreeze_groups}")
         if not 0 < lr_decay <= 1 or retune_lr_scale <= 0:
             raise UsageError(f"lr_decay must be in (0, 1] and retune_lr_scale > 0, got {lr_decay}, {retune_lr_scale}")
         if strategy == "milestones" and not milestones:
-            raise UsageError("strategy 'milestones' needs --finetuning.milestones, e.g. "
-                             "'[{epoch: 0, groups: 1}, {epoch: 2, groups: [blocks.0, head], lr_scale: 0.5}]'")
+            raise UsageError(
+                "strategy 'milestones' needs --finetuning.milestones, e.g. "
+                "'[{epoch: 0, groups: 1}, {epoch: 2, groups: [blocks.0, head], lr_scale: 0.5}]'"
+            )
         if not re.match(STRATEGY_PATTERN, strategy):  # the parser's rule, for a FineTuning built in Python
-            raise UsageError(f"--finetuning.strategy {strategy!r} is unknown: use one of {STRATEGIES}, or "
-                             "package.module:Class (a subclass of peft_lightning.callbacks.strategies.Strategy)")
+            raise UsageError(
+                f"--finetuning.strategy {strategy!r} is unknown: use one of {STRATEGIES}, or "
+                "package.module:Class (a subclass of peft_lightning.callbacks.strategies.Strategy)"
+            )
         self.strategy = strategy
         self.groups = groups
         self.head_groups = head_groups
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.unfreeze_groups = unfreeze_groups
         self.unfreeze_every = unfreeze_every
-        self.milestones = sorted((m if isinstance(m, Milestone) else Milestone(**m) for m in milestones or []),
-                                 key=lambda m: m.epoch)
+        self.milestones = sorted(
+            (m if isinstance(m, Milestone) else Milestone(**m) for m in milestones or []), key=lambda m: m.epoch
+        )
         self.lr_decay = lr_decay
         self.train_bn = train_bn
         self.monitor = monitor
@@ -198,9 +209,12 @@ class FineTuning(Callback):
         self.cache_notes: list[str] = []  # what the prefix cache did, for the run summary
         self._cache_skips: set[tuple[str, str]] = set()
         self.show_groups = show_groups
-        self.schedule: Strategy = self._build(strategy, strategy_args, retune_order,
-                                              Auto(auto_mode, auto_threshold, auto_count, auto_every, probe_after)
-                                              if strategy == "auto" else None)
+        self.schedule: Strategy = self._build(
+            strategy,
+            strategy_args,
+            retune_order,
+            Auto(auto_mode, auto_threshold, auto_count, auto_every, probe_after) if strategy == "auto" else None,
+        )
         self._trainable: tuple[str, ...] | None = None  # the groups that train now (for logging changes)
         self._round_started = time.perf_counter()
         # rounds and probe state, all of it in `state_dict` so a resumed run continues the same round
@@ -251,8 +265,10 @@ class FineTuning(Callback):
         phase = self.schedule.phase(self.state(epoch, groups))
         unknown = [g for g in phase.groups if g not in groups]
         if unknown or not phase.groups:
-            raise UsageError(f"strategy {self.strategy!r} chose {phase.groups or 'no groups'}: a phase names one or more "
-                             f"of the model's groups ({', '.join(groups)})")
+            raise UsageError(
+                f"strategy {self.strategy!r} chose {phase.groups or 'no groups'}: a phase names one or more "
+                f"of the model's groups ({', '.join(groups)})"
+            )
         return phase
 
     def apply(self, pl_module: LightningModule, epoch: int) -> list[str]:
@@ -274,8 +290,9 @@ class FineTuning(Callback):
             self.round_groups = len(phase.groups)
         if tuple(phase.groups) != self._trainable:
             if self._trainable is not None:
-                rank_zero_info(f"epoch {epoch}: training {len(phase.groups)}/{len(groups)} layer groups: "
-                               f"{', '.join(phase.groups)}")
+                rank_zero_info(
+                    f"epoch {epoch}: training {len(phase.groups)}/{len(groups)} layer groups: {', '.join(phase.groups)}"
+                )
             self._trainable = tuple(phase.groups)
         return list(phase.groups)
 
@@ -293,8 +310,13 @@ class FineTuning(Callback):
             result = gradient_probe.probe(trainer, pl_module, loader, self.probe_batches, allowed)
         finally:
             pl_module.prefix_cache = cache
-        self.probe = {"rgn": result.rgn, "params": result.params, "batches": result.batches,
-                      "seconds": round(result.seconds, 2), "round": self.round}
+        self.probe = {
+            "rgn": result.rgn,
+            "params": result.params,
+            "batches": result.batches,
+            "seconds": round(result.seconds, 2),
+            "round": self.round,
+        }
         self.apply(pl_module, trainer.current_epoch)
         if trainer.is_global_zero:
             print(self.probe_table())
@@ -309,10 +331,12 @@ class FineTuning(Callback):
         norm = Auto.normalised(rgn, groups)
         phase = self.schedule.phase(self.state(0, groups))
         scales = phase.group_lr_scales
-        lines = [f"gradient probe: {self.probe['batches']} batches forward and backward in {self.probe['seconds']:.1f} s"
-                 f" (relative gradient norm ||grad|| / ||weight|| per group; normalised by the largest below the "
-                 f"head)",
-                 f"{'group':<20}{'params':>12}{'rgn':>11}{'rgn/max':>9}  {'lr scale' if scales else 'trains'}"]
+        lines = [
+            f"gradient probe: {self.probe['batches']} batches forward and backward in {self.probe['seconds']:.1f} s"
+            f" (relative gradient norm ||grad|| / ||weight|| per group; normalised by the largest below the "
+            f"head)",
+            f"{'group':<20}{'params':>12}{'rgn':>11}{'rgn/max':>9}  {'lr scale' if scales else 'trains'}",
+        ]
         for g, v in rgn.items():
             chosen = f"{scales[g]:.3g}" if scales else ("yes" if g in phase.groups else "-")
             shown = "head" if g == groups[-1] else f"{norm[g]:.3f}"
@@ -389,8 +413,9 @@ class FineTuning(Callback):
         if rows is not None:
             rows.serve_cached(cache is not None and cache.complete)
 
-    def _start_cache(self, trainer: Trainer, pl_module: LightningModule, target: str, names: list[str],
-                     lowest: int, rows: Any) -> PrefixCache | None:
+    def _start_cache(
+        self, trainer: Trainer, pl_module: LightningModule, target: str, names: list[str], lowest: int, rows: Any
+    ) -> PrefixCache | None:
         explicit = self.cache_features is True
         epoch = trainer.current_epoch
 
@@ -418,10 +443,11 @@ class FineTuning(Callback):
             return None
         max_bytes = int(self.cache_max_gb * 2**30) if self.cache_max_gb else default_max_bytes()
         folder = Path(_run_folder(trainer)) / "prefix_cache" if explicit else None
-        pl_module.prefix_cache = PrefixCache(split, len(rows), max_bytes, folder, module=pl_module,
-                                             on_fail=skip)
-        rank_zero_info(f"prefix cache: epoch {epoch}: the frozen groups below {target} run once per training "
-                       "example; later epochs train from their output")
+        pl_module.prefix_cache = PrefixCache(split, len(rows), max_bytes, folder, module=pl_module, on_fail=skip)
+        rank_zero_info(
+            f"prefix cache: epoch {epoch}: the frozen groups below {target} run once per training "
+            "example; later epochs train from their output"
+        )
         return pl_module.prefix_cache
 
     def cache_summary(self, pl_module: LightningModule | None = None) -> list[str]:
@@ -436,7 +462,7 @@ class FineTuning(Callback):
             raise TypeError(f"{type(pl_module).__name__} has no layer_groups(): FineTuning needs a FineTuneTask")
         groups = pl_module.layer_groups()
         # Layer-wise LR decay: the head trains at lr, the group below at lr*decay, and so on.
-        pl_module.layer_lr_scales = {name: self.lr_decay ** i for i, (name, _) in enumerate(reversed(groups))}
+        pl_module.layer_lr_scales = {name: self.lr_decay**i for i, (name, _) in enumerate(reversed(groups))}
         self.monitor = self.monitor or getattr(pl_module, "monitor", "val/loss")
         self.mode = self.mode or getattr(pl_module, "monitor_mode", "min")
         if self.uses_rounds:
@@ -453,13 +479,17 @@ class FineTuning(Callback):
             ddp_kwargs["find_unused_parameters"] = True
         kind = type(trainer.strategy).__name__
         if kind.startswith("DeepSpeed") and self.strategy != "full":
-            raise UsageError("FineTuning cannot freeze or unfreeze layer groups under DeepSpeed (its optimizer "
-                             "partitions only the parameters trainable at start): use --trainer.strategy fsdp or ddp")
+            raise UsageError(
+                "FineTuning cannot freeze or unfreeze layer groups under DeepSpeed (its optimizer "
+                "partitions only the parameters trainable at start): use --trainer.strategy fsdp or ddp"
+            )
         if kind.startswith("FSDP") and self.schedule.needs_probe:
             # FSDP's forward runs on unsharded copies of the parameters: their gradients reach the flat parameters
             # only through its backward hooks, which the probe must not fire outside a training step.
-            raise UsageError("the gradient probe (--finetuning.strategy auto, retune_order rgn) does not run under "
-                             "FSDP: use --trainer.strategy ddp, or choose the groups with --finetuning.groups")
+            raise UsageError(
+                "the gradient probe (--finetuning.strategy auto, retune_order rgn) does not run under "
+                "FSDP: use --trainer.strategy ddp, or choose the groups with --finetuning.groups"
+            )
         if kind.startswith("FSDP") and self.strategy != "full":
             # FSDP flattens each wrapped block's parameters into one; `use_orig_params` keeps requires_grad per
             # original parameter, so a block may hold frozen and trainable weights and unfreeze later.
@@ -548,8 +578,10 @@ class FineTuning(Callback):
         if value is None and not self.uses_rounds:
             return
         if value is None:
-            raise KeyError(f"{self.strategy} monitors {self.monitor!r}, which was not logged; logged: "
-                           f"{', '.join(trainer.callback_metrics)}: pass --finetuning.monitor NAME")
+            raise KeyError(
+                f"{self.strategy} monitors {self.monitor!r}, which was not logged; logged: "
+                f"{', '.join(trainer.callback_metrics)}: pass --finetuning.monitor NAME"
+            )
         value = float(value)
         self.metric_history.append(value)
         if not self.uses_rounds:
@@ -568,11 +600,13 @@ class FineTuning(Callback):
         if self.bad_epochs < self.patience and self.round_epochs_done < self.round_epochs:
             return
         names = [name for name, _ in pl_module.layer_groups()]
-        improved = (self.round == 0 or not self.history
-                    or sign * (self.round_best - self.history[-1]["best"]) > self.min_delta)
+        improved = (
+            self.round == 0 or not self.history or sign * (self.round_best - self.history[-1]["best"]) > self.min_delta
+        )
         self._close_round(pl_module)
-        exhausted = (self.schedule.done(self.state(trainer.current_epoch, names))
-                     or (self.max_rounds is not None and self.round + 1 >= self.max_rounds))
+        exhausted = self.schedule.done(self.state(trainer.current_epoch, names)) or (
+            self.max_rounds is not None and self.round + 1 >= self.max_rounds
+        )
         if not improved or exhausted:
             self.pending = "stop"
             self._restore_best(pl_module)
@@ -583,9 +617,16 @@ class FineTuning(Callback):
     def _close_round(self, pl_module: LightningModule) -> None:
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self.round_seconds += time.perf_counter() - self._round_started
-        self.history.append({"round": self.round, "groups": self.round_groups, "trainable": trainable,
-                             "best": self.round_best, "epochs": self.round_epochs_done,
-                             "seconds": round(self.round_seconds, 1)})
+        self.history.append(
+            {
+                "round": self.round,
+                "groups": self.round_groups,
+                "trainable": trainable,
+                "best": self.round_best,
+                "epochs": self.round_epochs_done,
+                "seconds": round(self.round_seconds, 1),
+            }
+        )
 
     def _restore_best(self, pl_module: LightningModule) -> None:
         if self.best_state is not None:
@@ -606,8 +647,10 @@ class FineTuning(Callback):
         self.apply(pl_module, trainer.current_epoch)
         # A fresh optimizer and LR schedule for the round (same named groups: nothing else changes shape).
         trainer.strategy.setup_optimizers(trainer)
-        rank_zero_info(f"retune round {self.round}: {self.round_groups} groups train, "
-                       f"LR x{pl_module.phase_lr_scale:g}, from the best weights ({self.monitor} {self.best:.4f})")
+        rank_zero_info(
+            f"retune round {self.round}: {self.round_groups} groups train, "
+            f"LR x{pl_module.phase_lr_scale:g}, from the best weights ({self.monitor} {self.best:.4f})"
+        )
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -621,12 +664,16 @@ class FineTuning(Callback):
             print(self.round_table())
 
     def round_table(self) -> str:
-        lines = [f"{'round':>5} {'groups':>6} {'trainable':>12} {'best ' + (self.monitor or ''):>14} {'epochs':>6} "
-                 f"{'wall s':>7}"]
+        lines = [
+            f"{'round':>5} {'groups':>6} {'trainable':>12} {'best ' + (self.monitor or ''):>14} {'epochs':>6} "
+            f"{'wall s':>7}"
+        ]
         for r in self.history:
             best = "-" if r["best"] is None or math.isnan(r["best"]) else f"{r['best']:.4f}"
-            lines.append(f"{r['round']:>5} {r['groups']:>6} {r['trainable']:>12,} {best:>14} {r['epochs']:>6} "
-                         f"{r['seconds']:>7.1f}")
+            lines.append(
+                f"{r['round']:>5} {r['groups']:>6} {r['trainable']:>12,} {best:>14} {r['epochs']:>6} "
+                f"{r['seconds']:>7.1f}"
+            )
         return "\n".join(lines)
 
     def print_groups(self, pl_module: LightningModule, epochs: int = 1) -> None:
@@ -652,8 +699,20 @@ class FineTuning(Callback):
         if self.schedule.needs_probe:
             print("the groups that train are chosen by the gradient probe at the start of fit (auto)")
 
-    _STATE = ("round", "round_groups", "round_epochs_done", "bad_epochs", "best", "round_best", "best_state",
-              "pending", "history", "round_seconds", "metric_history", "probe")
+    _STATE = (
+        "round",
+        "round_groups",
+        "round_epochs_done",
+        "bad_epochs",
+        "best",
+        "round_best",
+        "best_state",
+        "pending",
+        "history",
+        "round_seconds",
+        "metric_history",
+        "probe",
+    )
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -53,8 +53,15 @@ class PrefixCache:
         on_fail: called with the reason when the cache gives up; training goes on uncut.
     """
 
-    def __init__(self, split: Split, size: int, max_bytes: int, folder: Path | None = None,
-                 module: torch.nn.Module | None = None, on_fail: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        split: Split,
+        size: int,
+        max_bytes: int,
+        folder: Path | None = None,
+        module: torch.nn.Module | None = None,
+        on_fail: Callable[[str], None] | None = None,
+    ) -> None:
         self.split = split
         self.module = module
         self.on_fail = on_fail
@@ -82,8 +89,10 @@ class PrefixCache:
     def describe(self) -> str:
         seen = self.hits + self.misses
         rate = f", {100 * self.hits / seen:.0f}% of training examples served from it" if seen else ""
-        return (f"input of {self.split.group}: {self.count:,}/{self.size:,} examples, {_human(self.nbytes)} in "
-                f"{self.where}{rate}")
+        return (
+            f"input of {self.split.group}: {self.count:,}/{self.size:,} examples, {_human(self.nbytes)} in "
+            f"{self.where}{rate}"
+        )
 
     # --- storage ---
     def _allocate(self, rows: Features) -> None:
@@ -94,8 +103,10 @@ class PrefixCache:
             self.values = {k: torch.zeros((self.size, *s), dtype=d) for k, (s, d) in shapes.items()}
             return
         if self.folder is None:
-            raise CacheTooLarge(f"{_human(self.nbytes)} of frozen features would exceed the cache's memory budget "
-                                f"({_human(self.max_bytes)})")
+            raise CacheTooLarge(
+                f"{_human(self.nbytes)} of frozen features would exceed the cache's memory budget "
+                f"({_human(self.max_bytes)})"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / f"prefix_cache.rank{_rank()}.bin"
         self.path.unlink(missing_ok=True)
@@ -103,7 +114,7 @@ class PrefixCache:
         flat = torch.from_file(str(self.path), shared=True, size=self.nbytes, dtype=torch.uint8)
         offset = 0
         for k, (s, d) in shapes.items():
-            self.values[k] = flat[offset:offset + sizes[k]].view(d).view(self.size, *s)
+            self.values[k] = flat[offset : offset + sizes[k]].view(d).view(self.size, *s)
             offset += sizes[k]
 
     def put(self, index: torch.Tensor, rows: Features) -> None:
@@ -166,8 +177,9 @@ class PrefixCache:
             self.hits += len(index)
             return self.split.logits(batch, rows)
         if not all(k in batch for k in self.split.raw_keys):
-            raise RuntimeError(f"examples {index[:4].tolist()}... are not in the prefix cache and their batch "
-                               "holds no raw inputs")
+            raise RuntimeError(
+                f"examples {index[:4].tolist()}... are not in the prefix cache and their batch holds no raw inputs"
+            )
         # As the uncached step runs it (grad mode on): nothing before the cut trains, so autograd records nothing.
         with modules_run() as ran:
             rows = self.split.features(batch)
@@ -179,8 +191,11 @@ class PrefixCache:
         try:
             self.put(index, rows)
         except CacheTooLarge as err:
-            return self._give_up(batch, f"{err}: raise --finetuning.cache_max_gb, or pass "
-                                        "--finetuning.cache_features true to keep it on disk in the run folder")
+            return self._give_up(
+                batch,
+                f"{err}: raise --finetuning.cache_max_gb, or pass "
+                "--finetuning.cache_features true to keep it on disk in the run folder",
+            )
         self.misses += len(index)
         return self.split.logits(batch, rows)
 
@@ -198,8 +213,10 @@ class PrefixCache:
         names = {id(p): n for n, p in self.module.named_parameters()} if self.module is not None else {}
         trained = sorted({names.get(id(p), "?") for m in ran for p in m.parameters(recurse=False) if p.requires_grad})
         if trained:
-            return (f"trainable weights run before {self.split.group} ({', '.join(trained[:3])}"
-                    f"{' ...' if len(trained) > 3 else ''}): the model cannot be cut there")
+            return (
+                f"trainable weights run before {self.split.group} ({', '.join(trained[:3])}"
+                f"{' ...' if len(trained) > 3 else ''}): the model cannot be cut there"
+            )
         module = self.module
         modes = {m: m.training for m in module.modules()} if module is not None else {}
         if module is not None:
@@ -212,13 +229,17 @@ class PrefixCache:
             for m, training in modes.items():
                 m.training = training
         if got.shape != want.shape:
-            return f"the model run from the input of {self.split.group} gave {tuple(got.shape)}, not {tuple(want.shape)}"
+            return (
+                f"the model run from the input of {self.split.group} gave {tuple(got.shape)}, not {tuple(want.shape)}"
+            )
         low = any(v.dtype in (torch.float16, torch.bfloat16) for v in rows.values())
         error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
         if error <= (2e-2 if low else 1e-3):
             return None
-        return (f"the model run from the input of {self.split.group} did not reproduce its whole forward pass "
-                f"(relative difference {error:.2g}): it cannot be cut there")
+        return (
+            f"the model run from the input of {self.split.group} did not reproduce its whole forward pass "
+            f"(relative difference {error:.2g}): it cannot be cut there"
+        )
 
 
 def _rank() -> int:

@@ -28,8 +28,12 @@ class ProbeResult:
     """Wall time of the probe's forward and backward passes."""
 
 
-def group_norms(pl_module: LightningModule, groups: list[tuple[str, list[str]]], allowed: set[str] | None,
-                grads: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def group_norms(
+    pl_module: LightningModule,
+    groups: list[tuple[str, list[str]]],
+    allowed: set[str] | None,
+    grads: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared gradient and weight norms per group, of the parameters that have a gradient (``grads``, else each
     parameter's ``.grad``), as two tensors."""
     params = dict(pl_module.named_parameters())
@@ -58,8 +62,13 @@ def rgn_from_norms(trainer: Trainer, names: list[str], g2: torch.Tensor, w2: tor
     return {n: float(v) for n, v in zip(names, rgn)}
 
 
-def probe(trainer: Trainer, pl_module: LightningModule, batches: Iterable[Any], n_batches: int,
-          allowed: set[str] | None = None) -> ProbeResult:
+def probe(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    batches: Iterable[Any],
+    n_batches: int,
+    allowed: set[str] | None = None,
+) -> ProbeResult:
     """Forward and backward ``n_batches`` training batches with every (allowed) parameter differentiable, sum the
     gradients, and return each group's RGN. Weights, ``.grad``, BatchNorm statistics, the optimizer and
     ``requires_grad`` are left as found."""
@@ -102,6 +111,8 @@ def probe(trainer: Trainer, pl_module: LightningModule, batches: Iterable[Any], 
             p.requires_grad_(before[n])
         pl_module.train(was_training)
     names = [name for name, _ in groups]
-    counts = {name: sum(params[n].numel() for n in members if n in params and (allowed is None or n in allowed))
-              for name, members in groups}
+    counts = {
+        name: sum(params[n].numel() for n in members if n in params and (allowed is None or n in allowed))
+        for name, members in groups
+    }
     return ProbeResult(rgn_from_norms(trainer, names, g2, w2), counts, done, time.perf_counter() - start)

@@ -51,8 +51,10 @@ def select_groups(selector: Selector | None, groups: Sequence[str]) -> list[str]
     for item in items:
         found = _match(item, groups)
         if not found:
-            raise UsageError(f"layer group selector {item!r} matches none of the model's groups "
-                             f"({', '.join(groups)}): see --finetuning.show_groups true")
+            raise UsageError(
+                f"layer group selector {item!r} matches none of the model's groups "
+                f"({', '.join(groups)}): see --finetuning.show_groups true"
+            )
         chosen.update(found)
     return [g for g in groups if g in chosen]
 
@@ -211,8 +213,14 @@ class Retune(Strategy):
 
     rounds = True
 
-    def __init__(self, head: Selector = 1, per_round: int = 1, lr_scale: float = 1.0, target: Selector | None = None,
-                 order: str = "top") -> None:
+    def __init__(
+        self,
+        head: Selector = 1,
+        per_round: int = 1,
+        lr_scale: float = 1.0,
+        target: Selector | None = None,
+        order: str = "top",
+    ) -> None:
         self.head, self.per_round, self.lr_scale, self.target, self.order = head, per_round, lr_scale, target, order
         self.needs_probe = order == "rgn"  # type: ignore[misc]  (per instance: only the rgn order probes)
         self.added: list[str] = []  # groups added by rounds 1.., in the order they were (saved: resume continues)
@@ -231,7 +239,7 @@ class Retune(Strategy):
                 break
             self.added.extend(queue[: self.per_round])
         chosen = set(select_groups(self.head, state.groups)) | set(self.added[: state.round * self.per_round])
-        return Phase([g for g in state.groups if g in chosen], lr_scale=self.lr_scale ** state.round)
+        return Phase([g for g in state.groups if g in chosen], lr_scale=self.lr_scale**state.round)
 
     def done(self, state: State) -> bool:
         return not self._queue(state)
@@ -258,13 +266,20 @@ class Auto(Strategy):
 
     needs_probe = True
 
-    def __init__(self, mode: str = "scale", threshold: float = 0.5, count: int | None = None,
-                 every: int = 0, warmup_steps: int = 0) -> None:
+    def __init__(
+        self,
+        mode: str = "scale",
+        threshold: float = 0.5,
+        count: int | None = None,
+        every: int = 0,
+        warmup_steps: int = 0,
+    ) -> None:
         if mode not in ("select", "scale"):
             raise UsageError(f"auto_mode must be select or scale, got {mode!r}")
         if not 0 <= threshold <= 1 or (count is not None and count < 1) or min(every, warmup_steps) < 0:
-            raise UsageError("auto_threshold must be in [0, 1], auto_count >= 1 or None, auto_every and "
-                             "probe_after >= 0")
+            raise UsageError(
+                "auto_threshold must be in [0, 1], auto_count >= 1 or None, auto_every and probe_after >= 0"
+            )
         self.mode, self.threshold, self.count, self.every = mode, threshold, count, every
         self.warmup_steps = warmup_steps  # the head trains alone this many steps, then the probe runs
 
@@ -288,8 +303,15 @@ class Auto(Strategy):
         return Phase([g for g in state.groups if g in chosen])
 
 
-BUILTIN = {"full": Full, "head": Head, "freeze_unfreeze": FreezeUnfreeze, "gradual": Gradual,
-           "milestones": Milestones, "retune": Retune, "auto": Auto}
+BUILTIN = {
+    "full": Full,
+    "head": Head,
+    "freeze_unfreeze": FreezeUnfreeze,
+    "gradual": Gradual,
+    "milestones": Milestones,
+    "retune": Retune,
+    "auto": Auto,
+}
 
 
 def import_strategy(path: str, args: dict[str, Any] | None) -> Strategy:
@@ -298,8 +320,10 @@ def import_strategy(path: str, args: dict[str, Any] | None) -> Strategy:
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
-        raise UsageError(f"cannot import strategy {path!r} ({err}): pass a built-in name "
-                         f"({', '.join(BUILTIN)}) or package.module:Class on PYTHONPATH") from None
+        raise UsageError(
+            f"cannot import strategy {path!r} ({err}): pass a built-in name "
+            f"({', '.join(BUILTIN)}) or package.module:Class on PYTHONPATH"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise UsageError(f"strategy {path!r} is not a subclass of peft_lightning.callbacks.strategies.Strategy")
     try:

@@ -18,8 +18,10 @@ def at_least(low: float) -> Rule:
 
 def within(low: float, high: float, *, closed_high: bool = False) -> Rule:
     """The interval ``(low, high)``, or ``(low, high]``."""
-    return (f"in ({low:g}, {high:g}{']' if closed_high else ')'}",
-            lambda v: low < v <= high if closed_high else low < v < high)
+    return (
+        f"in ({low:g}, {high:g}{']' if closed_high else ')'}",
+        lambda v: low < v <= high if closed_high else low < v < high,
+    )
 
 
 def increasing_pair(rule: Rule) -> Rule:

@@ -49,11 +49,32 @@ GROUPLENS_URLS = {
     "ml-100k": "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
     "ml-1m": "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
 }
-GENRES_100K = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-               "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-               "War", "Western"]
-PART_NAMES = {"stratified": ("train", "val", "test"), "chrono": ("train", "val", "test"),
-              "temporal": ("A-train", "A-val", "B-train", "B-val", "B-test")}
+GENRES_100K = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
+PART_NAMES = {
+    "stratified": ("train", "val", "test"),
+    "chrono": ("train", "val", "test"),
+    "temporal": ("A-train", "A-val", "B-train", "B-val", "B-test"),
+}
 
 
 # --------------------------------------------------------------------------- loading
@@ -80,14 +101,29 @@ class Interactions:
         return len(self.raw_item_ids)
 
     @classmethod
-    def from_raw(cls, user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, rating: np.ndarray,
-                 titles: dict[int, tuple[str, str, list[str]]], source: str) -> Interactions:
+    def from_raw(
+        cls,
+        user: np.ndarray,
+        item: np.ndarray,
+        timestamp: np.ndarray,
+        rating: np.ndarray,
+        titles: dict[int, tuple[str, str, list[str]]],
+        source: str,
+    ) -> Interactions:
         """Index raw ids (items: those with ratings, in id order) and build each item's text."""
         raw_users, u = np.unique(user, return_inverse=True)
         raw_items, i = np.unique(item, return_inverse=True)
         texts = [item_text(*titles.get(int(r), (f"Movie {r}", "", []))) for r in raw_items]
-        return cls(u.astype(np.int64), i.astype(np.int64), timestamp.astype(np.int64), rating.astype(np.float32),
-                   texts, raw_users, raw_items, source)
+        return cls(
+            u.astype(np.int64),
+            i.astype(np.int64),
+            timestamp.astype(np.int64),
+            rating.astype(np.float32),
+            texts,
+            raw_users,
+            raw_items,
+            source,
+        )
 
 
 def item_text(title: str, year: str, genres: list[str]) -> str:
@@ -121,10 +157,19 @@ def read_recbole(folder: Path) -> Interactions:
             cols = [name.split(":")[0] for name in header]
             for line in f:
                 row = dict(zip(cols, line.rstrip("\n").split("\t")))
-                titles[int(row["item_id"])] = (row.get("movie_title", ""), row.get("release_year", ""),
-                                               row.get("class", "").split())
-    return Interactions.from_raw(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 3],
-                                 table[:, 2], titles, f"recbole:{folder}")
+                titles[int(row["item_id"])] = (
+                    row.get("movie_title", ""),
+                    row.get("release_year", ""),
+                    row.get("class", "").split(),
+                )
+    return Interactions.from_raw(
+        table[:, 0].astype(np.int64),
+        table[:, 1].astype(np.int64),
+        table[:, 3],
+        table[:, 2],
+        titles,
+        f"recbole:{folder}",
+    )
 
 
 def read_grouplens_100k(folder: Path) -> Interactions:
@@ -166,10 +211,14 @@ def read_folder(folder: Path) -> Interactions:
         if next(folder.glob("*.inter"), None) is not None:
             return read_recbole(folder)
     except (OSError, ValueError, IndexError) as err:
-        raise UsageError(f"cannot read MovieLens files in {str(folder)!r} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:120] if str(err) else ''}): are they complete?") from None
-    raise UsageError(f"{str(folder)!r} holds no MovieLens files: expected u.data + u.item (ml-100k), "
-                     "ratings.dat + movies.dat (ml-1m) or RecBole .inter/.item files")
+        raise UsageError(
+            f"cannot read MovieLens files in {str(folder)!r} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:120] if str(err) else ''}): are they complete?"
+        ) from None
+    raise UsageError(
+        f"{str(folder)!r} holds no MovieLens files: expected u.data + u.item (ml-100k), "
+        "ratings.dat + movies.dat (ml-1m) or RecBole .inter/.item files"
+    )
 
 
 def download(name: str, cache_dir: Path, timeout: float = 30.0) -> Path:
@@ -187,8 +236,10 @@ def download(name: str, cache_dir: Path, timeout: float = 30.0) -> Path:
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(tmp)
         except (OSError, zipfile.BadZipFile) as err:  # URLError and timeouts are OSErrors
-            raise UsageError(f"cannot download {name} from {url} ({type(err).__name__}; offline?): download and "
-                             f"unzip it elsewhere, then pass --data.dataset /path/to/{name}") from None
+            raise UsageError(
+                f"cannot download {name} from {url} ({type(err).__name__}; offline?): download and "
+                f"unzip it elsewhere, then pass --data.dataset /path/to/{name}"
+            ) from None
         shutil.move(str(Path(tmp) / name), str(target))
     return target
 
@@ -200,8 +251,9 @@ def check_dataset(dataset: str) -> Path | None:
     """
     path = local_path(dataset)
     if path is None and dataset not in GROUPLENS_URLS:
-        raise UsageError(f"--data.dataset {dataset!r}: unknown dataset name; pass ml-100k, ml-1m or a folder of "
-                         "MovieLens files")
+        raise UsageError(
+            f"--data.dataset {dataset!r}: unknown dataset name; pass ml-100k, ml-1m or a folder of MovieLens files"
+        )
     if path is not None and not path.is_dir():
         raise UsageError(f"--data.dataset {dataset!r} is a file: pass the folder of MovieLens files it is in")
     return path
@@ -256,8 +308,9 @@ def carve_per_user(user: np.ndarray, key: np.ndarray, fraction: float, last: boo
     return rank > count - n if last else rank <= n
 
 
-def assign_parts(data: Interactions, split: str, train_ratio: float, val_fraction: float, time_cut: float,
-                 seed: int) -> np.ndarray:
+def assign_parts(
+    data: Interactions, split: str, train_ratio: float, val_fraction: float, time_cut: float, seed: int
+) -> np.ndarray:
     """The part number of every interaction under ``split`` (see the module docstring)."""
     rng = np.random.default_rng(seed)
     user, ts = data.user, data.timestamp
@@ -299,7 +352,7 @@ class UserItemSets:
         return np.diff(self.indptr)
 
     def items(self, u: int) -> np.ndarray:
-        return self.indices[self.indptr[u]:self.indptr[u + 1]]
+        return self.indices[self.indptr[u] : self.indptr[u + 1]]
 
     def dense(self, users: np.ndarray) -> torch.Tensor:
         """A ``[len(users), num_items]`` bool mask of the users' items."""
@@ -373,8 +426,11 @@ class EvalUsers(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         users = self.users[np.asarray(indices)]
-        return {"users": torch.from_numpy(users), "history": self.known.dense(users),
-                "target": self.target.dense(users)}
+        return {
+            "users": torch.from_numpy(users),
+            "history": self.known.dense(users),
+            "target": self.target.dense(users),
+        }
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([index])
@@ -432,10 +488,16 @@ class MovieLensDataModule(LightningDataModule):
             raise UsageError(f"unknown split {split!r}: use stratified, chrono or temporal")
         if phase not in ("pretrain", "finetune"):
             raise UsageError(f"unknown phase {phase!r}: use pretrain or finetune")
-        check_options(train_ratio=(train_ratio, within(0, 1)), val_fraction=(val_fraction, within(0, 0.5)),
-                      time_cut=(time_cut, within(0, 1)), num_negatives=(num_negatives, NON_NEGATIVE),
-                      batch_size=(batch_size, POSITIVE), eval_batch_size=(eval_batch_size, POSITIVE),
-                      num_workers=(num_workers, NON_NEGATIVE), seed=(seed, NON_NEGATIVE))
+        check_options(
+            train_ratio=(train_ratio, within(0, 1)),
+            val_fraction=(val_fraction, within(0, 0.5)),
+            time_cut=(time_cut, within(0, 1)),
+            num_negatives=(num_negatives, NON_NEGATIVE),
+            batch_size=(batch_size, POSITIVE),
+            eval_batch_size=(eval_batch_size, POSITIVE),
+            num_workers=(num_workers, NON_NEGATIVE),
+            seed=(seed, NON_NEGATIVE),
+        )
         self.save_hyperparameters()
         self.data: Interactions | None = None
         self.part: np.ndarray | None = None
@@ -446,16 +508,27 @@ class MovieLensDataModule(LightningDataModule):
     def stage_parts(self) -> dict[str, int]:
         if self.hparams.split != "temporal":
             return {"train": 0, "val": 1, "test": 2}
-        return {"train": 0 if self.hparams.phase == "pretrain" else 2,
-                "val": 1 if self.hparams.phase == "pretrain" else 3, "test": 4}
+        return {
+            "train": 0 if self.hparams.phase == "pretrain" else 2,
+            "val": 1 if self.hparams.phase == "pretrain" else 3,
+            "test": 4,
+        }
 
     def load(self) -> Interactions:
         """The interactions (ratings below ``min_rating`` dropped). Subclasses override for other sources."""
         data = load_movielens(self.hparams.dataset, self.hparams.cache_dir)
         if self.hparams.min_rating is not None:
             keep = data.rating >= self.hparams.min_rating
-            data = Interactions(data.user[keep], data.item[keep], data.timestamp[keep], data.rating[keep],
-                                data.item_text, data.raw_user_ids, data.raw_item_ids, data.source)
+            data = Interactions(
+                data.user[keep],
+                data.item[keep],
+                data.timestamp[keep],
+                data.rating[keep],
+                data.item_text,
+                data.raw_user_ids,
+                data.raw_item_ids,
+                data.source,
+            )
         return data
 
     def prepare_data(self) -> None:
@@ -487,8 +560,9 @@ class MovieLensDataModule(LightningDataModule):
             if len(self.datasets[stage_name]) == 0:
                 raise UsageError(f"the {stage_name} split is empty: check --data.val_fraction/--data.train_ratio")
         counts = {PART_NAMES[hp.split][k]: int((part == k).sum()) for k in range(len(PART_NAMES[hp.split]))}
-        log.info("%s from %s: %d users, %d items, parts %s", hp.dataset, data.source, data.num_users,
-                 data.num_items, counts)
+        log.info(
+            "%s from %s: %d users, %d items, parts %s", hp.dataset, data.source, data.num_users, data.num_items, counts
+        )
 
     # --- what the model needs to know about the data ---
     @property

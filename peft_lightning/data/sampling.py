@@ -147,8 +147,11 @@ def rng_states() -> dict[str, Any]:
     import numpy as np
 
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -209,8 +212,9 @@ class ResumableLoader(DataLoader):
             self.sampler.resume(state_dict["epoch"], state_dict["batches"] * (self.batch_size or 1))
 
 
-def train_loader(datamodule: Any, data: Any, batch_size: int, seed: int, lengths: list[int] | None = None,
-                 **kwargs: Any) -> DataLoader:
+def train_loader(
+    datamodule: Any, data: Any, batch_size: int, seed: int, lengths: list[int] | None = None, **kwargs: Any
+) -> DataLoader:
     """A data module's training ``DataLoader``.
 
     In one process: an ``EpochShuffle`` order (grouped by ``lengths`` when given) in a ``ResumableLoader``, so every
@@ -224,7 +228,13 @@ def train_loader(datamodule: Any, data: Any, batch_size: int, seed: int, lengths
             return DataLoader(data, batch_size=batch_size, shuffle=True, **kwargs)
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
-        return DataLoader(data, batch_size=batch_size, sampler=LengthGroupedSampler(batch_size, lengths=lengths),
-                          **kwargs)
-    return ResumableLoader(data, progress=lambda: train_progress(datamodule.trainer), batch_size=batch_size,
-                           sampler=EpochShuffle(len(data), seed, lengths=lengths, batch_size=batch_size), **kwargs)
+        return DataLoader(
+            data, batch_size=batch_size, sampler=LengthGroupedSampler(batch_size, lengths=lengths), **kwargs
+        )
+    return ResumableLoader(
+        data,
+        progress=lambda: train_progress(datamodule.trainer),
+        batch_size=batch_size,
+        sampler=EpochShuffle(len(data), seed, lengths=lengths, batch_size=batch_size),
+        **kwargs,
+    )

@@ -27,8 +27,13 @@ if TYPE_CHECKING:
 # taken from ``datasets.packaged_modules._EXTENSION_TO_MODULE``: that map is private and also maps audio, video,
 # meshes ... that are not tables.
 FILE_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
-    ".parquet": ("parquet", {}), ".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}), ".json": ("json", {}),
-    ".jsonl": ("json", {}), ".arrow": ("arrow", {})}
+    ".parquet": ("parquet", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"sep": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".arrow": ("arrow", {}),
+}
 
 
 def local_path(dataset: str) -> Path | None:
@@ -47,8 +52,12 @@ def local_path(dataset: str) -> Path | None:
     return None
 
 
-def load_source(dataset: str, config_name: str | None = None, cache_dir: str | None = None,
-                what: str = "parquet/csv/json files or a save_to_disk folder") -> datasets.DatasetDict:
+def load_source(
+    dataset: str,
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+    what: str = "parquet/csv/json files or a save_to_disk folder",
+) -> datasets.DatasetDict:
     """Load what ``dataset`` names (see the module docstring) as a ``DatasetDict``.
 
     Args:
@@ -78,7 +87,8 @@ def load_source(dataset: str, config_name: str | None = None, cache_dir: str | N
                 f"could not load dataset {dataset!r}{f' ({config_name})' if config_name else ''} from the Hugging "
                 f"Face hub ({type(err).__name__}; offline and not cached in "
                 f"{cache_dir or datasets.config.HF_DATASETS_CACHE}?): download it once with network, or point "
-                f"--data.dataset at a local copy ({what})") from None
+                f"--data.dataset at a local copy ({what})"
+            ) from None
     else:
         try:
             ds = _load_local(path, config_name, cache_dir)
@@ -86,8 +96,10 @@ def load_source(dataset: str, config_name: str | None = None, cache_dir: str | N
             raise
         except Exception as err:  # noqa: BLE001 - malformed files fail in each reader's own way
             _check_empty_splits(path)
-            raise UsageError(f"cannot read a dataset from {str(path)!r} ({type(err).__name__}: "
-                             f"{(str(err).splitlines() or [''])[0][:160]}): expected {what}") from None
+            raise UsageError(
+                f"cannot read a dataset from {str(path)!r} ({type(err).__name__}: "
+                f"{(str(err).splitlines() or [''])[0][:160]}): expected {what}"
+            ) from None
     return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
 
 
@@ -113,8 +125,10 @@ def _check_empty_splits(path: Path) -> None:
     """``save_to_disk`` of a 0-row split writes a folder ``load_from_disk`` cannot read: say which split."""
     for state in sorted(path.glob("*/state.json")) if path.is_dir() else ():
         if not json.loads(state.read_text()).get("_data_files", [None]):
-            raise UsageError(f"split {state.parent.name!r} is empty in {str(path)!r}: drop it or give it data (a "
-                             "missing val/test split is carved from train)")
+            raise UsageError(
+                f"split {state.parent.name!r} is empty in {str(path)!r}: drop it or give it data (a "
+                "missing val/test split is carved from train)"
+            )
 
 
 def describe(feature: Any) -> str:
@@ -133,8 +147,9 @@ def describe(feature: Any) -> str:
     return f"list of {describe(inner)}" if inner is not None else type(feature).__name__
 
 
-def find_column(features: Any, column: str | None, kind: str, holds: Callable[[Any], bool] | None = None,
-                what: str = "") -> str:
+def find_column(
+    features: Any, column: str | None, kind: str, holds: Callable[[Any], bool] | None = None, what: str = ""
+) -> str:
     """The column of ``kind`` (``image``, ``text``, ``label`` ...): ``column`` if given, else the first that
     ``holds`` accepts.
 

@@ -25,8 +25,12 @@ if TYPE_CHECKING:
 # Bump when the encoding below changes: it is part of the cache fingerprint.
 ENCODING_VERSION = 1
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
-PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"),
-                ("question1", "question2"))
+PAIR_COLUMNS = (
+    ("sentence1", "sentence2"),
+    ("question", "sentence"),
+    ("premise", "hypothesis"),
+    ("question1", "question2"),
+)
 
 
 def is_text(feature: Any) -> bool:
@@ -47,12 +51,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         content: Any = json.dumps(spec, sort_keys=True)
     else:
         content = sorted(tokenizer.get_vocab().items())
-    return Hasher.hash([type(tokenizer).__name__, content, tokenizer.model_input_names,
-                        tokenizer.all_special_tokens])
+    return Hasher.hash([type(tokenizer).__name__, content, tokenizer.model_input_names, tokenizer.all_special_tokens])
 
 
-def encode(batch: dict[str, list], tokenizer: Any, text: str, pair: str | None, max_length: int,
-           labels: Any) -> dict[str, list]:
+def encode(
+    batch: dict[str, list], tokenizer: Any, text: str, pair: str | None, max_length: int, labels: Any
+) -> dict[str, list]:
     """The batched ``datasets.map`` function: token ids (truncated, unpadded), labels and lengths."""
     # Empty csv cells arrive as None: they are empty texts, not errors.
     texts = [t or "" for t in batch[text]]
@@ -137,11 +141,17 @@ class TextDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         # max_length >= 4: room for the special tokens of a pair and some text.
-        check_options(val_fraction=(val_fraction, within(0, 0.5)), max_length=(max_length, at_least(4)),
-                      batch_size=(batch_size, POSITIVE), eval_batch_size=(eval_batch_size, POSITIVE),
-                      num_workers=(num_workers, NON_NEGATIVE), max_train_samples=(max_train_samples, POSITIVE),
-                      max_val_samples=(max_val_samples, POSITIVE), max_test_samples=(max_test_samples, POSITIVE),
-                      seed=(seed, NON_NEGATIVE))
+        check_options(
+            val_fraction=(val_fraction, within(0, 0.5)),
+            max_length=(max_length, at_least(4)),
+            batch_size=(batch_size, POSITIVE),
+            eval_batch_size=(eval_batch_size, POSITIVE),
+            num_workers=(num_workers, NON_NEGATIVE),
+            max_train_samples=(max_train_samples, POSITIVE),
+            max_val_samples=(max_val_samples, POSITIVE),
+            max_test_samples=(max_test_samples, POSITIVE),
+            seed=(seed, NON_NEGATIVE),
+        )
         if isinstance(label_column, list) and not multi_label:
             raise UsageError("several label columns make a multi-label task: pass --data.multi_label true")
         self.save_hyperparameters()
@@ -163,8 +173,12 @@ class TextDataModule(LightningDataModule):
     # --- loading ---
     def load_splits(self) -> datasets.DatasetDict:
         """Return the raw splits. Subclasses override this for sources ``datasets`` cannot read."""
-        return load_source(self.hparams.dataset, self.hparams.config_name, self.hparams.cache_dir,
-                           "csv/json/parquet files with a header, or a save_to_disk folder")
+        return load_source(
+            self.hparams.dataset,
+            self.hparams.config_name,
+            self.hparams.cache_dir,
+            "csv/json/parquet files with a header, or a save_to_disk folder",
+        )
 
     def resolve_tokenizer(self) -> Any:
         """``tokenizer`` if given, else the attached model's ``load_tokenizer()``."""
@@ -191,8 +205,9 @@ class TextDataModule(LightningDataModule):
         hp = self.hparams
         ds = self.load_splits()
         if hp.train_split not in ds:
-            raise UsageError(f"the dataset has no split {hp.train_split!r} (splits: {', '.join(ds)}): "
-                             "pass --data.train_split NAME")
+            raise UsageError(
+                f"the dataset has no split {hp.train_split!r} (splits: {', '.join(ds)}): pass --data.train_split NAME"
+            )
         text, pair = self._text_columns(ds[hp.train_split].features)
         labels = self._label_columns(ds[hp.train_split].features)
         if not hp.multi_label:
@@ -202,10 +217,22 @@ class TextDataModule(LightningDataModule):
                 self._carve(ds, split, None if hp.multi_label else labels[0])
         label_fn = self._label_encoder(ds[hp.train_split], labels)
         tokenizer = self.resolve_tokenizer()
-        spec = [ENCODING_VERSION, tokenizer_fingerprint(tokenizer), text, pair, hp.max_length, labels,
-                hp.multi_label, self.label_names, hp.label_separator]
-        caps = {hp.train_split: hp.max_train_samples, hp.val_split: hp.max_val_samples,
-                hp.test_split: hp.max_test_samples}
+        spec = [
+            ENCODING_VERSION,
+            tokenizer_fingerprint(tokenizer),
+            text,
+            pair,
+            hp.max_length,
+            labels,
+            hp.multi_label,
+            self.label_names,
+            hp.label_separator,
+        ]
+        caps = {
+            hp.train_split: hp.max_train_samples,
+            hp.val_split: hp.max_val_samples,
+            hp.test_split: hp.max_test_samples,
+        }
         splits, lengths = {}, {}
         for split, cap in caps.items():
             d = ds[split]
@@ -238,8 +265,15 @@ class TextDataModule(LightningDataModule):
 
         col = self.hparams.label_column
         if col is None:
-            col = next((k for k, v in features.items() if isinstance(v, datasets.ClassLabel)
-                        or isinstance(getattr(v, "feature", None), datasets.ClassLabel)), None)
+            col = next(
+                (
+                    k
+                    for k, v in features.items()
+                    if isinstance(v, datasets.ClassLabel)
+                    or isinstance(getattr(v, "feature", None), datasets.ClassLabel)
+                ),
+                None,
+            )
             col = col or next((k for k in ("label", "labels") if k in features), None)
         cols = (col or [None]) if isinstance(col, list) else [col]
         return [find_column(features, c, "label") for c in cols]
@@ -254,8 +288,10 @@ class TextDataModule(LightningDataModule):
         if isinstance(feature, datasets.ClassLabel):
             names = list(feature.names)
             if hp.label_names is not None and len(hp.label_names) != len(names):
-                raise UsageError(f"label_names has {len(hp.label_names)} names but the data has {len(names)} "
-                                 f"classes ({', '.join(names)})")
+                raise UsageError(
+                    f"label_names has {len(hp.label_names)} names but the data has {len(names)} "
+                    f"classes ({', '.join(names)})"
+                )
             self.label_names = list(hp.label_names or names)
             return ds
         dtype = getattr(feature, "dtype", None)
@@ -265,8 +301,10 @@ class TextDataModule(LightningDataModule):
             top = max(ds[hp.train_split].unique(label))
             names = hp.label_names or [str(i) for i in range(top + 1)]
         else:
-            raise UsageError(f"label column {label!r} holds {feature}, not class ids or names: pass "
-                             "--data.label_column NAME (or --data.multi_label true for lists of labels)")
+            raise UsageError(
+                f"label column {label!r} holds {feature}, not class ids or names: pass "
+                "--data.label_column NAME (or --data.multi_label true for lists of labels)"
+            )
         target = datasets.ClassLabel(names=list(names))
         try:
             ds = datasets.DatasetDict({k: v.cast_column(label, target) for k, v in ds.items()})
@@ -278,11 +316,15 @@ class TextDataModule(LightningDataModule):
     def _check_label_range(self, d: datasets.Dataset, split: str, label: str) -> None:
         values = [v for v in d.unique(label) if v is not None]
         if values and min(values) < 0:
-            raise UsageError(f"split {split!r} has unlabelled rows (label -1, as GLUE's hidden test labels): "
-                             "evaluate on another split, e.g. --data.test_split validation")
+            raise UsageError(
+                f"split {split!r} has unlabelled rows (label -1, as GLUE's hidden test labels): "
+                "evaluate on another split, e.g. --data.test_split validation"
+            )
         if values and max(values) >= len(self.label_names):
-            raise UsageError(f"split {split!r} has label id {max(values)} but only {len(self.label_names)} "
-                             "classes are named: fix --data.label_names")
+            raise UsageError(
+                f"split {split!r} has label id {max(values)} but only {len(self.label_names)} "
+                "classes are named: fix --data.label_names"
+            )
 
     def _label_encoder(self, train: datasets.Dataset, cols: list[str]) -> Any:
         """The function from a batch to its labels: class ids, or multi-hot float vectors for multi-label."""
@@ -307,7 +349,9 @@ class TextDataModule(LightningDataModule):
             self.label_names = list(hp.label_names or [str(i) for i in range(top + 1)])
             by_name = None
         elif getattr(inner, "dtype", None) in ("string", "large_string") or getattr(feature, "dtype", None) in (
-                "string", "large_string"):
+            "string",
+            "large_string",
+        ):
             if hp.label_names:
                 self.label_names = list(hp.label_names)
             else:
@@ -316,8 +360,10 @@ class TextDataModule(LightningDataModule):
                 self.label_names = sorted(n for n in found if n)
             by_name = {n: i for i, n in enumerate(self.label_names)}
         else:
-            raise UsageError(f"multi-label column {col!r} holds {feature}: expected lists of label ids or names, or "
-                             f"names joined by {sep!r}; or pass one 0/1 column per label with --data.label_column")
+            raise UsageError(
+                f"multi-label column {col!r} holds {feature}: expected lists of label ids or names, or "
+                f"names joined by {sep!r}; or pass one 0/1 column per label with --data.label_column"
+            )
         k = len(self.label_names)
 
         def multi_hot(batch: dict[str, list]) -> list[list[float]]:
@@ -330,9 +376,11 @@ class TextDataModule(LightningDataModule):
                         continue
                     idx = by_name.get(item) if by_name is not None else int(item)
                     if idx is None or not 0 <= idx < k:
-                        raise UsageError(f"unknown label {item!r} in column {col!r} (known: "
-                                         f"{', '.join(self.label_names[:10])}): list every label with "
-                                         "--data.label_names")
+                        raise UsageError(
+                            f"unknown label {item!r} in column {col!r} (known: "
+                            f"{', '.join(self.label_names[:10])}): list every label with "
+                            "--data.label_names"
+                        )
                     vec[idx] = 1.0
                 out.append(vec)
             return out
@@ -349,17 +397,26 @@ class TextDataModule(LightningDataModule):
         ds[hp.train_split], ds[name] = parts["train"], parts["test"]
 
     # --- tokenization ---
-    def _tokenize(self, d: datasets.Dataset, tokenizer: Any, text: str, pair: str | None, labels: Any,
-                  spec: list) -> datasets.Dataset:
+    def _tokenize(
+        self, d: datasets.Dataset, tokenizer: Any, text: str, pair: str | None, labels: Any, spec: list
+    ) -> datasets.Dataset:
         from datasets.fingerprint import Hasher
 
         # An explicit fingerprint: hashing the tokenizer object itself is unreliable (its state changes when
         # used), and the cache must hit across processes and runs. Datasets held only in memory have no cache
         # folder, so they are tokenized on every run.
         return d.map(
-            encode, batched=True, remove_columns=d.column_names, desc="Tokenizing",
-            fn_kwargs={"tokenizer": tokenizer, "text": text, "pair": pair, "max_length": self.hparams.max_length,
-                       "labels": labels},
+            encode,
+            batched=True,
+            remove_columns=d.column_names,
+            desc="Tokenizing",
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "text": text,
+                "pair": pair,
+                "max_length": self.hparams.max_length,
+                "labels": labels,
+            },
             new_fingerprint=Hasher.hash([d._fingerprint, *spec]),
         )
 
@@ -374,17 +431,20 @@ class TextDataModule(LightningDataModule):
         if not self.splits:
             self.setup()
         lengths = self.lengths[split] if hp.group_by_length else None
-        kwargs = {"collate_fn": self.collate_fn(), "num_workers": hp.num_workers,
-                  "pin_memory": hp.pin_memory and torch.cuda.is_available(),
-                  "persistent_workers": hp.persistent_workers and hp.num_workers > 0}
+        kwargs = {
+            "collate_fn": self.collate_fn(),
+            "num_workers": hp.num_workers,
+            "pin_memory": hp.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": hp.persistent_workers and hp.num_workers > 0,
+        }
         if train:  # an epoch-seeded order grouped by length, resumed mid-epoch where it stopped (data/sampling.py)
             kwargs["collate_fn"] = cache_aware(kwargs["collate_fn"])
-            return train_loader(self, RowNumbers(self.splits[split]), hp.batch_size, hp.seed, lengths=lengths,
-                                **kwargs)
+            return train_loader(self, RowNumbers(self.splits[split]), hp.batch_size, hp.seed, lengths=lengths, **kwargs)
         # Evaluation order does not change metrics; sorted by length, batches pad less.
         sampler = sorted(range(len(lengths)), key=lengths.__getitem__) if lengths is not None and ordered else None
-        return DataLoader(self.splits[split], batch_size=hp.eval_batch_size or 2 * hp.batch_size, sampler=sampler,
-                          **kwargs)
+        return DataLoader(
+            self.splits[split], batch_size=hp.eval_batch_size or 2 * hp.batch_size, sampler=sampler, **kwargs
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.train_split, train=True)

@@ -23,8 +23,14 @@ from peft_lightning.errors import UsageError
 if TYPE_CHECKING:
     import datasets
 
-IMAGENET_DEFAULT = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-                    "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
+IMAGENET_DEFAULT = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bicubic",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
 
 
 def is_image(feature: Any) -> bool:
@@ -61,8 +67,10 @@ def open_image(value: Any) -> Any:
         image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
         image.load()
     except Exception as err:
-        raise UsageError(f"cannot read image {where} ({type(err).__name__}: {str(err).splitlines()[0][:120]}): "
-                         "remove or replace the file") from None
+        raise UsageError(
+            f"cannot read image {where} ({type(err).__name__}: {str(err).splitlines()[0][:120]}): "
+            "remove or replace the file"
+        ) from None
     return image
 
 
@@ -134,14 +142,21 @@ class ImageDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         # Checked here: a bad value would otherwise fail later, inside a DataLoader worker.
-        check_options(val_fraction=(val_fraction, within(0, 0.5)), image_size=(image_size, POSITIVE),
-                      crop_pct=(crop_pct, within(0, 1, closed_high=True)),
-                      train_crop_scale=(train_crop_scale, increasing_pair(within(0, 1, closed_high=True))),
-                      train_crop_ratio=(train_crop_ratio, increasing_pair(within(0, float("inf")))),
-                      hflip=(hflip, PROBABILITY), batch_size=(batch_size, POSITIVE),
-                      eval_batch_size=(eval_batch_size, POSITIVE), num_workers=(num_workers, NON_NEGATIVE),
-                      max_train_samples=(max_train_samples, POSITIVE), max_val_samples=(max_val_samples, POSITIVE),
-                      max_test_samples=(max_test_samples, POSITIVE), seed=(seed, NON_NEGATIVE))
+        check_options(
+            val_fraction=(val_fraction, within(0, 0.5)),
+            image_size=(image_size, POSITIVE),
+            crop_pct=(crop_pct, within(0, 1, closed_high=True)),
+            train_crop_scale=(train_crop_scale, increasing_pair(within(0, 1, closed_high=True))),
+            train_crop_ratio=(train_crop_ratio, increasing_pair(within(0, float("inf")))),
+            hflip=(hflip, PROBABILITY),
+            batch_size=(batch_size, POSITIVE),
+            eval_batch_size=(eval_batch_size, POSITIVE),
+            num_workers=(num_workers, NON_NEGATIVE),
+            max_train_samples=(max_train_samples, POSITIVE),
+            max_val_samples=(max_val_samples, POSITIVE),
+            max_test_samples=(max_test_samples, POSITIVE),
+            seed=(seed, NON_NEGATIVE),
+        )
         self.save_hyperparameters()
         self.splits: dict[str, Any] = {}
         self.class_names: list[str] = []
@@ -150,8 +165,12 @@ class ImageDataModule(LightningDataModule):
     # --- loading ---
     def load_splits(self) -> datasets.DatasetDict:
         """Return the raw splits. Subclasses override this for sources ``datasets`` cannot read."""
-        return load_source(self.hparams.dataset, self.hparams.config_name, self.hparams.cache_dir,
-                           "an image folder with class subfolders, parquet/arrow files or a save_to_disk folder")
+        return load_source(
+            self.hparams.dataset,
+            self.hparams.config_name,
+            self.hparams.cache_dir,
+            "an image folder with class subfolders, parquet/arrow files or a save_to_disk folder",
+        )
 
     def prepare_data(self) -> None:
         self.load_splits()  # downloads once, on one process; `setup` then reads the cache
@@ -162,8 +181,10 @@ class ImageDataModule(LightningDataModule):
         stratify = label if type(train.features[label]).__name__ == "ClassLabel" else None
         n_classes = len(train.features[label].names) if stratify else 0
         if stratify and round(hp.val_fraction * len(train)) < n_classes:
-            raise UsageError(f"cannot carve a stratified {name!r} split of {hp.val_fraction:g} x {len(train)} images "
-                             f"with {n_classes} classes: raise --data.val_fraction or give the dataset a {name} split")
+            raise UsageError(
+                f"cannot carve a stratified {name!r} split of {hp.val_fraction:g} x {len(train)} images "
+                f"with {n_classes} classes: raise --data.val_fraction or give the dataset a {name} split"
+            )
         parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed, stratify_by_column=stratify)
         ds[hp.train_split], ds[name] = parts["train"], parts["test"]
 
@@ -175,8 +196,9 @@ class ImageDataModule(LightningDataModule):
         hp = self.hparams
         ds = self.load_splits()
         if hp.train_split not in ds:
-            raise UsageError(f"the dataset has no split {hp.train_split!r} (splits: {', '.join(ds)}): "
-                             "pass --data.train_split NAME")
+            raise UsageError(
+                f"the dataset has no split {hp.train_split!r} (splits: {', '.join(ds)}): pass --data.train_split NAME"
+            )
         image_col, label_col = find_columns(ds[hp.train_split].features, hp.image_column, hp.label_column)
         for split in (hp.test_split, hp.val_split):  # carve test first so val never overlaps it
             if split not in ds:
@@ -187,8 +209,11 @@ class ImageDataModule(LightningDataModule):
             self.class_names = list(feature.names)
         else:
             self.class_names = [str(v) for v in sorted(set(ds[hp.train_split][label_col]))]
-        caps = {hp.train_split: hp.max_train_samples, hp.val_split: hp.max_val_samples,
-                hp.test_split: hp.max_test_samples}
+        caps = {
+            hp.train_split: hp.max_train_samples,
+            hp.val_split: hp.max_val_samples,
+            hp.test_split: hp.max_test_samples,
+        }
         self.data_config = self.resolve_data_config()
         for split, cap in caps.items():
             d = ds[split].select_columns([image_col, label_col])
@@ -229,9 +254,15 @@ class ImageDataModule(LightningDataModule):
         cfg = self.data_config or IMAGENET_DEFAULT
         common = {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std")}
         if train and hp.augment:
-            tf = create_transform(**common, is_training=True, scale=hp.train_crop_scale,
-                                  ratio=hp.train_crop_ratio, hflip=hp.hflip,
-                                  auto_augment=hp.auto_augment, color_jitter=None)
+            tf = create_transform(
+                **common,
+                is_training=True,
+                scale=hp.train_crop_scale,
+                ratio=hp.train_crop_ratio,
+                hflip=hp.hflip,
+                auto_augment=hp.auto_augment,
+                color_jitter=None,
+            )
         else:
             tf = create_transform(**common, crop_pct=cfg.get("crop_pct"), crop_mode=cfg.get("crop_mode"))
 
@@ -248,11 +279,15 @@ class ImageDataModule(LightningDataModule):
         if not self.splits:
             self.setup()
         workers = hp.num_workers
-        kwargs = {"num_workers": workers, "pin_memory": hp.pin_memory and torch.cuda.is_available(),
-                  "persistent_workers": hp.persistent_workers and workers > 0}
+        kwargs = {
+            "num_workers": workers,
+            "pin_memory": hp.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": hp.persistent_workers and workers > 0,
+        }
         if train:  # an epoch-seeded order, resumed mid-epoch where it stopped (data/sampling.py)
-            return train_loader(self, RowNumbers(self.splits[split], label_column=self.label_column), hp.batch_size,
-                                hp.seed, **kwargs)
+            return train_loader(
+                self, RowNumbers(self.splits[split], label_column=self.label_column), hp.batch_size, hp.seed, **kwargs
+            )
         return DataLoader(self.splits[split], batch_size=hp.eval_batch_size or 2 * hp.batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

@@ -190,8 +190,10 @@ class FineTuneTask(LightningModule):
         if not batch:
             from peft_lightning.errors import UsageError
 
-            raise UsageError(f"{cls.__name__} has no reference batch for --model.scale_lr: set its "
-                             "`reference_global_batch` (or data_defaults batch_size), or drop scale_lr")
+            raise UsageError(
+                f"{cls.__name__} has no reference batch for --model.scale_lr: set its "
+                "`reference_global_batch` (or data_defaults batch_size), or drop scale_lr"
+            )
         return int(batch) * int(cls.trainer_defaults.get("accumulate_grad_batches", 1))
 
     def configure_model(self) -> None:
@@ -221,8 +223,14 @@ class FineTuneTask(LightningModule):
             return model
         from peft_lightning.adapters import wrap
 
-        return wrap(model, self.adapter_config, default_targets=self.default_adapter_targets,
-                    head=self.adapter_head(model), base_name=base_name, task_type=task_type)
+        return wrap(
+            model,
+            self.adapter_config,
+            default_targets=self.default_adapter_targets,
+            head=self.adapter_head(model),
+            base_name=base_name,
+            task_type=task_type,
+        )
 
     def trainable_parameter_names(self) -> set[str] | None:
         """Names of the parameters that may ever train: None (all of them) without adapters; with adapters, the
@@ -285,14 +293,18 @@ class FineTuneTask(LightningModule):
         if info is None:
             return
         if self.adapter_config is None:
-            raise UsageError(f"the checkpoint holds only {info['method']} adapters and this model has none: pass the "
-                             f"run's adapter options (--peft.method {info['method']} ..., or -c its config.yaml)")
+            raise UsageError(
+                f"the checkpoint holds only {info['method']} adapters and this model has none: pass the "
+                f"run's adapter options (--peft.method {info['method']} ..., or -c its config.yaml)"
+            )
         base = self._base_weights()
         if self._base_fingerprint is None:
             self._base_fingerprint = self._base_fingerprint_now()
         if self._base_fingerprint != info["base_fingerprint"]:
-            raise UsageError("the checkpoint's adapters were trained on other base weights than this recipe builds: "
-                             "load it with the same model_name, checkpoint_path and pretrained settings")
+            raise UsageError(
+                "the checkpoint's adapters were trained on other base weights than this recipe builds: "
+                "load it with the same model_name, checkpoint_path and pretrained settings"
+            )
         # Fill in the frozen base so the strict load sees a whole state_dict.
         checkpoint["state_dict"] = {**{k: v.detach() for k, v in base.items()}, **checkpoint["state_dict"]}
 
@@ -359,7 +371,10 @@ class FineTuneTask(LightningModule):
         warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
         if self.scheduler_name == "plateau":
             sched: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=self.monitor_mode, factor=0.5, patience=1)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch"}}
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch"},
+            }
         if self.scheduler_name == "onecycle" and not self.warmup:
             warmup = int(0.3 * total)  # OneCycleLR's default pct_start
         shape = warmup_cosine(warmup, total, self.min_lr_ratio, self.scheduler_name)
@@ -372,8 +387,12 @@ class FineTuneTask(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _group_lambda(self, shape: Any, name: str) -> Any:
-        return lambda step: (shape(step) * self.layer_lr_scales.get(name, 1.0) * self.phase_lr_scale
-                             * self.group_lr_scales.get(name, 1.0))
+        return lambda step: (
+            shape(step)
+            * self.layer_lr_scales.get(name, 1.0)
+            * self.phase_lr_scale
+            * self.group_lr_scales.get(name, 1.0)
+        )
 
     # --- helpers for domains ---
     @staticmethod

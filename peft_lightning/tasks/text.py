@@ -30,19 +30,24 @@ def hub_error(what: str, name: str, err: Exception, flag: str) -> UsageError:
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
     path = Path(name).expanduser()
     if path.is_dir():
-        return UsageError(f"cannot load the {what} from local directory {name!r} ({type(err).__name__}: {reason}): "
-                          f"it needs the files `save_pretrained` writes; pass another directory with {flag}")
+        return UsageError(
+            f"cannot load the {what} from local directory {name!r} ({type(err).__name__}: {reason}): "
+            f"it needs the files `save_pretrained` writes; pass another directory with {flag}"
+        )
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         return UsageError(f"{what} directory {name!r} does not exist: pass an existing directory with {flag}")
     from huggingface_hub import constants
 
-    return UsageError(f"could not load the {what} {name!r} from the Hugging Face hub ({type(err).__name__}; offline "
-                      f"and not in the cache {constants.HF_HUB_CACHE}?): download it once with network, or point "
-                      f"{flag} at a local copy (a directory written by `save_pretrained`)")
+    return UsageError(
+        f"could not load the {what} {name!r} from the Hugging Face hub ({type(err).__name__}; offline "
+        f"and not in the cache {constants.HF_HUB_CACHE}?): download it once with network, or point "
+        f"{flag} at a local copy (a directory written by `save_pretrained`)"
+    )
 
 
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
-                   flag: str = "--data.tokenizer") -> Any:
+def load_tokenizer(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, flag: str = "--data.tokenizer"
+) -> Any:
     """``AutoTokenizer.from_pretrained`` that stops with one line naming ``flag`` when the tokenizer cannot be had."""
     import transformers
 
@@ -109,8 +114,9 @@ class TextClassifier(FineTuneTask):
         super().__init__(**kwargs)
         self.multi_label = problem_type == "multi_label_classification"
         if num_labels < (1 if self.multi_label else 2):
-            raise UsageError(f"num_labels must be >= 2 for single-label classification, got {num_labels}: "
-                             "pass --model.num_labels N")
+            raise UsageError(
+                f"num_labels must be >= 2 for single-label classification, got {num_labels}: pass --model.num_labels N"
+            )
         if not 0 < threshold < 1:
             raise UsageError(f"threshold must be in (0, 1), got {threshold}")
         self.save_hyperparameters()
@@ -122,8 +128,10 @@ class TextClassifier(FineTuneTask):
         model = self.build_model().train()
         if gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
-                raise UsageError(f"{type(model).__name__} does not support gradient checkpointing: "
-                                 "drop --model.gradient_checkpointing")
+                raise UsageError(
+                    f"{type(model).__name__} does not support gradient checkpointing: "
+                    "drop --model.gradient_checkpointing"
+                )
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.add_adapters(model, base_name=model_name, task_type="SEQ_CLS")
         self._build_metrics()
@@ -150,13 +158,18 @@ class TextClassifier(FineTuneTask):
         # The config is the cheap first file: if it cannot be had, say so before anything heavy happens.
         try:
             config = transformers.AutoConfig.from_pretrained(
-                source, num_labels=self.num_labels, problem_type=hp.problem_type, **(hp.config_overrides or {}),
-                **common)
+                source,
+                num_labels=self.num_labels,
+                problem_type=hp.problem_type,
+                **(hp.config_overrides or {}),
+                **common,
+            )
         except (OSError, ValueError) as err:
             raise hub_error("model", source, err, "--model.model_name") from None
         try:
             return transformers.AutoModelForSequenceClassification.from_pretrained(
-                source, config=config, ignore_mismatched_sizes=True, **common)
+                source, config=config, ignore_mismatched_sizes=True, **common
+            )
         except (OSError, ValueError) as err:
             raise hub_error("model weights", source, err, "--model.model_name") from None
 
@@ -169,8 +182,11 @@ class TextClassifier(FineTuneTask):
         """What trains in full beside the adapters: every top-level module with weights outside the base model
         (BERT's ``classifier``, DistilBERT's ``pre_classifier`` too, GPT-2's ``score``) and the base's pooler."""
         base = model.base_model
-        head = [name for name, child in model.named_children()
-                if child is not base and any(True for _ in child.parameters())]
+        head = [
+            name
+            for name, child in model.named_children()
+            if child is not base and any(True for _ in child.parameters())
+        ]
         prefix = getattr(model, "base_model_prefix", "")
         if getattr(base, "pooler", None) is not None and prefix and base is getattr(model, prefix, None):
             head.append(f"{prefix}.pooler")
@@ -179,8 +195,9 @@ class TextClassifier(FineTuneTask):
     def load_tokenizer(self) -> Any:
         """The tokenizer saved with the model; ``TextDataModule`` calls this unless given its own."""
         hp = self.hparams
-        return load_tokenizer(self.model_source(), revision=hp.revision, trust_remote_code=hp.trust_remote_code,
-                              flag="--data.tokenizer")
+        return load_tokenizer(
+            self.model_source(), revision=hp.revision, trust_remote_code=hp.trust_remote_code, flag="--data.tokenizer"
+        )
 
     def layer_groups(self) -> LayerGroups:
         """``embeddings``, one group per numbered block (``layer.0`` ... for BERT), and ``head`` (pooler,
@@ -216,8 +233,11 @@ class TextClassifier(FineTuneTask):
             else:
                 pending.append(name)
         # A final norm after the last block trains with the head, as timm's group_matcher puts it.
-        groups: LayerGroups = [("embeddings" if layers else "body", embeddings), *layers.items(),
-                               ("head", pending + head)]
+        groups: LayerGroups = [
+            ("embeddings" if layers else "body", embeddings),
+            *layers.items(),
+            ("head", pending + head),
+        ]
         return [(n, ps) for n, ps in groups if ps]
 
     # --- metrics ---
@@ -261,8 +281,9 @@ class TextClassifier(FineTuneTask):
             return None
         parent, attr, index = found
         dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
-        max_length = getattr(getattr(dm, "hparams", None), "max_length", None) \
-            or getattr(self.backbone.config, "max_position_embeddings", None)
+        max_length = getattr(getattr(dm, "hparams", None), "max_length", None) or getattr(
+            self.backbone.config, "max_position_embeddings", None
+        )
         if not max_length:
             return None
 
@@ -270,8 +291,10 @@ class TextClassifier(FineTuneTask):
             inputs = self._inputs(batch)
             mask = inputs["attention_mask"]
             if bool((mask[:, 1:] > mask[:, :-1]).any()):
-                raise UsageError("the prefix cache needs right-padded batches (this tokenizer pads on the left): "
-                                 "set --finetuning.cache_features false")
+                raise UsageError(
+                    "the prefix cache needs right-padded batches (this tokenizer pads on the left): "
+                    "set --finetuning.cache_features false"
+                )
             hidden = stop_before(getattr(parent, attr)[index], lambda: self.model(**inputs))
             pad = max_length - hidden.shape[1]
             return {"hidden": F.pad(hidden, (0, 0, 0, pad)), "mask": F.pad(mask, (0, pad)).to(torch.int8)}
@@ -284,8 +307,9 @@ class TextClassifier(FineTuneTask):
             with start_at(parent, attr, index, rows["hidden"][:, :length].contiguous()):
                 return self.model(input_ids=torch.zeros_like(mask), attention_mask=mask).logits.float()
 
-        return Split(group, features, logits, ("input_ids", "attention_mask"),
-                     lambda batch: self(**self._inputs(batch)))
+        return Split(
+            group, features, logits, ("input_ids", "attention_mask"), lambda batch: self(**self._inputs(batch))
+        )
 
     def _logits_and_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
@@ -332,13 +356,16 @@ class TextClassifier(FineTuneTask):
         dm = getattr(self.trainer, "datamodule", None)
         n = getattr(dm, "num_labels", None)
         if n is not None and n != self.num_labels:
-            raise UsageError(f"the data has {n} labels but the model was built for {self.num_labels}: "
-                             f"pass --model.num_labels {n}")
+            raise UsageError(
+                f"the data has {n} labels but the model was built for {self.num_labels}: pass --model.num_labels {n}"
+            )
         multi = getattr(dm, "multi_label", None)
         if multi is not None and multi != self.multi_label:
             kind = "multi_label_classification" if multi else "single_label_classification"
-            raise UsageError(f"the data is {'multi' if multi else 'single'}-label but the model is not: "
-                             f"pass --model.problem_type {kind}")
+            raise UsageError(
+                f"the data is {'multi' if multi else 'single'}-label but the model is not: "
+                f"pass --model.problem_type {kind}"
+            )
         names = getattr(dm, "label_names", None)
         if names and len(names) == self.num_labels:  # saved with the model, for whoever reads its predictions
             self.backbone.config.id2label = dict(enumerate(names))

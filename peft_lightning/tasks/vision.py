@@ -28,8 +28,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UsageError(f"cannot read weights from {str(path)!r} ({type(err).__name__}): it is corrupt, truncated or "
-                         "not a safetensors/state_dict file") from None
+        raise UsageError(
+            f"cannot read weights from {str(path)!r} ({type(err).__name__}): it is corrupt, truncated or "
+            "not a safetensors/state_dict file"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):  # common wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -130,7 +132,9 @@ class ImageClassifier(FineTuneTask):
         except RuntimeError as err:
             if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
                 close = timm.list_models(f"*{hp.model_name.split('.')[0][:6]}*")[:5]
-                raise UsageError(f"unknown timm model {hp.model_name!r}; similar: {', '.join(close) or 'none'}") from None
+                raise UsageError(
+                    f"unknown timm model {hp.model_name!r}; similar: {', '.join(close) or 'none'}"
+                ) from None
             raise
         except (OSError, ValueError) as err:  # hub unreachable or nothing cached
             if not pretrained:
@@ -225,7 +229,9 @@ class ImageClassifier(FineTuneTask):
         input of the numbered block (``blocks.5``, ``stages.2`` ...) where ``group`` starts."""
         groups = self.layer_groups()
         members = dict(groups)[group]
-        classifier = f"model.{adapters.inner_prefix(self.model)}{self.backbone.pretrained_cfg.get('classifier', 'head')}."
+        classifier = (
+            f"model.{adapters.inner_prefix(self.model)}{self.backbone.pretrained_cfg.get('classifier', 'head')}."
+        )
         model = self.model
         if group == groups[-1][0] and all(n.startswith(classifier) for n in members):
             if self.hparams.drop_rate:  # timm's dropout runs before pre_logits: random, so not cacheable
@@ -235,8 +241,13 @@ class ImageClassifier(FineTuneTask):
                 x = batch["pixel_values"].contiguous(memory_format=self.memory_format)
                 return {"x": model.forward_head(model.forward_features(x), pre_logits=True)}
 
-            return Split(group, pooled, lambda batch, rows: model.get_classifier()(rows["x"]), ("pixel_values",),
-                         lambda batch: self(batch["pixel_values"]))
+            return Split(
+                group,
+                pooled,
+                lambda batch, rows: model.get_classifier()(rows["x"]),
+                ("pixel_values",),
+                lambda batch: self(batch["pixel_values"]),
+            )
         found = container_item(self, members)
         if found is None:
             return None
@@ -294,5 +305,6 @@ class ImageClassifier(FineTuneTask):
         dm = getattr(self.trainer, "datamodule", None)
         n = getattr(dm, "num_classes", None)
         if n is not None and n != self.num_classes:
-            raise UsageError(f"the data has {n} classes but the model was built for {self.num_classes}: "
-                             f"pass --model.num_classes {n}")
+            raise UsageError(
+                f"the data has {n} classes but the model was built for {self.num_classes}: pass --model.num_classes {n}"
+            )

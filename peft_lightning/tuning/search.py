@@ -99,8 +99,10 @@ def _check_flags(cli: Any, args: list[str], space: Mapping[str, BaseDistribution
     config = cli.config["fit"]
     for key in space:
         if key not in config:
-            raise UsageError(f"{source}: {key!r} is not a fit flag of recipe {name} "
-                             f"(see `python -m peft_lightning fit --recipe {name} --help`)")
+            raise UsageError(
+                f"{source}: {key!r} is not a fit flag of recipe {name} "
+                f"(see `python -m peft_lightning fit --recipe {name} --help`)"
+            )
     for flags in samples(space):
         try:
             cli.parser.parse_args([*args, *flags])
@@ -124,9 +126,11 @@ def _check_one_device(trainer: Mapping[str, Any]) -> None:
     else:
         n = int(devices)
     if n > 1 or int(trainer.get("num_nodes") or 1) > 1:
-        raise UsageError(f"tune runs its trials in its own process, on one device ({n} asked): pass "
-                         "--trainer.devices 1; for N GPUs start N tune workers on one --storage, each with "
-                         "CUDA_VISIBLE_DEVICES=i (docs/tune.md)")
+        raise UsageError(
+            f"tune runs its trials in its own process, on one device ({n} asked): pass "
+            "--trainer.devices 1; for N GPUs start N tune workers on one --storage, each with "
+            "CUDA_VISIBLE_DEVICES=i (docs/tune.md)"
+        )
 
 
 # --- the search ---
@@ -199,13 +203,20 @@ def tune(
     _check_one_device(trainer_cfg)
     study_name = study or name
     slug = re.sub(r"[^\w.-]+", "_", name).strip("_.") or "run"  # as report.run_dir names the recipe's folder
-    study_dir = Path(trainer_cfg.get("default_root_dir") or "runs") / slug / (
-        "tune-" + (re.sub(r"[^\w.-]+", "_", study_name).strip("_.") or "study"))
+    study_dir = (
+        Path(trainer_cfg.get("default_root_dir") or "runs")
+        / slug
+        / ("tune-" + (re.sub(r"[^\w.-]+", "_", study_name).strip("_.") or "study"))
+    )
     monitor, mode = recipe_cls.monitor, recipe_cls.monitor_mode
     the_study = optuna.create_study(
-        study_name=study_name, storage=make_storage(storage, study_dir), load_if_exists=True, sampler=sampler,
+        study_name=study_name,
+        storage=make_storage(storage, study_dir),
+        load_if_exists=True,
+        sampler=sampler,
         pruner=make_pruner(pruner) if isinstance(pruner, str) else pruner,
-        direction="maximize" if mode == "max" else "minimize")
+        direction="maximize" if mode == "max" else "minimize",
+    )
     claim(the_study, name, monitor)
     study_dir.mkdir(parents=True, exist_ok=True)
     pruning = not isinstance(the_study.pruner, optuna.pruners.NopPruner)
@@ -224,8 +235,9 @@ def tune(
         try:
             # The sampled flags after the user's (they win), --test_after_fit false after them (the test set stays
             # unseen whatever the flags say).
-            cli = trial_cli(recipe_cls, name, args=[*fit_args, *flags, "--test_after_fit=false"], folder=folder,
-                            callbacks=callbacks)
+            cli = trial_cli(
+                recipe_cls, name, args=[*fit_args, *flags, "--test_after_fit=false"], folder=folder, callbacks=callbacks
+            )
             return _score(cli, monitor)
         except optuna.TrialPruned as pruned:
             trial.set_user_attr("reason", str(pruned))
@@ -255,13 +267,16 @@ def tune(
 
     fail_dead(the_study)
     where = storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
-    print(f"study {study_name!r} in {where}: {len(counted(the_study))} of {n_trials} trials so far; searching "
-          f"{', '.join(dists)} for the {'highest' if mode == 'max' else 'lowest'} {monitor}; runs in {study_dir}")
+    print(
+        f"study {study_name!r} in {where}: {len(counted(the_study))} of {n_trials} trials so far; searching "
+        f"{', '.join(dists)} for the {'highest' if mode == 'max' else 'lowest'} {monitor}; runs in {study_dir}"
+    )
     try:
         if len(counted(the_study)) < n_trials:
             # Any exception a trial raises fails that trial only; KeyboardInterrupt still stops the study.
-            the_study.optimize(objective, timeout=timeout, catch=(Exception,), callbacks=[after_trial],
-                               gc_after_trial=True)
+            the_study.optimize(
+                objective, timeout=timeout, catch=(Exception,), callbacks=[after_trial], gc_after_trial=True
+            )
     finally:  # interrupted too: where the study stands
         write_best(the_study, study_dir, monitor)
         print_trials(the_study, monitor)
@@ -287,8 +302,10 @@ def _score(cli: Any, monitor: str) -> float:
     if value is None and checkpoint is not None and checkpoint.best_model_score is not None:
         value = float(checkpoint.best_model_score)
     if value is None:
-        raise UsageError(f"the trial logged no {monitor}: it ran no validation (see --trainer.limit_val_batches and "
-                         "--trainer.check_val_every_n_epoch)")
+        raise UsageError(
+            f"the trial logged no {monitor}: it ran no validation (see --trainer.limit_val_batches and "
+            "--trainer.check_val_every_n_epoch)"
+        )
     if not math.isfinite(value):
         raise FloatingPointError(f"{monitor} is {value}")
     return float(value)
@@ -332,25 +349,47 @@ def tune_command(argv: list[str], debug: bool = False) -> None:
         "Search a recipe's hyperparameters with Optuna: each trial is a real `fit` with every fit flag given here "
         "(--trainer.* --model.* --data.* --finetuning.* --checkpoint.* --peft.* -c FILE) plus the sampled ones, "
         "scored on the recipe's validation metric (never the test set), in its own run folder "
-        "RUNS/RECIPE/tune-STUDY/trial-NNN. The same command resumes; several on one --storage share the study.")
-    parser.usage = ("python -m peft_lightning tune --recipe NAME [--n_trials N] [--timeout SECONDS] [--study NAME] "
-                    "[--storage URL] [--space FILE] [--pruner {median,hyperband,none}] [fit flags ...]")
+        "RUNS/RECIPE/tune-STUDY/trial-NNN. The same command resumes; several on one --storage share the study.",
+    )
+    parser.usage = (
+        "python -m peft_lightning tune --recipe NAME [--n_trials N] [--timeout SECONDS] [--study NAME] "
+        "[--storage URL] [--space FILE] [--pruner {median,hyperband,none}] [fit flags ...]"
+    )
     parser.allow_abbrev = False  # a fit flag must never be taken for an abbreviation of one of these
     parser.add_argument("--recipe", metavar="NAME", help="built-in recipe name or package.module:Class (see `list`)")
-    parser.add_argument("--n_trials", type=int, default=20, metavar="N",
-                        help="the study's total number of trials, whichever worker ran them; a rerun runs only the "
-                             "missing ones (default: 20)")
+    parser.add_argument(
+        "--n_trials",
+        type=int,
+        default=20,
+        metavar="N",
+        help="the study's total number of trials, whichever worker ran them; a rerun runs only the "
+        "missing ones (default: 20)",
+    )
     parser.add_argument("--timeout", type=float, metavar="SECONDS", help="seconds after which no new trial starts")
     parser.add_argument("--study", metavar="NAME", help="the study's name (default: the recipe's name)")
-    parser.add_argument("--storage", metavar="URL", help="Optuna storage URL: sqlite:///FILE, postgresql://..., or journal://FILE "
-                                          "(default: RUNS/RECIPE/tune-STUDY/study.db)")
-    parser.add_argument("--space", metavar="FILE", help="YAML file of distributions overriding or extending the recipe's "
-                                        "search_space, e.g. 'model.lr: {type: float, low: 1e-4, high: 1e-2, log: "
-                                        "true}'")
-    parser.add_argument("--pruner", choices=PRUNERS, default="median",
-                        help="stop poor trials at an epoch's validation (default: median)")
-    parser.epilog = "Results in the study folder: best.yaml (fit -c best.yaml reruns the best trial), history.png, " \
-                    "importance.png, trial-NNN/ run folders (`plot STUDY_FOLDER` overlays them). See docs/tune.md."
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage URL: sqlite:///FILE, postgresql://..., or journal://FILE "
+        "(default: RUNS/RECIPE/tune-STUDY/study.db)",
+    )
+    parser.add_argument(
+        "--space",
+        metavar="FILE",
+        help="YAML file of distributions overriding or extending the recipe's "
+        "search_space, e.g. 'model.lr: {type: float, low: 1e-4, high: 1e-2, log: "
+        "true}'",
+    )
+    parser.add_argument(
+        "--pruner",
+        choices=PRUNERS,
+        default="median",
+        help="stop poor trials at an epoch's validation (default: median)",
+    )
+    parser.epilog = (
+        "Results in the study folder: best.yaml (fit -c best.yaml reruns the best trial), history.png, "
+        "importance.png, trial-NNN/ run folders (`plot STUDY_FOLDER` overlays them). See docs/tune.md."
+    )
     known, fit_args = parser.parse_known_args(argv)
     import optuna
 
@@ -359,19 +398,31 @@ def tune_command(argv: list[str], debug: bool = False) -> None:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
     started = time.perf_counter()
     with _restore_log_levels():
-        study = tune(known.recipe, known.n_trials, timeout=known.timeout, study=known.study, storage=known.storage,
-                     space=known.space, pruner=known.pruner, args=fit_args)
+        study = tune(
+            known.recipe,
+            known.n_trials,
+            timeout=known.timeout,
+            study=known.study,
+            storage=known.storage,
+            space=known.space,
+            pruner=known.pruner,
+            args=fit_args,
+        )
     from optuna.trial import TrialState
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         # Not a usage error (exit 2): the command was fine, its trials failed, each with its reason.
-        print(f"error: no trial of study {study.study_name!r} completed: see the reasons in the table above",
-              file=sys.stderr)
+        print(
+            f"error: no trial of study {study.study_name!r} completed: see the reasons in the table above",
+            file=sys.stderr,
+        )
         sys.exit(1)
     best = study.best_trial
     folder = Path(best.user_attrs.get("run_dir", "")).parent
-    print(f"\nbest trial {best.number}: {study.user_attrs.get('monitor')} {best.value:.4f}  "
-          f"({', '.join(f'{k}={_short(v)}' for k, v in best.params.items())})  wall {_wall(time.perf_counter() - started)}")
+    print(
+        f"\nbest trial {best.number}: {study.user_attrs.get('monitor')} {best.value:.4f}  "
+        f"({', '.join(f'{k}={_short(v)}' for k, v in best.params.items())})  wall {_wall(time.perf_counter() - started)}"
+    )
     if (folder / "best.yaml").is_file():
         print(f"rerun it: python -m peft_lightning fit -c {folder / 'best.yaml'}")
 

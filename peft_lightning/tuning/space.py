@@ -13,14 +13,18 @@ if TYPE_CHECKING:
     import optuna
     from optuna.distributions import BaseDistribution
 
-SPACE_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
-              "categorical": {"choices"}}
+SPACE_KEYS = {
+    "float": {"low", "high", "log", "step"},
+    "int": {"low", "high", "log", "step"},
+    "categorical": {"choices"},
+}
 # Flags a space may not set: they pick the recipe, or would let a trial see the test set or resume another run.
 RESERVED = {"recipe", "config", "print_config", "test_after_fit", "ckpt_path"}
 
 
-def load_space(defaults: Mapping[str, Any], override: str | Path | Mapping[str, Any] | None = None
-               ) -> dict[str, BaseDistribution]:
+def load_space(
+    defaults: Mapping[str, Any], override: str | Path | Mapping[str, Any] | None = None
+) -> dict[str, BaseDistribution]:
     """The recipe's space ``defaults`` updated by ``override`` (a YAML file or a mapping), as Optuna distributions.
 
     Both map ``fit`` flag names to ``{type: float|int, low, high, log, step}`` or ``{type: categorical, choices}``;
@@ -51,8 +55,10 @@ def load_space(defaults: Mapping[str, Any], override: str | Path | Mapping[str, 
             except yaml.YAMLError as err:
                 raise UsageError(f"cannot parse space file {source!r}: {' '.join(str(err).split())[:300]}") from None
         if not isinstance(loaded, Mapping):
-            raise UsageError(f"space file {source!r} must map fit flags to distributions, e.g. "
-                             "'model.lr: {type: float, low: 1e-4, high: 1e-2, log: true}'")
+            raise UsageError(
+                f"space file {source!r} must map fit flags to distributions, e.g. "
+                "'model.lr: {type: float, low: 1e-4, high: 1e-2, log: true}'"
+            )
         for key, spec in loaded.items():
             key = str(key).removeprefix("--")
             if spec is None:
@@ -73,19 +79,24 @@ def _distribution(key: str, spec: Any, source: str) -> BaseDistribution:
         raise UsageError(f"{where}: {key!r} is set by tune itself and cannot be searched")
     kind = spec.get("type") if isinstance(spec, Mapping) else None
     if kind not in SPACE_KEYS:
-        raise UsageError(f"{where}: unknown type {kind!r}: use float, int or categorical, e.g. "
-                         "{type: float, low: 1e-4, high: 1e-2, log: true}")
+        raise UsageError(
+            f"{where}: unknown type {kind!r}: use float, int or categorical, e.g. "
+            "{type: float, low: 1e-4, high: 1e-2, log: true}"
+        )
     unknown = set(spec) - SPACE_KEYS[kind] - {"type"}
     if unknown:
-        raise UsageError(f"{where}: unknown option(s) {', '.join(sorted(map(str, unknown)))} for type {kind}: "
-                         f"use {', '.join(sorted(SPACE_KEYS[kind]))}")
+        raise UsageError(
+            f"{where}: unknown option(s) {', '.join(sorted(map(str, unknown)))} for type {kind}: "
+            f"use {', '.join(sorted(SPACE_KEYS[kind]))}"
+        )
     try:
         if kind == "categorical":
             choices = spec.get("choices")
             if not isinstance(choices, list) or not choices:
                 raise ValueError("choices must be a non-empty list")
-            return CategoricalDistribution([c if c is None or isinstance(c, (bool, int, float, str)) else
-                                            json.dumps(c) for c in choices])
+            return CategoricalDistribution(
+                [c if c is None or isinstance(c, (bool, int, float, str)) else json.dumps(c) for c in choices]
+            )
         if "low" not in spec or "high" not in spec:
             raise ValueError("needs low and high")
         # YAML reads 1e-4 (no dot) as a string: numbers are converted here, not compared as text.

@@ -40,15 +40,18 @@ def make_storage(url: str | None, study_dir: Path) -> Any:
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                              heartbeat_stale_trial_callback=retry)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, heartbeat_stale_trial_callback=retry
+            )
         except Exception as err:  # a URL SQLAlchemy cannot read, a driver not installed, a database it cannot open
             # Workers started together race to create a new database's tables: the loser tries again.
             if attempt < 2 and type(err).__name__ in ("OperationalError", "IntegrityError", "ProgrammingError"):
                 time.sleep(1 + attempt)
                 continue
-            raise UsageError(f"--storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]} (use "
-                             "sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB or journal://FILE)") from None
+            raise UsageError(
+                f"--storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]} (use "
+                "sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB or journal://FILE)"
+            ) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -59,8 +62,11 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
     if name not in PRUNERS:
         raise UsageError(f"unknown pruner {name!r}: use one of {', '.join(PRUNERS)}")
-    return {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
-            "none": optuna.pruners.NopPruner}[name]()
+    return {
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "none": optuna.pruners.NopPruner,
+    }[name]()
 
 
 def lost(trial: optuna.trial.FrozenTrial) -> bool:
@@ -119,8 +125,10 @@ def claim(study: optuna.Study, recipe: str, monitor: str) -> None:
         study.set_user_attr("recipe", recipe)
         study.set_user_attr("monitor", monitor)
     elif (attrs.get("recipe"), attrs.get("monitor")) != (recipe, monitor):
-        raise UsageError(f"study {study.study_name!r} in this storage tunes recipe {attrs.get('recipe')!r} on "
-                         f"{attrs.get('monitor')!r}, not {recipe!r} on {monitor!r}: pass another --study name")
+        raise UsageError(
+            f"study {study.study_name!r} in this storage tunes recipe {attrs.get('recipe')!r} on "
+            f"{attrs.get('monitor')!r}, not {recipe!r} on {monitor!r}: pass another --study name"
+        )
 
 
 # --- results ---
@@ -134,11 +142,17 @@ def print_trials(study: optuna.Study, monitor: str, last: int | None = None) -> 
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     best = (max if study.direction.name == "MAXIMIZE" else min)(done, key=lambda t: t.value) if done else None
-    shown = trials if last is None or len(trials) <= last else [
-        t for t in trials if t is best or t.number >= trials[-last].number]
+    shown = (
+        trials
+        if last is None or len(trials) <= last
+        else [t for t in trials if t is best or t.number >= trials[-last].number]
+    )
     retried = {t.user_attrs["retry_of"]: t for t in trials if t.user_attrs.get("retry_of") is not None}
-    table = Table(title=f"study {study.study_name}: {len(done)} complete of {len(trials)} trials"
-                        + (f" (showing {len(shown)})" if len(shown) < len(trials) else ""), title_justify="left")
+    table = Table(
+        title=f"study {study.study_name}: {len(done)} complete of {len(trials)} trials"
+        + (f" (showing {len(shown)})" if len(shown) < len(trials) else ""),
+        title_justify="left",
+    )
     for column in ("trial", "state", monitor, "params", "time", "note"):
         table.add_column(column, overflow="fold", justify="right" if column in ("trial", monitor, "time") else "left")
     for t in shown:
@@ -191,8 +205,10 @@ def write_best(study: optuna.Study, study_dir: Path, monitor: str) -> Path | Non
     config = yaml.safe_load(source.read_text()) or {}
     config.pop("test_after_fit", None)  # back to fit's default: test the best checkpoint after training
     target = study_dir / "best.yaml"
-    header = (f"# best trial {best.number} of study {study.study_name!r}: {monitor} {best.value:.4f}, from "
-              f"{source}\n# rerun it: python -m peft_lightning fit -c {target}\n")
+    header = (
+        f"# best trial {best.number} of study {study.study_name!r}: {monitor} {best.value:.4f}, from "
+        f"{source}\n# rerun it: python -m peft_lightning fit -c {target}\n"
+    )
     tmp = target.with_name(f".best.{PID}.yaml")
     tmp.write_text(header + yaml.safe_dump(config, sort_keys=False))
     os.replace(tmp, target)  # several workers may write it at once: each write is whole
@@ -216,8 +232,12 @@ def write_plots(study: optuna.Study, study_dir: Path, monitor: str) -> list[Path
 
     plots = [("history.png", lambda: vis.plot_optimization_history(study, target_name=monitor))]
     if len(done) >= 2 and len({k for t in done for k in t.params}) >= 2:
-        plots.append(("importance.png", lambda: vis.plot_param_importances(
-            study, evaluator=PedAnovaImportanceEvaluator(), target_name=monitor)))
+        plots.append(
+            (
+                "importance.png",
+                lambda: vis.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), target_name=monitor),
+            )
+        )
     written = []
     for filename, draw in plots:
         try:
