@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import cli_fit, interleave, now, ratio_summary, throughput
+from peft_lightning.internals import BatchNorm
 
 MODELS = ("minilm", "effnet")
 RECIPES = {"minilm": "minilm_austen", "effnet": "effnet_fashion"}
@@ -86,14 +87,16 @@ def ours(model: str, steps: int, root: str) -> dict[str, Any]:
 
 
 def defaults(recipe: type) -> dict[str, Any]:
-    """The recipe's own ``__init__`` defaults (lr, warmup, ...), so the plain loop uses the same values."""
+    """The recipe's own ``__init__`` defaults and ``model_defaults`` (lr, warmup, ...), so the plain loop uses the
+    same values."""
     import inspect
 
-    return {
+    signature = {
         k: p.default
         for k, p in inspect.signature(recipe.__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
+    return {**signature, **recipe.model_defaults}
 
 
 def _minilm_setup() -> dict[str, Any]:
@@ -221,7 +224,7 @@ def plain(model: str, steps: int) -> dict[str, Any]:
     for name, p in net.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
     for module in net.modules():  # frozen BatchNorm layers keep their running statistics (eval mode)
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, BatchNorm):
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 module.eval()
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]

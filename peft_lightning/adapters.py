@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 Method = Literal["none", "lora", "dora", "ia3", "loha", "lokr"]
 METHODS: tuple[str, ...] = ("none", "lora", "dora", "ia3", "loha", "lokr")
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr"}  # peft's names; DoRA is LORA + use_dora
-# Every module inside a transformer's numbered blocks (BERT/RoBERTa `encoder.layer.N`, GPT-2 `h.N`, LLaMA `layers.N`,
-# T5 `block.N`); a method keeps the types it supports: BERT's query/key/value and its three `dense` linears.
-TRANSFORMER_BLOCKS = r"(.*\.)?(layers?|h|blocks?)\.\d+\..*"
 
 
 @dataclass
@@ -390,7 +387,7 @@ def export(
         )
     outside = []
     if found is not None:
-        trainable = getattr(task, "trainable_parameter_names", lambda: None)() or set()
+        trainable = task.trainable_parameter_names() or set()
         outside = sorted(n for n in trainable if not n.startswith(found[0]))
         if outside and not merge:
             raise UsageError(

@@ -13,9 +13,15 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+from peft_lightning.internals import BatchNorm
+
+if TYPE_CHECKING:
+    from peft_lightning.adapters import AdapterConfig
+    from peft_lightning.tasks.base import FineTuneTask
 
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr"}
 
@@ -35,10 +41,20 @@ def _is_domain_method(task: nn.Module, name: str) -> bool:
     return fn is not None and getattr(fn, "__module__", "").startswith("peft_lightning.tasks")
 
 
-def weights_source(task: nn.Module) -> str:
-    """Where the base weights came from: the task's ``weights_source()`` if it has one, else its arguments."""
-    if callable(getattr(task, "weights_source", None)):
-        return str(task.weights_source())
+def _library(task: FineTuneTask) -> str:
+    """The library the task's model comes from: ``timm`` (ImageClassifier), ``transformers`` (TextClassifier) or
+    ``""`` (the recommender's own model)."""
+    from peft_lightning.tasks.text import TextClassifier
+    from peft_lightning.tasks.vision import ImageClassifier
+
+    return "timm" if isinstance(task, ImageClassifier) else "transformers" if isinstance(task, TextClassifier) else ""
+
+
+def weights_source(task: FineTuneTask) -> str:
+    """Where the base weights came from: the task's ``weights_source()`` (timm and transformers tasks), else its
+    arguments."""
+    if _library(task):
+        return str(task.weights_source())  # type: ignore[attr-defined]
     hp = _hparams(task)
     if hp.get("init_from"):
         return f"the checkpoint {_code(hp['init_from'])} (`init_from`)"
@@ -128,12 +144,12 @@ def _count(n: int) -> str:
     return f"{n:,}"
 
 
-def parameters(task: nn.Module, peft_model: nn.Module | None, phases: list[Mapping[str, Any]] | None = None) -> str:
+def parameters(task: FineTuneTask, peft_model: nn.Module | None, phases: list[Mapping[str, Any]] | None = None) -> str:
     """Trainable parameters (adapters and fully trained modules) of all, the frozen head copy peft keeps excluded.
     Without adapters, the most that trained at once in the run's fine-tuning ``phases`` (RunReport), if recorded."""
     params = {n: p for n, p in task.named_parameters() if ".original_module." not in n}
     total = sum(p.numel() for p in params.values())
-    names = getattr(task, "trainable_parameter_names", lambda: None)()
+    names = task.trainable_parameter_names()
     trainable = set(params) if names is None else set(names) & set(params)
     n = sum(params[k].numel() for k in trainable)
     if peft_model is None and phases:
@@ -146,9 +162,11 @@ def parameters(task: nn.Module, peft_model: nn.Module | None, phases: list[Mappi
     return text
 
 
-def adapter_rows(config: Any, peft_model: nn.Module | None, default_targets: Any) -> list[tuple[str, str]]:
+def adapter_rows(
+    config: AdapterConfig | None, peft_model: nn.Module | None, default_targets: Any
+) -> list[tuple[str, str]]:
     """(option, value) rows of the adapter: the method's own options and the modules peft actually wrapped."""
-    method = getattr(config, "method", "none") if config is not None else "none"
+    method = config.method if config is not None else "none"
     rows = [
         (
             "method",
@@ -181,7 +199,7 @@ def adapter_rows(config: Any, peft_model: nn.Module | None, default_targets: Any
             if type(m).__name__ == "ModulesToSaveWrapper"
         )
         rows.append(("trained in full", ", ".join(_code(m) for m in full) or "none"))
-    if getattr(config, "adapter_path", None):
+    if config is not None and config.adapter_path:
         rows.append(("started from", f"the adapter folder {_code(config.adapter_path)}"))
     return rows
 
@@ -207,14 +225,14 @@ def _timm_base(hp: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def load_snippets(task: nn.Module, out: Path, files: list[Path], recipe: str | None, whole_task: bool) -> list[str]:
+def load_snippets(task: FineTuneTask, out: Path, files: list[Path], recipe: str | None, whole_task: bool) -> list[str]:
     """Markdown lines: how to load what was written, with plain peft + timm/transformers and with peft_lightning.
     ``whole_task``: ``model.safetensors`` is the whole task (weights beside the adapted module trained too)."""
     hp = _hparams(task)
     cls = type(task)
     names = {p.name for p in files}
     folder, merged = str(out), out / "model.safetensors"
-    image = hasattr(task, "num_classes")  # a timm image classifier (ImageClassifier)
+    image = _library(task) == "timm"
     adapter = "adapter_config.json" in names and not whole_task
     lines: list[str] = []
     if adapter:
@@ -235,7 +253,7 @@ def load_snippets(task: nn.Module, out: Path, files: list[Path], recipe: str | N
                 else []
             )
             lines += [*imports, "", *_timm_base(hp)]
-        elif callable(getattr(task, "model_source", None)) and not by_recipe:  # a transformers classifier
+        elif _library(task) == "transformers" and not by_recipe:
             source = task.model_source()
             extra = f", revision={hp['revision']!r}" if hp.get("revision") else ""
             if hp.get("problem_type", "single_label_classification") != "single_label_classification":
@@ -262,7 +280,7 @@ def load_snippets(task: nn.Module, out: Path, files: list[Path], recipe: str | N
                 "  # the recipe's base model, without adapters",
             ]
         lines += [f"model = PeftModel.from_pretrained(base, {folder!r}).eval()", "```", ""]
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in task.modules()):
+        if any(isinstance(m, BatchNorm) for m in task.modules()):
             # peft saves adapters and modules_to_save, not the base's buffers: statistics that training moved are
             # only in the checkpoint and the merged model (the CLI keeps frozen layers' statistics: train_bn false).
             lines += [
@@ -326,7 +344,7 @@ def load_snippets(task: nn.Module, out: Path, files: list[Path], recipe: str | N
 
 
 def model_card(
-    task: nn.Module,
+    task: FineTuneTask,
     out: Path,
     files: list[Path],
     *,
@@ -344,8 +362,8 @@ def model_card(
     cls = type(task)
     found = find(task)
     peft_model = found[1] if found is not None else None
-    config = getattr(task, "adapter_config", None)
-    method = getattr(config, "method", "none") if config is not None else "none"
+    config = task.adapter_config
+    method = config.method if config is not None else "none"
     model_name = hp.get("model_name") or cls.__name__
     name = recipe or f"{cls.__module__}:{cls.__qualname__}"
     title = (
@@ -362,11 +380,11 @@ def model_card(
     ]
     if method != "none":
         meta.append(f"- {method}")
-    if callable(getattr(task, "model_source", None)) and "/" in model_name and not Path(model_name).exists():
+    if _library(task) == "transformers" and "/" in model_name and not Path(model_name).exists():
         meta.append(f"base_model: {model_name}")  # a transformers hub id: the hub links the card to its base
     meta.append("---")
     lines = [*meta, "", f"# {title}", ""]
-    description = getattr(cls, "description", "")
+    description = cls.description
     lines += [
         f"Fine-tuned with the peft_lightning recipe {_code(name)} ({_code(cls.__module__ + '.' + cls.__qualname__)}"
         + (f"; its defaults: {description}" if description else "")
@@ -374,8 +392,12 @@ def model_card(
         "",
     ]
 
-    library = "timm " if hasattr(task, "num_classes") else "transformers " if hasattr(task, "num_labels") else ""
-    lines += ["## Base model", "", f"- {library}{_code(model_name)}, weights from {weights_source(task)}"]
+    library = _library(task)
+    lines += [
+        "## Base model",
+        "",
+        f"- {library + ' ' if library else ''}{_code(model_name)}, weights from {weights_source(task)}",
+    ]
     n_out = hp.get("num_classes") or hp.get("num_labels")
     class_names = list(ckpt.get("class_names") or [])
     data = dict(ckpt.get("datamodule_hyper_parameters") or {})
@@ -406,7 +428,7 @@ def model_card(
     lines.append("")
 
     lines += ["## Adapter" if peft_model is not None else "## Parameters", "", "| option | value |", "|---|---|"]
-    rows = adapter_rows(config, peft_model, getattr(task, "default_adapter_targets", None))
+    rows = adapter_rows(config, peft_model, task.default_adapter_targets)
     lines += [f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in rows]  # a | in a regex would end the cell
     report = (ckpt.get("callbacks") or {}).get("RunReport")
     phases = report.get("phases") if isinstance(report, Mapping) else None
@@ -428,7 +450,7 @@ def model_card(
 
     lines += ["## Evaluation", ""]
     lines += (
-        evaluation(ckpt, ckpt_path, getattr(cls, "monitor_mode", None))
+        evaluation(ckpt, ckpt_path, cls.monitor_mode)
         if ckpt_path is not None
         else ["- exported from a model in memory: no checkpoint, no recorded metrics."]
     )

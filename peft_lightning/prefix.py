@@ -120,10 +120,11 @@ def start_at(parent: nn.Module, attr: str, index: int, value: torch.Tensor) -> I
         raise RuntimeError("cannot find the input tensor of the layer the model is cut at")
 
     handle = sliced[0].register_forward_pre_hook(hook, with_kwargs=True)
-    # Not setattr: nn.Module.__setattr__ would register the slice as a new child (same parameters, new names).
-    parent._modules[attr] = sliced
+    # `attr` is already a child: setattr replaces it in place (same key, same order), so parameter names and the
+    # order of the model's children are those of the uncut model.
+    setattr(parent, attr, sliced)
     try:
         yield
     finally:
-        parent._modules[attr] = container
+        setattr(parent, attr, container)
         handle.remove()

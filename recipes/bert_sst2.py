@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from peft_lightning.data.text import TextDataModule
-from peft_lightning.tasks.text import SchedulerName, TextClassifier
+from peft_lightning.tasks.text import TextClassifier
 
 MODEL = "google-bert/bert-base-uncased"
 DATASET = "nyu-mll/glue"
@@ -25,6 +25,14 @@ class BertSst2(TextClassifier):
     assets = (f"hub-model:{MODEL}", f"hub-dataset:{DATASET}")
     description = "BERT-base (uncased) on GLUE SST-2, hub weights and data; ~92-93% dev accuracy on a GPU"
     datamodule_class = TextDataModule
+    model_defaults: ClassVar[dict[str, Any]] = {
+        "model_name": MODEL,
+        "num_labels": 2,
+        "lr": 2e-5,
+        "weight_decay": 0.01,
+        "warmup": 0.1,
+        "scheduler": "linear",
+    }
     data_defaults: ClassVar[dict[str, Any]] = {
         "dataset": DATASET,
         "config_name": "sst2",
@@ -38,26 +46,6 @@ class BertSst2(TextClassifier):
     }
     trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 3, "precision": "auto"}  # bf16-mixed on a GPU
     finetuning_defaults: ClassVar[dict[str, Any]] = {"strategy": "full"}
-
-    def __init__(
-        self,
-        model_name: str = MODEL,
-        num_labels: int = 2,
-        lr: float = 2e-5,
-        weight_decay: float = 0.01,
-        warmup: float = 0.1,
-        scheduler: SchedulerName = "linear",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model_name=model_name,
-            num_labels=num_labels,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            scheduler=scheduler,
-            **kwargs,
-        )
 
 
 RECIPE = BertSst2

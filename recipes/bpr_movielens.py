@@ -17,8 +17,6 @@ the batch's), constant (a cosine decay did worse); 20 epochs of 70 steps take ~6
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 from peft_lightning.data.movielens import MovieLensDataModule
 from peft_lightning.tasks.recsys import Recommender
 
@@ -27,6 +25,15 @@ class BprMovielens(Recommender):
     assets = ("ml100k",)
     description = "BPR matrix factorisation on MovieLens-100k (stratified 75/25): offline, 2 CPU cores, ~6 min"
     datamodule_class = MovieLensDataModule
+    model_defaults = {
+        "model_name": "mf",
+        "dim": 64,
+        "loss": "bpr",
+        "l2": 1e-2,
+        "lr": 5e-3,
+        "weight_decay": 0.0,
+        "scheduler": "constant",
+    }
     data_defaults = {
         "dataset": "ml-100k",
         "split": "stratified",
@@ -38,28 +45,6 @@ class BprMovielens(Recommender):
     }
     trainer_defaults = {"max_epochs": 20, "precision": "32-true"}  # bf16 scores would tie in the top-k
     finetuning_defaults = {"strategy": "full"}
-
-    def __init__(
-        self,
-        model_name: Literal["mf", "two_tower"] = "mf",
-        dim: int = 64,
-        loss: Literal["bpr", "softmax", "sampled_softmax"] = "bpr",
-        l2: float = 1e-2,
-        lr: float = 5e-3,
-        weight_decay: float = 0.0,
-        scheduler: Literal["cosine", "linear", "constant", "onecycle", "plateau"] = "constant",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model_name=model_name,
-            dim=dim,
-            loss=loss,
-            l2=l2,
-            lr=lr,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            **kwargs,
-        )
 
 
 RECIPE = BprMovielens

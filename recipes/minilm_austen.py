@@ -23,7 +23,7 @@ from peft_lightning.assets import AUSTEN_DIR
 from peft_lightning.assets import AUSTEN_RDATA as RDATA
 from peft_lightning.data.text import TextDataModule
 from peft_lightning.errors import UsageError
-from peft_lightning.tasks.text import SchedulerName, TextClassifier
+from peft_lightning.tasks.text import TextClassifier
 
 # Resolved against the running Python's prefix, where scripts/setup.sh unpacks the Debian package.
 NOVELS = {  # R object name -> class name, in publication order
@@ -135,6 +135,13 @@ class MinilmAusten(TextClassifier):
     assets = ("minilm_l6", "austen", "rdata")
     description = "all-MiniLM-L6-v2 on six Jane Austen novels (which book?): offline, 2 CPU cores, < 10 min"
     datamodule_class = AustenNovels
+    model_defaults: ClassVar[dict[str, Any]] = {
+        "model_name": HUB_NAME,
+        "num_labels": 6,
+        "lr": 1e-4,  # a small model and under 200 steps: higher than BERT-base's usual 2e-5
+        "warmup": 0.1,
+        "scheduler": "linear",
+    }
     data_defaults: ClassVar[dict[str, Any]] = {
         "dataset": AUSTEN_DIR,
         "max_length": 96,
@@ -149,7 +156,7 @@ class MinilmAusten(TextClassifier):
         "num_workers": 0,  # padding a batch takes microseconds: worker processes would only compete for 2 cores
         "val_fraction": 0.1,
     }
-    # "auto" (peft_lightning.engine.auto_precision): bf16-mixed on GPUs and on CPUs with AMX / AVX-512 BF16, fp32
+    # "auto" (peft_lightning.precision.auto_precision): bf16-mixed on GPUs and on CPUs with AMX / AVX-512 BF16, fp32
     # elsewhere: on AVX2-only CPUs bf16 autocast is emulated, and a training step of this recipe measured 3.6x slower
     # than fp32 (a bare MiniLM step 13x; docs/text.md).
     trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 1, "precision": "auto", "log_every_n_steps": 10}
@@ -172,19 +179,6 @@ class MinilmAusten(TextClassifier):
         "peft.method": {"type": "categorical", "choices": ["none", "lora"]},
         "peft.r": {"type": "categorical", "choices": [4, 8, 16]},
     }
-
-    def __init__(
-        self,
-        model_name: str = HUB_NAME,
-        num_labels: int = 6,
-        lr: float = 1e-4,  # a small model and under 200 steps: higher than BERT-base's usual 2e-5
-        warmup: float = 0.1,
-        scheduler: SchedulerName = "linear",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model_name=model_name, num_labels=num_labels, lr=lr, warmup=warmup, scheduler=scheduler, **kwargs
-        )
 
     def model_source(self) -> str:
         """The PyPI package's copy of the hub model when ``model_name`` is the hub name; else ``model_name``."""

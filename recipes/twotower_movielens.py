@@ -23,8 +23,6 @@ few-minute budget (measured: ~6 min to pretrain, ~3 min to fine-tune).
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 from peft_lightning.data.movielens import MovieLensDataModule
 from peft_lightning.tasks.recsys import Recommender
 
@@ -36,6 +34,17 @@ class TwotowerMovielens(Recommender):
         "fine-tuned after it: offline, 2 CPU cores, ~6 + ~3 min"
     )
     datamodule_class = MovieLensDataModule
+    model_defaults = {
+        "model_name": "two_tower",
+        "dim": 64,
+        "loss": "bpr",
+        "l2": 1e-2,
+        "user_history": True,
+        "item_ids": True,
+        "lr": 5e-3,
+        "weight_decay": 0.0,
+        "scheduler": "constant",
+    }
     data_defaults = {
         "dataset": "ml-100k",
         "split": "temporal",
@@ -49,32 +58,6 @@ class TwotowerMovielens(Recommender):
     }
     trainer_defaults = {"max_epochs": 10, "precision": "32-true"}
     finetuning_defaults = {"strategy": "head", "head_groups": 2}
-
-    def __init__(
-        self,
-        model_name: Literal["mf", "two_tower"] = "two_tower",
-        dim: int = 64,
-        loss: Literal["bpr", "softmax", "sampled_softmax"] = "bpr",
-        l2: float = 1e-2,
-        user_history: bool = True,
-        item_ids: bool = True,
-        lr: float = 5e-3,
-        weight_decay: float = 0.0,
-        scheduler: Literal["cosine", "linear", "constant", "onecycle", "plateau"] = "constant",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model_name=model_name,
-            dim=dim,
-            loss=loss,
-            l2=l2,
-            user_history=user_history,
-            item_ids=item_ids,
-            lr=lr,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            **kwargs,
-        )
 
 
 RECIPE = TwotowerMovielens

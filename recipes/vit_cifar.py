@@ -9,8 +9,6 @@ one GPU (128 x 4); with 4 GPUs pass --trainer.accumulate_grad_batches 1.
 
 from __future__ import annotations
 
-from typing import Any
-
 from peft_lightning.data.vision import ImageDataModule
 from peft_lightning.tasks.vision import ImageClassifier
 
@@ -22,6 +20,14 @@ class VitCifar(ImageClassifier):
     assets = (f"hub-model:timm/{MODEL}", f"hub-dataset:{DATASET}")
     description = "ViT-B/16 (ImageNet-21k) on CIFAR-10 at 224 px, hub weights and data; ~98.5-99% on a GPU"
     datamodule_class = ImageDataModule
+    model_defaults = {
+        "model_name": MODEL,
+        "num_classes": 10,
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "weight_decay": 0.0,
+        "warmup": 0.05,
+    }
     data_defaults = {
         "dataset": DATASET,
         "image_size": 224,
@@ -32,26 +38,6 @@ class VitCifar(ImageClassifier):
     }
     trainer_defaults = {"max_epochs": 10, "precision": "auto", "accumulate_grad_batches": 4, "gradient_clip_val": 1.0}
     finetuning_defaults = {"strategy": "full"}
-
-    def __init__(
-        self,
-        model_name: str = MODEL,
-        num_classes: int = 10,
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        weight_decay: float = 0.0,
-        warmup: float = 0.05,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model_name=model_name,
-            num_classes=num_classes,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            **kwargs,
-        )
 
 
 RECIPE = VitCifar

@@ -57,10 +57,10 @@ def machine() -> dict:
         import lightning
 
         info["lightning"] = lightning.__version__
-        from peft_lightning import engine
+        from peft_lightning.precision import auto_precision, detect_hardware
 
-        hw = engine.detect_hardware()
-        info["auto_precision"] = engine.auto_precision(hw)[0]
+        hw = detect_hardware()
+        info["auto_precision"] = auto_precision(hw)[0]
     except Exception as err:  # recorded: the checks say what is missing
         info["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return info
@@ -129,10 +129,10 @@ def trainer_for(
 ):
     from lightning.pytorch import Trainer
 
-    from peft_lightning import engine
+    from peft_lightning.strategy import trainer_overrides
 
     args = {"precision": precision, "accelerator": "auto"}
-    over = engine.trainer_overrides(args, model)
+    over = trainer_overrides(args, model)
     return Trainer(
         devices=1,
         max_steps=steps,
@@ -248,9 +248,9 @@ def check_fsdp(kind: str, dry: bool) -> dict:
     ``lora`` (peft LoRA adapters + the head) or ``checkpointing`` (full fine-tune with activation checkpointing)."""
     import torch
 
-    from peft_lightning import engine
     from peft_lightning.adapters import AdapterConfig
     from peft_lightning.callbacks.finetuning import FineTuning
+    from peft_lightning.strategy import fsdp_strategy
 
     cfg = vit_setup(dry)
     kw: dict = {}
@@ -269,7 +269,7 @@ def check_fsdp(kind: str, dry: bool) -> dict:
     if kind == "frozen":
         trainable = {n for _, names in model.layer_groups()[-4:] for n in names}
     blocks = sorted(c.__name__ for c in model.fsdp_block_classes())
-    strategy = engine.fsdp_strategy(model)
+    strategy = fsdp_strategy(model)
     meter = Meter(cfg["warmup"], cfg["batch"])
     peak_mem(reset=True)
     trainer = trainer_for("bf16-mixed", cfg["steps"], meter, model, strategy=strategy, callbacks=[ft])
@@ -318,16 +318,18 @@ def check_compile(dry: bool) -> dict:
         torch._dynamo.reset()
     model = vit_model(cfg, compile=True)
     if dry:
-        from peft_lightning import engine
+        from peft_lightning.compile import compile_modules
 
         blocks = tuple(model.fsdp_block_classes())
-        engine.compile_modules([m for m in model.modules() if isinstance(m, blocks)], backend="eager")
+        compile_modules([m for m in model.modules() if isinstance(m, blocks)], backend="eager")
     meter = Meter(cfg["warmup"], cfg["batch"])
     peak_mem(reset=True)
     t0 = time.perf_counter()
     trainer = trainer_for("bf16-mixed", cfg["steps"], meter, model)
     trainer.fit(model, train_dataloaders=synthetic_images(cfg["steps"], cfg["batch"], cfg["size"]))
-    compiled = sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    from peft_lightning.internals import is_compiled
+
+    compiled = sum(is_compiled(m) for m in model.modules())
     return {
         "model": cfg["model"],
         "precision": "bf16-mixed",

@@ -128,3 +128,125 @@ def test_the_command_line_reference_is_current():
         timeout=300,
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-2000:]
+
+
+# --- the CLI's parts, one by one ---
+@pytest.mark.parametrize("name", builtin_names())
+def test_a_recipes_model_defaults_are_what_print_config_and_python_both_use(name, cli):
+    """One road for a model default: ``model_defaults`` is what the CLI shows and what the class fills in when built
+    in Python, where the saved hyperparameters hold it (a checkpoint reloads with the recipe's values)."""
+    import inspect
+
+    recipe = get_recipe(name)
+    assert recipe.model_defaults and "__init__" in vars(recipe)  # the recipe's __init__ is the one that fills them in
+    code, out, err = cli("fit", "--recipe", name, "--print_config")
+    assert code == 0, err
+    model = yaml.safe_load(out)["model"]
+    assert {k: model[k] for k in recipe.model_defaults} == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in recipe.model_defaults.items()
+    }
+    assert list(inspect.signature(recipe.__init__).parameters) == ["self", "kwargs"]
+
+
+def test_a_recipe_built_in_python_records_its_model_defaults():
+    from recipes.vit_cifar import VitCifar
+
+    model = VitCifar(model_name="test_vit", pretrained=False)
+    assert {k: model.hparams[k] for k in VitCifar.model_defaults} == {
+        **VitCifar.model_defaults,
+        "model_name": "test_vit",
+    }
+    assert (model.optimizer_name, model.lr, model.warmup) == ("sgd", 0.01, 0.05)
+
+
+def test_a_subclass_with_its_own_init_keeps_its_defaults_and_its_arguments():
+    from recipes.vit_cifar import VitCifar
+
+    class MyFlowers(VitCifar):
+        def __init__(self, num_classes: int = 4, extra: int = 7, **kwargs):
+            super().__init__(num_classes=num_classes, **kwargs)
+
+    class Smaller(MyFlowers):
+        model_defaults = {**MyFlowers.model_defaults, "lr": 0.02}
+
+    # The default it gives an inherited argument replaces the recipe's in model_defaults (what the CLI shows) ...
+    assert MyFlowers.model_defaults == {**VitCifar.model_defaults, "num_classes": 4}
+    model = Smaller(model_name="test_vit", pretrained=False)
+    # ... and save_hyperparameters walks through the generated __init__ to the subclass's own arguments.
+    assert (model.hparams["num_classes"], model.hparams["extra"], model.hparams["lr"]) == (4, 7, 0.02)
+    assert model.hparams["optimizer"] == "sgd" and model.num_classes == 4
+
+
+def test_a_class_cannot_set_model_defaults_and_write_init():
+    from recipes.vit_cifar import VitCifar
+
+    with pytest.raises(TypeError, match="both model_defaults and __init__"):
+
+        class Both(VitCifar):  # noqa: F841
+            model_defaults = {"lr": 0.1}
+
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+
+
+def test_recipe_defaults_are_the_parser_defaults_by_flag():
+    from peft_lightning.cli.lightning_cli import recipe_defaults
+    from recipes.effnet_fashion import EffnetFashion
+
+    defaults = recipe_defaults(EffnetFashion)
+    assert defaults["model.scheduler"] == "onecycle" and defaults["data.image_size"] == 48
+    assert defaults["finetuning.strategy"] == "freeze_unfreeze" and defaults["checkpoint.monitor"] == "val/acc"
+
+
+def test_errors_become_one_line_and_an_exit_status_by_class():
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from peft_lightning.cli import one_line
+    from peft_lightning.errors import UsageError
+
+    assert one_line(UsageError("no recipe given")) == ("no recipe given", 2)
+    message, code = one_line(MisconfigurationException("`devices=4`\nbut only 1 found"))
+    assert code == 2 and message.startswith("`devices=4` but only 1 found (see --trainer.*")
+    assert one_line(ModuleNotFoundError("No module named 'transformer_engine'"))[1] == 2
+    message, code = one_line(RuntimeError("boom\nsecond line"))
+    assert code == 1 and message == "RuntimeError: boom (set PEFT_LIGHTNING_DEBUG=1 for the traceback)"
+
+
+def test_recipe_arg_reads_the_flag_or_the_config_file(tmp_path):
+    from peft_lightning.cli import recipe_arg
+    from peft_lightning.errors import UsageError
+
+    assert recipe_arg(["fit", "--recipe=vit_cifar"]) == "vit_cifar"
+    path = tmp_path / "run.yaml"
+    path.write_text("fit:\n  recipe: bert_sst2\n")
+    assert recipe_arg(["fit", "-c", str(path)]) == "bert_sst2"
+    assert recipe_arg(["fit"]) is None
+    path.write_text("recipe: [unclosed\n")
+    with pytest.raises(UsageError, match="cannot parse config"):
+        recipe_arg(["fit", "--config", str(path)])
+
+
+def test_the_export_and_plot_commands_stop_on_bad_flags_with_one_line():
+    from peft_lightning.cli.commands import export_command, plot_command
+    from peft_lightning.errors import UsageError
+
+    with pytest.raises(UsageError, match="export: the following arguments are required: --recipe"):
+        export_command(["--ckpt_path", "x.ckpt", "--out", "out"])
+    with pytest.raises(UsageError, match=r"plot: .*--x"):
+        plot_command(["runs/x", "--x", "time"])
+
+
+def test_a_command_that_is_done_ends_main_with_status_0(monkeypatch):
+    """``--finetuning.show_groups`` and a finished run raise ``Done`` (a SystemExit(0) for whoever else runs the CLI
+    class); ``main`` returns quietly."""
+    import peft_lightning.cli as cli_module
+    from peft_lightning.cli.resume import Done
+
+    def done(*args, **kwargs):
+        raise Done
+
+    monkeypatch.setattr(cli_module, "run", done)
+    assert cli_module.main(["fit", "--recipe", "effnet_fashion"]) is None
+    with pytest.raises(SystemExit) as stop:
+        done()
+    assert stop.value.code == 0

@@ -9,9 +9,12 @@ from lightning.pytorch import Trainer
 from test_recsys import synth, tiny_encoder  # noqa: F401  (fixtures)
 from test_text import tiny_bert  # noqa: F401  (fixture)
 
-from peft_lightning import engine
+from peft_lightning.batch import lr_scale
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.errors import UsageError
+from peft_lightning.internals import is_compiled
+from peft_lightning.strategy import fsdp_strategy
+from peft_lightning.summary import RunSummary
 
 from helpers import tiny_data, tiny_model
 
@@ -29,20 +32,20 @@ def test_fsdp_wraps_and_checkpoints_each_vit_block_and_keeps_original_params():
     from timm.models.vision_transformer import Block
 
     assert model.fsdp_block_classes() == {Block}
-    strategy = engine.fsdp_strategy(model)
+    strategy = fsdp_strategy(model)
     assert strategy.kwargs["use_orig_params"] is True  # frozen + trainable + adapters in one unit
     assert wrapped(strategy, model) == [f"model.blocks.{i}" for i in range(6)]
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
-    plain = engine.fsdp_strategy(tiny_model())
+    plain = fsdp_strategy(tiny_model())
     assert plain._activation_checkpointing_kwargs == {}
-    assert engine.fsdp_strategy(tiny_model(), "fsdp_cpu_offload").cpu_offload.offload_params
+    assert fsdp_strategy(tiny_model(), "fsdp_cpu_offload").cpu_offload.offload_params
 
 
 def test_fsdp_blocks_with_lora_adapters_are_the_same_blocks():
     from peft_lightning.adapters import AdapterConfig
 
     model = tiny_model(peft=AdapterConfig("lora", r=4))
-    strategy = engine.fsdp_strategy(model)
+    strategy = fsdp_strategy(model)
     names = wrapped(strategy, model)
     assert len(names) == 6 and all(n.endswith(f"blocks.{i}") for i, n in enumerate(names))
 
@@ -62,9 +65,9 @@ def test_block_classes_of_each_domain(tiny_bert, tiny_encoder):  # noqa: F811
     # MF reads its ID embeddings by `.weight` to score the whole catalogue: no blocks, one root unit.
     mf = Recommender("mf", num_users=30, num_items=40)
     assert mf.fsdp_block_classes() == set()
-    assert engine.fsdp_strategy(mf).kwargs.get("auto_wrap_policy") is None
+    assert fsdp_strategy(mf).kwargs.get("auto_wrap_policy") is None
     with pytest.raises(UsageError, match="no blocks to checkpoint"):
-        engine.fsdp_strategy(Recommender("mf", num_users=30, num_items=40, activation_checkpointing=True))
+        fsdp_strategy(Recommender("mf", num_users=30, num_items=40, activation_checkpointing=True))
 
 
 def test_reference_batches_of_the_recipes():
@@ -72,8 +75,8 @@ def test_reference_batches_of_the_recipes():
 
     assert get_recipe("vit_cifar").reference_batch() == 512  # 128 x 4 accumulated: the paper's batch
     assert get_recipe("effnet_fashion").reference_batch() == 64
-    assert engine.lr_scale("linear", 2048, 512) == 4.0 and engine.lr_scale("sqrt", 2048, 512) == 2.0
-    assert engine.lr_scale("none", 2048, 512) == 1.0
+    assert lr_scale("linear", 2048, 512) == 4.0 and lr_scale("sqrt", 2048, 512) == 2.0
+    assert lr_scale("none", 2048, 512) == 1.0
 
 
 class Reference8(type(tiny_model())):
@@ -86,7 +89,7 @@ def test_lr_scales_with_the_global_batch_and_the_summary_says_so(image_folder, r
 
     seed_everything(7)
     model = Reference8("test_vit", num_classes=3, pretrained=False, lr=1e-2, scale_lr=rule)
-    summary = engine.RunSummary("because")
+    summary = RunSummary("because")
     trainer = Trainer(
         max_steps=1,
         accumulate_grad_batches=2,
@@ -124,8 +127,8 @@ def test_compile_compiles_each_block_in_place_and_keeps_checkpoint_keys():
     model = tiny_model(compile=True)
     keys = list(model.state_dict())
     model.configure_model()
-    blocks = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    blocks = [m for m in model.modules() if is_compiled(m)]
     assert len(blocks) == 6 and all(type(m).__name__ == "Block" for m in blocks)
     assert list(model.state_dict()) == keys
     model.configure_model()  # a second fit does not compile twice
-    assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()) == 6
+    assert sum(is_compiled(m) for m in model.modules()) == 6

@@ -192,7 +192,7 @@ def test_auto_scale_trains_everything_at_lr_times_normalised_rgn(image_folder, o
     model = tiny_effnet(scheduler="constant")
     ft = FineTuning("auto", auto_mode="scale", probe_batches=1, auto_every=1)
     trainer = fit_tiny(model, image_folder, ft)
-    scales = model.group_lr_scales
+    scales = model.lr_scales.group
     assert scales["head"] == 1.0 and min(scales.values()) < 1.0
     lrs = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
     low = min(scales, key=scales.get)

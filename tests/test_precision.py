@@ -12,9 +12,11 @@ from test_recsys import synth, tiny_encoder  # noqa: F401  (fixtures)
 from test_text import datamodule, sentiment_csv, tiny_bert  # noqa: F401  (fixtures)
 from torch import nn
 
-from peft_lightning import engine
-from peft_lightning.engine import Hardware, auto_precision, check_launch, cpu_flags, resolve_auto_precision
+from peft_lightning import precision
 from peft_lightning.errors import UsageError
+from peft_lightning.launch import check_launch
+from peft_lightning.precision import Hardware, auto_precision, cpu_flags, resolve_auto_precision
+from peft_lightning.strategy import trainer_overrides
 
 from helpers import tiny_cli_args
 
@@ -77,7 +79,7 @@ def test_auto_is_shown_as_auto_and_resolved_into_the_run_config(
 ):
     # --help and --print_config show the recipe's value on every machine (docs/cli.md is generated from --help);
     # the run's config.yaml and summary hold what this machine resolved it to.
-    monkeypatch.setattr(engine, "detect_hardware", lambda: hardware)
+    monkeypatch.setattr(precision, "detect_hardware", lambda: hardware)
     code, out, err = cli("fit", "--recipe", "minilm_austen", "--print_config")
     assert code == 0, err[-2000:]
     assert "precision: auto\n" in out
@@ -91,7 +93,7 @@ def test_auto_is_shown_as_auto_and_resolved_into_the_run_config(
     accelerator = "cpu" if hardware.cuda_devices == 0 else "gpu"
     if accelerator == "gpu":
         trainer = {"precision": "auto", "accelerator": "auto"}
-        engine.resolve_auto_precision(trainer, hardware)
+        resolve_auto_precision(trainer, hardware)
         assert trainer["precision"] == resolved
         return
     code, out, err = cli(
@@ -175,7 +177,7 @@ class DtypeProbe:
 
 def fit_in(precision: str, model, dm, steps: int = 3) -> Trainer:
     # What the CLI does: --trainer.precision 16-mixed on a CPU becomes a float16 MixedPrecision plugin.
-    kw = {"precision": precision, **engine.trainer_overrides({"precision": precision, "accelerator": "cpu"}, model)}
+    kw = {"precision": precision, **trainer_overrides({"precision": precision, "accelerator": "cpu"}, model)}
     trainer = Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -246,6 +248,6 @@ def test_recsys_trains_in_every_precision(synth, tiny_encoder, precision):  # no
 
 
 def test_16_mixed_on_cpu_scales_the_loss_in_float16():
-    plugin = engine.trainer_overrides({"precision": "16-mixed", "accelerator": "cpu"}, None)["plugins"][-1]
+    plugin = trainer_overrides({"precision": "16-mixed", "accelerator": "cpu"}, None)["plugins"][-1]
     assert plugin.precision == "16-mixed" and plugin.device == "cpu" and plugin.scaler.is_enabled()
-    assert engine.trainer_overrides({"precision": "bf16-mixed", "accelerator": "cpu"}, None) == {}
+    assert trainer_overrides({"precision": "bf16-mixed", "accelerator": "cpu"}, None) == {}

@@ -21,7 +21,7 @@ import torch
 
 from peft_lightning.callbacks.checkpoint import find_last, find_resume, read_checkpoint
 from peft_lightning.cli import main, run_key
-from peft_lightning.report import run_dir, run_loggers
+from peft_lightning.run_folder import run_dir, run_loggers
 
 from conftest import ROOT, make_image_folder
 from helpers import tiny_cli_args

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from peft_lightning.cli import main
-from peft_lightning.report import format_wall, run_dir
+from peft_lightning.run_folder import run_dir
+from peft_lightning.summary import format_wall
 
 from conftest import ROOT, make_image_folder
 

@@ -134,3 +134,71 @@ def test_column_errors_name_the_columns_found_and_the_one_needed():
     with pytest.raises(UsageError, match=r"^column 'label' holds int64 \(columns: .*\): pass --data.text_column"):
         find_column(features, "label", "text", is_text, "strings")
     assert find_column(features, "label", "label") == "label"
+
+
+# --- carving a missing split: one rule (data/splits.py) for the image and text data modules ---
+
+
+def labelled(counts: dict[str, int]):
+    import datasets
+
+    names = list(counts)
+    labels = [i for i, name in enumerate(names) for _ in range(counts[name])]
+    features = datasets.Features({"x": datasets.Value("int64"), "label": datasets.ClassLabel(names=names)})
+    return datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"x": list(range(len(labels))), "label": labels}, features)}
+    )
+
+
+def test_carve_is_stratified_seeded_and_disjoint():
+    from peft_lightning.data.splits import carve
+
+    ds = labelled({"a": 20, "b": 10})
+    carve(ds, "train", "validation", 0.2, 0, "label")
+    val = ds["validation"]["label"]
+    assert sorted(val) == [0, 0, 0, 0, 1, 1]  # each class keeps its share
+    assert not set(ds["train"]["x"]) & set(ds["validation"]["x"]) and len(ds["train"]) == 24
+    again = labelled({"a": 20, "b": 10})
+    carve(again, "train", "validation", 0.2, 0, "label")
+    assert again["validation"]["x"] == ds["validation"]["x"]
+
+
+@pytest.mark.parametrize(
+    ("counts", "fraction", "says"),
+    [
+        ({"a": 20, "rare": 1}, 0.2, "class 'rare' has a single example"),
+        ({"a": 5, "b": 5, "c": 5}, 0.1, "0.1 x 15 examples cannot hold all 3 classes"),
+    ],
+)
+def test_carve_that_cannot_stratify_says_so_and_splits_plainly(counts, fraction, says):
+    from peft_lightning.data.splits import carve
+
+    ds = labelled(counts)
+    with pytest.warns(UserWarning, match="without stratifying by label") as caught:
+        carve(ds, "train", "validation", fraction, 0, "label")
+    assert says in str(caught[0].message) and "give the dataset a validation split" in str(caught[0].message)
+    assert len(ds["train"]) + len(ds["validation"]) == sum(counts.values()) and len(ds["validation"]) >= 1
+    assert not set(ds["train"]["x"]) & set(ds["validation"]["x"])
+
+
+def test_carve_without_a_class_label_is_plain():
+    from peft_lightning.data.splits import carve
+
+    ds = labelled({"a": 9, "rare": 1})
+    carve(ds, "train", "test", 0.2, 0, None)  # multi-label text: nothing to stratify by
+    assert len(ds["test"]) == 2
+
+
+def test_image_and_text_data_modules_carve_by_the_same_rule(image_folder, tmp_path):
+    dm = ImageDataModule(str(image_folder), val_fraction=0.05, num_workers=0)
+    with pytest.warns(UserWarning, match="cannot hold all 3 classes"):
+        dm.setup()
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 32, "test": 2, "validation": 2}
+    path = tmp_path / "rare.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{'pos' if i else 'neg'}\n" for i in range(20)))
+    text = TextDataModule(str(path), tokenizer=str(tmp_path / "no-tokenizer"), num_workers=0)
+    with (
+        pytest.warns(UserWarning, match="class 'neg' has a single example"),
+        pytest.raises(UsageError, match="tokenizer"),
+    ):
+        text.setup()  # carving comes before the tokenizer is looked for

@@ -26,7 +26,7 @@ def test_head_reset_and_named_layer_groups():
 
 def test_param_groups_are_named_and_skip_decay_on_1d():
     model = tiny()
-    model.layer_lr_scales = {"stem": 0.1}
+    model.lr_scales.layer = {"stem": 0.1}
     groups = list(model._iter_param_groups())
     by_name = {g["name"]: g for g in groups}
     assert by_name["stem"]["lr"] == pytest.approx(model.lr * 0.1)
@@ -237,3 +237,26 @@ def test_cli_fits_on_one_parquet_file_given_by_a_relative_path(parquet_file, tmp
     )
     assert code == 0, err[-3000:]
     assert list((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_checkpoint_with_a_head_of_the_right_size_keeps_it(tmp_path):
+    """timm loads the file (pretrained_cfg_overlay) strictly; a fine-tuned head of num_classes is kept, not reset."""
+    source = tiny(num_classes=3)
+    torch.save(source.model.state_dict(), tmp_path / "tuned.pth")
+    model = tiny(num_classes=3, checkpoint_path=str(tmp_path / "tuned.pth"))
+    assert all(torch.equal(v, source.model.state_dict()[k]) for k, v in model.model.state_dict().items())
+
+
+def test_data_spec_declares_the_classes(image_folder):
+    from peft_lightning.data.checks import DataSpec, check_sizes, data_spec
+
+    dm = ImageDataModule(str(image_folder), num_workers=0)
+    assert data_spec(dm) == DataSpec()  # nothing before setup
+    dm.setup()
+    spec = data_spec(dm)
+    assert spec.sizes == {"num_classes": 3} and spec.class_names == ["class_0", "class_1", "class_2"]
+    assert data_spec(None) == DataSpec() and data_spec(object()) == DataSpec()  # foreign data declares nothing
+    with pytest.raises(
+        UsageError, match="the data has 3 classes but the model was built for 5: pass --model.num_classes 3"
+    ):
+        check_sizes(spec, num_classes=5)

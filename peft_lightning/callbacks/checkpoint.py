@@ -36,18 +36,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.utils import get_protocol
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from peft_lightning import internals
 from peft_lightning.errors import UsageError
 
 # The signal that stopped the last fit in this process (None: none did). The CLI turns it into the exit code.
 _stop_signal: int | None = None
+
+
+def _is_local(path: Any) -> bool:
+    # What Lightning's private `_is_local_file_protocol` does, through fsspec's public helper.
+    return get_protocol(str(path)) == "file"
 
 
 def stop_signal() -> int | None:
@@ -65,7 +71,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(str(path).removeprefix("file://"))
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +210,7 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         if self._saved_last_now(trainer) and not again:
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        internals.save_last_checkpoint(self, trainer)
 
     def _saved_last_now(self, trainer: Trainer) -> bool:
         return self._last_written_step == trainer.global_step
@@ -267,7 +273,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         if self.stopped:  # Lightning does not save `should_stop`: a run a callback stopped stays stopped when resumed
             trainer.should_stop = True
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer) or self._deferred:
+        if internals.saves_on_train_epoch_end(self, trainer) or self._deferred:
             self._write_last(trainer)
         self._deferred = False
         self._release()  # held since the epoch's last step, with no validation after it
@@ -309,6 +315,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     @override
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # A private hook of ModelCheckpoint (listed in internals.OVERRIDDEN, checked by tests/test_internals.py): the
+        # one place every checkpoint file passes through.
         module = trainer.lightning_module
         bad = next(
             (n for n, p in module.named_parameters() if p.is_floating_point() and not p.isfinite().all()),
@@ -320,7 +328,7 @@ class ResumableCheckpoint(ModelCheckpoint):
                 f"{trainer.global_step}: nothing was saved (the last good checkpoint is "
                 f"{self.last_model_path or 'none'}); lower --model.lr or use --trainer.gradient_clip_val"
             )
-        saved_step = self._last_global_step_saved
+        saved_step = internals.last_global_step_saved(self)
         self.stopped = self._stop_reason(trainer)
         if filepath == self.best_model_path:  # a new best: ModelCheckpoint set its path and score just before
             self.best_epoch, self.best_step = trainer.current_epoch, trainer.global_step
@@ -328,7 +336,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         if os.path.basename(filepath).startswith(self.CHECKPOINT_NAME_LAST):
             # ModelCheckpoint skips any save at a step it already saved at: an extra last.ckpt (periodic, or at
             # validation end) must not cost that step its top-k ("best") checkpoint.
-            self._last_global_step_saved = saved_step
+            internals.set_last_global_step_saved(self, saved_step)
             self._last_written_step = trainer.global_step
             self._writes += 1
             self._last_written_time = time.monotonic()
@@ -350,7 +358,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         # the test after fit would evaluate that one. The scores are kept while the previous folder's best file is
         # there (ModelCheckpoint removes files only in its own folder: that one is never deleted).
         best = state_dict.get("best_model_path") or ""
-        if not best or not _is_local_file_protocol(best) or Path(best).is_file():
+        if not best or not _is_local(best) or Path(best).is_file():
             state_dict = {**state_dict, "dirpath": self.dirpath}
         super().load_state_dict(state_dict)
         self.best_epoch, self.best_step = state_dict.get("best_epoch"), state_dict.get("best_step")
@@ -418,7 +426,7 @@ def find_last(root: str | os.PathLike, dirpath: str | None = None) -> Path | Non
 def find_resume(folder: str | os.PathLike, dirpath: str | None = None) -> Path | None:
     """The checkpoint a restarted run continues its own run ``folder`` from: the newer of Lightning's highest
     ``folder/hpc_ckpt_N.ckpt`` (written on SLURM's SIGUSR1 before the requeue; what Lightning itself resumes from,
-    ``_CheckpointConnector._hpc_resume_path``) and the ``last*.ckpt`` in ``dirpath`` or ``folder/checkpoints``.
+    ``_CheckpointConnector._hpc_resume_path``, see ``internals.MIRRORED``) and the ``last*.ckpt`` in ``dirpath`` or ``folder/checkpoints``.
     Newer, not always hpc: SLURM's SIGTERM after the requeue makes the graceful stop write ``last.ckpt`` at the
     end of the step the hpc checkpoint interrupted, and an hpc checkpoint of an earlier requeue is older than the
     ``last.ckpt`` of the training since. A tie goes to hpc. None: nothing to continue."""
@@ -457,7 +465,12 @@ def resolve_ckpt_path(value: str | None, *, root: str | os.PathLike, dirpath: st
 def names_code(path: str | os.PathLike) -> bool:
     """Whether a pickle (plain, or the ``data.pkl`` of a torch zip file) imports anything beyond torch's and
     Python's plain containers: what a hostile file needs to run code on load. Read with ``pickletools``, which
-    walks the opcodes without executing any."""
+    walks the opcodes without executing any.
+
+    Not ``torch.serialization.get_unsafe_globals_in_checkpoint``: it reads only ``torch.save`` zip files (a plain
+    pickle raises ``ValueError``), and a plain pickle of protocol 0 or 4 is exactly the hostile file whose
+    ``weights_only`` error says "Unsupported operand" instead of naming the global (torch 2.14); for zip files
+    ``torch.load``'s own message already names it. Its verdicts also differ: numpy arrays are "unsafe" to it."""
     import pickletools
     import zipfile
 

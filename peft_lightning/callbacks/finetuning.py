@@ -2,10 +2,10 @@
 
 One callback for every domain. Which groups train is decided by a strategy, one small class each
 (``peft_lightning/callbacks/strategies.py``: the built-in ones, and how to write your own); this callback applies
-its answer and keeps what a resume needs. It relies only on the task protocol of ``FineTuneTask``:
-``layer_groups()`` (ordered from the input side to the head), ``layer_lr_scales``, ``phase_lr_scale``,
-``group_lr_scales`` and ``schedule_epochs``, which the task's LR schedule reads live. Design choices that make it
-correct where older callbacks broke:
+its answer and keeps what a resume needs. What it needs from the task is one typed contract, checked once at
+setup (``peft_lightning/contract.py``: ``layer_groups()`` from the input side to the head, ``lr_scales`` and
+``schedule_epochs``, which the task's LR schedule reads live, the prefix split and cache ...). Design choices that
+make it correct where older callbacks broke:
 
 - every parameter is in the optimizer from the first step (frozen ones get no gradient), so an unfreeze never
   adds param groups and the LR scheduler never sees its groups change;
@@ -19,22 +19,22 @@ correct where older callbacks broke:
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from jsonargparse.typing import restricted_string_type
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from peft_lightning import internals, summary
 from peft_lightning.callbacks import probe as gradient_probe
+from peft_lightning.callbacks.caching import PrefixCaching
 from peft_lightning.callbacks.checkpoint import between_epochs
-from peft_lightning.callbacks.prefix_cache import PrefixCache, default_max_bytes
 from peft_lightning.callbacks.strategies import (
     BUILTIN,
     Auto,
@@ -51,6 +51,7 @@ from peft_lightning.callbacks.strategies import (
     Strategy,
     import_strategy,
 )
+from peft_lightning.contract import check_task
 from peft_lightning.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -206,8 +207,7 @@ class FineTuning(Callback):
         self.cache_features = cache_features
         self.cache_max_gb = cache_max_gb
         self.frozen_dropout = frozen_dropout
-        self.cache_notes: list[str] = []  # what the prefix cache did, for the run summary
-        self._cache_skips: set[tuple[str, str]] = set()
+        self.caching = PrefixCaching(cache_features, cache_max_gb, frozen_train_mode=frozen_dropout or train_bn)
         self.show_groups = show_groups
         self.schedule: Strategy = self._build(
             strategy,
@@ -279,13 +279,13 @@ class FineTuning(Callback):
         chosen = set(phase.groups)
         params = dict(pl_module.named_parameters())
         # With adapters, the task names what may ever train (adapters and head): frozen base weights stay frozen.
-        allowed = getattr(pl_module, "trainable_parameter_names", lambda: None)()
+        allowed = pl_module.trainable_parameter_names()
         for name, members in groups:
             for n in members:
                 if n in params:
                     params[n].requires_grad_(name in chosen and (allowed is None or n in allowed))
-        pl_module.phase_lr_scale = phase.lr_scale
-        pl_module.group_lr_scales = dict(phase.group_lr_scales)
+        pl_module.lr_scales.phase = phase.lr_scale
+        pl_module.lr_scales.group = dict(phase.group_lr_scales)
         if self.uses_rounds:
             self.round_groups = len(phase.groups)
         if tuple(phase.groups) != self._trainable:
@@ -304,8 +304,8 @@ class FineTuning(Callback):
         # persistent workers share) would move the epoch under it.
         dm = trainer.datamodule
         loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
-        allowed = getattr(pl_module, "trainable_parameter_names", lambda: None)()
-        cache, pl_module.prefix_cache = getattr(pl_module, "prefix_cache", None), None  # the probe runs every layer
+        allowed = pl_module.trainable_parameter_names()
+        cache, pl_module.prefix_cache = pl_module.prefix_cache, None  # the probe runs every layer
         try:
             result = gradient_probe.probe(trainer, pl_module, loader, self.probe_batches, allowed)
         finally:
@@ -326,52 +326,14 @@ class FineTuning(Callback):
     def probe_table(self) -> str:
         if not self.probe:
             return ""
-        rgn, params = self.probe["rgn"], self.probe["params"]
-        groups = list(rgn)
-        norm = Auto.normalised(rgn, groups)
-        phase = self.schedule.phase(self.state(0, groups))
-        scales = phase.group_lr_scales
-        lines = [
-            f"gradient probe: {self.probe['batches']} batches forward and backward in {self.probe['seconds']:.1f} s"
-            f" (relative gradient norm ||grad|| / ||weight|| per group; normalised by the largest below the "
-            f"head)",
-            f"{'group':<20}{'params':>12}{'rgn':>11}{'rgn/max':>9}  {'lr scale' if scales else 'trains'}",
-        ]
-        for g, v in rgn.items():
-            chosen = f"{scales[g]:.3g}" if scales else ("yes" if g in phase.groups else "-")
-            shown = "head" if g == groups[-1] else f"{norm[g]:.3f}"
-            lines.append(f"{g:<20}{params.get(g, 0):>12,}{v:>11.3g}{shown:>9}  {chosen}")
-        return "\n".join(lines)
+        groups = list(self.probe["rgn"])
+        return summary.probe_table(self.probe, self.schedule.phase(self.state(0, groups)))
 
     def _set_modes(self, pl_module: LightningModule) -> None:
         if pl_module.training:
             set_frozen_modes(pl_module, train_bn=self.train_bn, frozen_dropout=self.frozen_dropout)
 
     # --- the prefix cache ---
-    def _lowest_trainable(self, pl_module: LightningModule) -> int | None:
-        params = dict(pl_module.named_parameters())
-        for i, (_, members) in enumerate(pl_module.layer_groups()):
-            if any(params[n].requires_grad for n in members if n in params):
-                return i
-        return None
-
-    def _no_cache_reason(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
-        """Why nothing may be cached in this run at all (None: it may)."""
-        from peft_lightning.tasks.base import FineTuneTask
-
-        dm = trainer.datamodule
-        if type(pl_module).prefix_split is FineTuneTask.prefix_split:
-            return f"{type(pl_module).__name__} does not say where its model can be cut (prefix_split)"
-        if dm is None or not getattr(dm, "deterministic_train", False):
-            return "the training inputs are random (augmentation): pass --data.augment false"
-        if self.frozen_dropout or self.train_bn:
-            return "frozen groups run in training mode (--finetuning.frozen_dropout / train_bn)"
-        if getattr(pl_module, "compile_blocks", False):
-            return "blocks are compiled (--model.compile)"
-        if type(trainer.strategy).__name__.startswith(("FSDP", "DeepSpeed")):
-            return f"{type(trainer.strategy).__name__} shards the model"
-        return None
-
     def _reused(self, trainer: Trainer, epoch: int, names: list[str], lowest: int) -> bool:
         """Whether a later epoch will train from the same frozen prefix (``cache_features`` None caches only then)."""
         if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch + 1:
@@ -381,116 +343,49 @@ class FineTuning(Callback):
         later = self.phase(epoch + 1, names).groups
         return min(names.index(g) for g in later) == lowest
 
-    def _drop_cache(self, trainer: Trainer, pl_module: LightningModule, end: bool = False) -> None:
-        cache = getattr(pl_module, "prefix_cache", None)
-        if cache is None:
-            return
-        when = "end of fit:" if end else f"epoch {trainer.current_epoch}: dropped the cache of the"
-        self.cache_notes.append(f"{when} {cache.describe()}")
-        cache.release()
-        pl_module.prefix_cache = None
-        rows = _row_numbers(trainer)
-        if rows is not None:
-            rows.serve_cached(False)
-
     def _update_cache(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Keep, drop or start the cache for what trains now; serve cached epochs from it once it is full."""
-        if self.cache_features is False or trainer.state.fn != "fit" or trainer.sanity_checking:
-            return
-        if self._no_cache_reason(trainer, pl_module) is not None:  # (cache_features true refused it at setup)
-            return
-        groups = pl_module.layer_groups()
-        names = [name for name, _ in groups]
-        lowest = self._lowest_trainable(pl_module)
-        target = names[lowest] if lowest else None
-        cache = getattr(pl_module, "prefix_cache", None)
-        if cache is not None and cache.split.group != target:
-            self._drop_cache(trainer, pl_module)
-            cache = None
-        rows = _row_numbers(trainer)
-        if cache is None and target is not None:
-            cache = self._start_cache(trainer, pl_module, target, names, lowest, rows)
-        if rows is not None:
-            rows.serve_cached(cache is not None and cache.complete)
-
-    def _start_cache(
-        self, trainer: Trainer, pl_module: LightningModule, target: str, names: list[str], lowest: int, rows: Any
-    ) -> PrefixCache | None:
-        explicit = self.cache_features is True
-        epoch = trainer.current_epoch
-
-        def skip(why: str) -> None:
-            if (target, why) in self._cache_skips:  # said once per cut and reason
-                return
-            self._cache_skips.add((target, why))
-            note = f"epoch {epoch}: nothing cached below {target}: {why}"
-            self.cache_notes.append(note)
-            if explicit:
-                rank_zero_info(f"prefix cache: {note}")
-
-        if self.schedule.needs_probe and self.probe is None:
-            return None  # the groups that train are not chosen yet
-        if any(cut == target for cut, _ in self._cache_skips):
-            return None  # this cut was tried and could not be cached (said once, in the summary)
-        if not explicit and not self._reused(trainer, epoch, names, lowest):
-            return None  # one epoch reads it: caching would cost memory and save nothing
-        if rows is None:
-            skip("the training loader's dataset gives no `index` per example (peft_lightning.data.sampling.RowNumbers)")
-            return None
-        split = pl_module.prefix_split(target)
-        if split is None:
-            skip(f"{type(pl_module).__name__} cannot cut its model at {target}")
-            return None
-        max_bytes = int(self.cache_max_gb * 2**30) if self.cache_max_gb else default_max_bytes()
-        folder = Path(_run_folder(trainer)) / "prefix_cache" if explicit else None
-        pl_module.prefix_cache = PrefixCache(split, len(rows), max_bytes, folder, module=pl_module, on_fail=skip)
-        rank_zero_info(
-            f"prefix cache: epoch {epoch}: the frozen groups below {target} run once per training "
-            "example; later epochs train from their output"
-        )
-        return pl_module.prefix_cache
+        ready = not (self.schedule.needs_probe and self.probe is None)  # else the groups that train are not chosen
+        names = [name for name, _ in pl_module.layer_groups()]
+        self.caching.update(trainer, pl_module, ready, lambda epoch, low: self._reused(trainer, epoch, names, low))
 
     def cache_summary(self, pl_module: LightningModule | None = None) -> list[str]:
         """What the prefix cache did in this run, for the run summary."""
-        cache = getattr(pl_module, "prefix_cache", None)
-        return [*self.cache_notes, *([f"now: {cache.describe()}"] if cache is not None else [])]
+        return self.caching.summary(pl_module)
 
     # --- hooks ---
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "layer_groups"):
-            raise TypeError(f"{type(pl_module).__name__} has no layer_groups(): FineTuning needs a FineTuneTask")
+        check_task(pl_module)  # the one check of what this callback uses (peft_lightning/contract.py)
         groups = pl_module.layer_groups()
         # Layer-wise LR decay: the head trains at lr, the group below at lr*decay, and so on.
-        pl_module.layer_lr_scales = {name: self.lr_decay**i for i, (name, _) in enumerate(reversed(groups))}
-        self.monitor = self.monitor or getattr(pl_module, "monitor", "val/loss")
-        self.mode = self.mode or getattr(pl_module, "monitor_mode", "min")
+        pl_module.lr_scales.layer = {name: self.lr_decay**i for i, (name, _) in enumerate(reversed(groups))}
+        self.monitor = self.monitor or pl_module.monitor
+        self.mode = self.mode or pl_module.monitor_mode
         if self.uses_rounds:
             pl_module.schedule_epochs = self.round_epochs
         self.phase(0, [name for name, _ in groups])  # a selector that names no group stops here, before any work
         if self.cache_features and stage == "fit":
-            why = self._no_cache_reason(trainer, pl_module)
+            why = self.caching.refusal(trainer, pl_module)
             if why is not None:
                 raise UsageError(f"--finetuning.cache_features true cannot be exact here: {why}; or drop it")
         # A group unfrozen after DDP wrapped the model must still be all-reduced: DDP registers every parameter
         # (nothing is frozen yet, see on_fit_start) and tolerates the ones that get no gradient.
-        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
-        if isinstance(ddp_kwargs, dict) and self.strategy != "full":
+        ddp_kwargs = internals.ddp_kwargs(trainer.strategy)
+        if ddp_kwargs is not None and self.strategy != "full":
             ddp_kwargs["find_unused_parameters"] = True
-        kind = type(trainer.strategy).__name__
-        if kind.startswith("DeepSpeed") and self.strategy != "full":
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and self.strategy != "full":
             raise UsageError(
                 "FineTuning cannot freeze or unfreeze layer groups under DeepSpeed (its optimizer "
                 "partitions only the parameters trainable at start): use --trainer.strategy fsdp or ddp"
             )
-        if kind.startswith("FSDP") and self.schedule.needs_probe:
+        if isinstance(trainer.strategy, FSDPStrategy) and self.schedule.needs_probe:
             # FSDP's forward runs on unsharded copies of the parameters: their gradients reach the flat parameters
             # only through its backward hooks, which the probe must not fire outside a training step.
             raise UsageError(
                 "the gradient probe (--finetuning.strategy auto, retune_order rgn) does not run under "
                 "FSDP: use --trainer.strategy ddp, or choose the groups with --finetuning.groups"
             )
-        if kind.startswith("FSDP") and self.strategy != "full":
+        if isinstance(trainer.strategy, FSDPStrategy) and self.strategy != "full":
             # FSDP flattens each wrapped block's parameters into one; `use_orig_params` keeps requires_grad per
             # original parameter, so a block may hold frozen and trainable weights and unfreeze later.
             trainer.strategy.kwargs["use_orig_params"] = True
@@ -520,7 +415,7 @@ class FineTuning(Callback):
 
     @property
     def _probe_after(self) -> int:
-        return int(getattr(self.schedule, "warmup_steps", 0))
+        return self.schedule.warmup_steps
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -532,14 +427,14 @@ class FineTuning(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # auto scale: the LR scales follow the training gradients themselves (already all-reduced under DDP, so
         # every rank computes the same scales); no extra forward or backward pass.
-        every = getattr(self.schedule, "every", 0) if getattr(self.schedule, "mode", None) == "scale" else 0
+        every = self.schedule.rescale_every
         if not every or trainer.global_step == 0 or trainer.global_step % every or self.probe is None:
             return
         groups = pl_module.layer_groups()
-        allowed = getattr(pl_module, "trainable_parameter_names", lambda: None)()
+        allowed = pl_module.trainable_parameter_names()
         g2, w2 = gradient_probe.group_norms(pl_module, groups, allowed)
         self.probe["rgn"] = gradient_probe.rgn_from_norms(trainer, [name for name, _ in groups], g2, w2)
-        pl_module.group_lr_scales = dict(self.phase(trainer.current_epoch, [n for n, _ in groups]).group_lr_scales)
+        pl_module.lr_scales.group = dict(self.phase(trainer.current_epoch, [n for n, _ in groups]).group_lr_scales)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -548,7 +443,7 @@ class FineTuning(Callback):
         self.apply(pl_module, trainer.current_epoch)
         self._set_modes(pl_module)
         self._refresh_lrs(trainer)
-        cache = getattr(pl_module, "prefix_cache", None)
+        cache = pl_module.prefix_cache
         if cache is not None and cache.failed:
             pl_module.prefix_cache = None
         self._update_cache(trainer, pl_module)
@@ -564,7 +459,7 @@ class FineTuning(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        cache = getattr(pl_module, "prefix_cache", None)
+        cache = pl_module.prefix_cache
         if cache is not None and trainer.world_size > 1 and not cache.complete and not cache.failed:
             cache.sync()  # each rank filled the rows its sampler gave it: every rank gets every row
         if self.pending == "stop":  # Lightning does not save `should_stop`: a resumed run whose rounds ended stops
@@ -595,7 +490,7 @@ class FineTuning(Callback):
         if self.best is None or sign * (value - self.best) > 0:
             self.best = value
             # Only what training changes (with adapters: not the frozen base), so checkpoints stay adapter-sized.
-            state = getattr(pl_module, "trainable_state_dict", pl_module.state_dict)()
+            state = pl_module.trainable_state_dict()
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         if self.bad_epochs < self.patience and self.round_epochs_done < self.round_epochs:
             return
@@ -631,7 +526,7 @@ class FineTuning(Callback):
     def _restore_best(self, pl_module: LightningModule) -> None:
         if self.best_state is not None:
             # With adapters the frozen base is left out of best_state on purpose: only then is a partial load fine.
-            partial = getattr(pl_module, "trainable_parameter_names", lambda: None)() is not None
+            partial = pl_module.trainable_parameter_names() is not None
             pl_module.load_state_dict(self.best_state, strict=not partial)
 
     def _next_round(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -649,12 +544,12 @@ class FineTuning(Callback):
         trainer.strategy.setup_optimizers(trainer)
         rank_zero_info(
             f"retune round {self.round}: {self.round_groups} groups train, "
-            f"LR x{pl_module.phase_lr_scale:g}, from the best weights ({self.monitor} {self.best:.4f})"
+            f"LR x{pl_module.lr_scales.phase:g}, from the best weights ({self.monitor} {self.best:.4f})"
         )
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._drop_cache(trainer, pl_module, end=True)
+        self.caching.drop(trainer, pl_module, end=True)
         if not self.uses_rounds:
             return
         if self.pending is None and self.round_epochs_done:  # max_epochs ended the run mid-round
@@ -664,17 +559,7 @@ class FineTuning(Callback):
             print(self.round_table())
 
     def round_table(self) -> str:
-        lines = [
-            f"{'round':>5} {'groups':>6} {'trainable':>12} {'best ' + (self.monitor or ''):>14} {'epochs':>6} "
-            f"{'wall s':>7}"
-        ]
-        for r in self.history:
-            best = "-" if r["best"] is None or math.isnan(r["best"]) else f"{r['best']:.4f}"
-            lines.append(
-                f"{r['round']:>5} {r['groups']:>6} {r['trainable']:>12,} {best:>14} {r['epochs']:>6} "
-                f"{r['seconds']:>7.1f}"
-            )
-        return "\n".join(lines)
+        return summary.round_table(self.history, self.monitor)
 
     def print_groups(self, pl_module: LightningModule, epochs: int = 1) -> None:
         """The model's groups, their parameter counts and LR scales, and which train in each phase of the first
@@ -688,16 +573,16 @@ class FineTuning(Callback):
             if not phases or phases[-1][1] != chosen:
                 phases.append((epoch, chosen))
         label = "round 0" if self.uses_rounds else "before probe" if self.schedule.needs_probe else "epoch"
-        heads = [f"{label} {e}" if label == "epoch" else label for e, _ in phases]
-        print(f"{'group':<24}{'params':>14}  {'lr scale':>8}  " + "  ".join(heads))
-        for i, (name, members) in enumerate(groups):
-            count = sum(params[n].numel() for n in members if n in params)
-            marks = "  ".join(f"{'x' if name in chosen else '.':^{len(h)}}" for h, (_, chosen) in zip(heads, phases))
-            print(f"{name:<24}{count:>14,}  {self.lr_decay ** (len(groups) - 1 - i):>8.3g}  {marks}")
+        rows = [
+            (name, sum(params[n].numel() for n in members if n in params), self.lr_decay ** (len(groups) - 1 - i))
+            for i, (name, members) in enumerate(groups)
+        ]
+        notes = []
         if self.uses_rounds:
-            print("later rounds add groups as the monitored metric stops improving (retune)")
+            notes.append("later rounds add groups as the monitored metric stops improving (retune)")
         if self.schedule.needs_probe:
-            print("the groups that train are chosen by the gradient probe at the start of fit (auto)")
+            notes.append("the groups that train are chosen by the gradient probe at the start of fit (auto)")
+        print(summary.groups_table(rows, label, phases, notes))
 
     _STATE = (
         "round",
@@ -734,26 +619,8 @@ def set_frozen_modes(module: nn.Module, train_bn: bool = False, frozen_dropout: 
     ps = list(module.parameters())
     if ps and not any(p.requires_grad for p in ps):
         for m in module.modules():
-            m.training = train_bn if isinstance(m, nn.modules.batchnorm._BatchNorm) else frozen_dropout
+            m.training = train_bn if isinstance(m, internals.BatchNorm) else frozen_dropout
         return
     module.training = True
     for child in module.children():
         set_frozen_modes(child, train_bn, frozen_dropout)
-
-
-def _row_numbers(trainer: Trainer) -> Any:
-    """The training loader's ``RowNumbers`` dataset (which can serve cached epochs), or None."""
-    from peft_lightning.data.sampling import RowNumbers
-
-    try:
-        loader = trainer.train_dataloader
-    except Exception:  # no fit loop data yet
-        return None
-    dataset = getattr(loader, "dataset", None)
-    return dataset if isinstance(dataset, RowNumbers) else None
-
-
-def _run_folder(trainer: Trainer) -> str:
-    from peft_lightning.report import _log_dir
-
-    return _log_dir(trainer) or trainer.default_root_dir

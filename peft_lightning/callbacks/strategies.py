@@ -117,12 +117,15 @@ class Strategy:
     Class attributes tell the callback what else the strategy needs:
     ``rounds``: evaluation-driven rounds (the callback ends a round when the monitored metric stops improving,
     restores the best weights and starts the next with a fresh optimizer and schedule, ``State.round`` + 1);
-    ``needs_probe``: a gradient probe before training (``State.probe``).
+    ``needs_probe``: a gradient probe before training (``State.probe``), after ``warmup_steps`` training steps;
+    ``rescale_every``: steps between two re-measurements of the probe from the training gradients (0: never).
     A strategy with state of its own implements ``state_dict`` / ``load_state_dict`` (saved in checkpoints).
     """
 
     rounds: ClassVar[bool] = False
     needs_probe: ClassVar[bool] = False
+    warmup_steps: int = 0
+    rescale_every: int = 0
 
     def phase(self, state: State) -> Phase:
         raise NotImplementedError
@@ -282,6 +285,7 @@ class Auto(Strategy):
             )
         self.mode, self.threshold, self.count, self.every = mode, threshold, count, every
         self.warmup_steps = warmup_steps  # the head trains alone this many steps, then the probe runs
+        self.rescale_every = every if mode == "scale" else 0  # the LR scales follow the training gradients
 
     @staticmethod
     def normalised(probe: dict[str, float], groups: Sequence[str]) -> dict[str, float]:

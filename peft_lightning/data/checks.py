@@ -1,9 +1,13 @@
-"""Range checks of the data modules' numeric options, run at construction: a bad value stops with one line naming
-the option, before any data is read or a DataLoader worker trips over it."""
+"""Checks of what the data modules are given and what they declare.
+
+Range checks of the data modules' numeric options run at construction: a bad value stops with one line naming
+the option, before any data is read or a DataLoader worker trips over it. ``DataSpec`` is what a set-up data module
+declares to the model it feeds (class count, users and items ...), checked by the task before the first step."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from peft_lightning.errors import UsageError
@@ -55,3 +59,49 @@ def check_options(prefix: str = "data", **options: tuple[Any, Rule]) -> None:
             good = False
         if not good:
             raise UsageError(f"{prefix}.{name} must be {text}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a data module declares about the model it feeds: the task's ``setup`` reads it (``data_spec``) to stop
+    a model built for other data before the first step, and to name its classes.
+
+    Each data module of this package defines ``spec() -> DataSpec``; a data module without it (a user's own
+    ``LightningDataModule``, or plain dataloaders) declares nothing and nothing is checked.
+
+    Example:
+        >>> check_sizes(DataSpec({"num_items": 9}), num_items=3)
+        Traceback (most recent call last):
+        peft_lightning.errors.UsageError: the data has 9 items but the model was built for 3: pass --model.num_items 9
+    """
+
+    sizes: dict[str, int] = field(default_factory=dict)
+    """Sizes the model must be built with, by the name of the model's argument: ``{"num_classes": 10}``,
+    ``{"num_users": 943, "num_items": 1682}``. Empty until the data is set up."""
+    class_names: list[str] = field(default_factory=list)
+    """The classes (labels) in head order, for the model's config and whoever reads its predictions."""
+    multi_label: bool | None = None
+    """Whether each example has a set of labels (text); None where the question does not arise."""
+    max_length: int | None = None
+    """Most tokens an example has (text, after truncation): the padded width of the prefix cache's rows."""
+    item_text: list[str] | None = None
+    """One text per item id, for a recommender's text item tower (recsys)."""
+
+
+def data_spec(datamodule: object) -> DataSpec:
+    """``datamodule.spec()``, or an empty ``DataSpec`` for a data module that declares nothing (or None)."""
+    spec = getattr(datamodule, "spec", None)  # the one probe: any LightningDataModule may be attached
+    return spec() if callable(spec) else DataSpec()
+
+
+def check_sizes(spec: DataSpec, **model_sizes: int) -> None:
+    """Stop when a size the data declares differs from the model's argument of the same name.
+
+    Raises:
+        UsageError: ``the data has N <what> but the model was built for M: pass --model.<name> N``.
+    """
+    for name, built in model_sizes.items():
+        n = spec.sizes.get(name)
+        if n is not None and n != built:
+            what = name.removeprefix("num_")
+            raise UsageError(f"the data has {n} {what} but the model was built for {built}: pass --model.{name} {n}")

@@ -38,7 +38,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from peft_lightning.assets import recbole_ml100k_dir
-from peft_lightning.data.checks import NON_NEGATIVE, POSITIVE, check_options, within
+from peft_lightning.data.checks import NON_NEGATIVE, POSITIVE, DataSpec, check_options, within
 from peft_lightning.data.sampling import train_loader
 from peft_lightning.data.source import local_path
 from peft_lightning.errors import UsageError
@@ -578,6 +578,14 @@ class MovieLensDataModule(LightningDataModule):
         if self.data is None:
             self.setup()
         return self.data.item_text
+
+    def spec(self) -> DataSpec:
+        """Users, items and the item texts once set up: what ``Recommender`` checks itself against and encodes."""
+        if self.data is None:
+            return DataSpec()
+        return DataSpec(
+            {"num_users": self.data.num_users, "num_items": self.data.num_items}, item_text=self.data.item_text
+        )
 
     # --- loaders ---
     def _loader(self, name: str, batch_size: int, shuffle: bool) -> DataLoader:

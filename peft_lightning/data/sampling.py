@@ -1,4 +1,6 @@
-"""A shuffling sampler that is a pure function of (seed, epoch), so a resumed run sees the same batches."""
+"""A shuffling sampler that is a pure function of (seed, epoch), so a resumed run sees the same batches, and the
+training loader that saves the fit's position in every checkpoint. (The random generators a checkpoint also holds
+are ``peft_lightning/rng.py``'s; the workaround that gives the position back is ``internals.resume_loader_position``.)"""
 
 from __future__ import annotations
 
@@ -136,57 +138,6 @@ def train_progress(trainer: object) -> dict[str, int]:
     if loop is None or getattr(getattr(trainer, "state", None), "fn", None) != "fit":
         return {}
     return {"epoch": int(trainer.current_epoch), "batches": int(loop.epoch_loop.batch_progress.current.processed)}
-
-
-def rng_states() -> dict[str, Any]:
-    """The process's random generators (torch CPU and CUDA, Python, NumPy) as tensors, ints and lists: what a
-    checkpoint holds so that dropout and other draws after a resume continue as in a run that never stopped. Plain
-    types, so the file still loads with ``weights_only=True``."""
-    import random
-
-    import numpy as np
-
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(states["torch"])
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def resume_loader_position(trainer: Any) -> None:
-    """Give a resumed fit its train loader's saved position; call at ``on_train_start``.
-
-    Lightning hands a checkpoint's loader state back when it builds the training loader after restoring the
-    checkpoint. A learning-rate schedule sized by ``trainer.estimated_stepping_batches`` makes it build the loader,
-    and its iterator, earlier (in ``configure_optimizers``), so the state is never given back and a resumed epoch
-    starts over from its first batch (and, with worker processes, draws the previous epoch's order). Here, with the
-    loops restored and the resumed epoch not yet begun: load the saved position (it sets the sampler's epoch) and
-    create the iterator again.
-    """
-    loop = trainer.fit_loop
-    states = getattr(loop, "_combined_loader_states_to_load", None)
-    if not states or not loop.restarting or loop._combined_loader is None or loop._data_fetcher is None:
-        return  # a fresh fit, or Lightning already gave the state back
-    loop._load_combined_loader_states()
-    iter(loop._data_fetcher)
 
 
 class ResumableLoader(DataLoader):

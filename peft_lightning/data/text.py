@@ -14,9 +14,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from peft_lightning.data.checks import NON_NEGATIVE, POSITIVE, at_least, check_options, within
+from peft_lightning.data.checks import NON_NEGATIVE, POSITIVE, DataSpec, at_least, check_options, within
 from peft_lightning.data.sampling import RowNumbers, cache_aware, train_loader
 from peft_lightning.data.source import find_column, load_source
+from peft_lightning.data.splits import carve
 from peft_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -170,6 +171,16 @@ class TextDataModule(LightningDataModule):
     def num_labels(self) -> int | None:
         return len(self.label_names) or None
 
+    def spec(self) -> DataSpec:
+        """The label count and names once set up, single- or multi-label, and the token cap: what
+        ``TextClassifier`` checks itself against and pads cached rows to."""
+        return DataSpec(
+            {"num_labels": len(self.label_names)} if self.label_names else {},
+            list(self.label_names),
+            multi_label=self.multi_label,
+            max_length=self.hparams.max_length,
+        )
+
     # --- loading ---
     def load_splits(self) -> datasets.DatasetDict:
         """Return the raw splits. Subclasses override this for sources ``datasets`` cannot read."""
@@ -212,9 +223,10 @@ class TextDataModule(LightningDataModule):
         labels = self._label_columns(ds[hp.train_split].features)
         if not hp.multi_label:
             ds = self._to_class_labels(ds, labels[0])
+            self._check_label_range(ds[hp.train_split], hp.train_split, labels[0])  # before carving stratified
         for split in (hp.test_split, hp.val_split):  # test first, so val never overlaps it
             if split not in ds:
-                self._carve(ds, split, None if hp.multi_label else labels[0])
+                carve(ds, hp.train_split, split, hp.val_fraction, hp.seed, None if hp.multi_label else labels[0])
         label_fn = self._label_encoder(ds[hp.train_split], labels)
         tokenizer = self.resolve_tokenizer()
         spec = [
@@ -386,15 +398,6 @@ class TextDataModule(LightningDataModule):
             return out
 
         return multi_hot
-
-    def _carve(self, ds: datasets.DatasetDict, name: str, label: str | None) -> None:
-        hp = self.hparams
-        train = ds[hp.train_split]
-        try:
-            parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed, stratify_by_column=label)
-        except ValueError:  # a class too rare to stratify: a plain seeded split still keeps the sets disjoint
-            parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
-        ds[hp.train_split], ds[name] = parts["train"], parts["test"]
 
     # --- tokenization ---
     def _tokenize(

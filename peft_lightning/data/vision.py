@@ -12,12 +12,14 @@ from peft_lightning.data.checks import (
     NON_NEGATIVE,
     POSITIVE,
     PROBABILITY,
+    DataSpec,
     check_options,
     increasing_pair,
     within,
 )
 from peft_lightning.data.sampling import RowNumbers, train_loader
 from peft_lightning.data.source import find_column, load_source
+from peft_lightning.data.splits import carve
 from peft_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -175,19 +177,6 @@ class ImageDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         self.load_splits()  # downloads once, on one process; `setup` then reads the cache
 
-    def _carve(self, ds: datasets.DatasetDict, name: str, label: str) -> None:
-        hp = self.hparams
-        train = ds[hp.train_split]
-        stratify = label if type(train.features[label]).__name__ == "ClassLabel" else None
-        n_classes = len(train.features[label].names) if stratify else 0
-        if stratify and round(hp.val_fraction * len(train)) < n_classes:
-            raise UsageError(
-                f"cannot carve a stratified {name!r} split of {hp.val_fraction:g} x {len(train)} images "
-                f"with {n_classes} classes: raise --data.val_fraction or give the dataset a {name} split"
-            )
-        parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed, stratify_by_column=stratify)
-        ds[hp.train_split], ds[name] = parts["train"], parts["test"]
-
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -202,7 +191,7 @@ class ImageDataModule(LightningDataModule):
         image_col, label_col = find_columns(ds[hp.train_split].features, hp.image_column, hp.label_column)
         for split in (hp.test_split, hp.val_split):  # carve test first so val never overlaps it
             if split not in ds:
-                self._carve(ds, split, label_col)
+                carve(ds, hp.train_split, split, hp.val_fraction, hp.seed, label_col)
         self.label_column = label_col
         feature = ds[hp.train_split].features[label_col]
         if hasattr(feature, "names"):
@@ -233,6 +222,10 @@ class ImageDataModule(LightningDataModule):
     @property
     def num_classes(self) -> int | None:
         return len(self.class_names) or None
+
+    def spec(self) -> DataSpec:
+        """The class count and names, once set up: what ``ImageClassifier`` checks its head against."""
+        return DataSpec({"num_classes": len(self.class_names)} if self.class_names else {}, list(self.class_names))
 
     # --- preprocessing ---
     def resolve_data_config(self) -> dict[str, Any]:

@@ -1,24 +1,30 @@
 """The base every domain task shares: optimizer and scheduler wiring, named parameter groups, recipe metadata.
 
 A *recipe* is a subclass of a domain task (``FineTuneTask`` → ``ImageClassifier`` → ``EffnetFashion``) that
-sets the class attributes below and the defaults of ``__init__``; the CLI reads them to build its parser, and a
-notebook uses the same class directly.
+sets the class attributes below, its defaults included (``model_defaults``, ``data_defaults``, ``trainer_defaults``,
+``finetuning_defaults``); the CLI reads them to build its parser, and a notebook uses the same class directly.
+``FineTuneTask`` keeps the fine-tuning contract (``peft_lightning/contract.py``) for every domain.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
 
+from peft_lightning import internals
 from peft_lightning.adapters import AdapterConfig
+from peft_lightning.contract import LayerGroups, LRScales
+from peft_lightning.data.checks import data_spec
 
-LayerGroups = list[tuple[str, list[str]]]
-"""Ordered (name, parameter names) pairs, from the input side (stem/embeddings) to the head."""
+if TYPE_CHECKING:
+    from peft_lightning.callbacks.prefix_cache import PrefixCache
+    from peft_lightning.prefix import Split
 
 
 ONECYCLE_DIV = 25.0
@@ -64,12 +70,29 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0, k
     return factor
 
 
+def _init_with_defaults(cls: type) -> Any:
+    """``cls.__init__``: the parent's, with ``cls.model_defaults`` for the arguments not given. The parameters
+    jsonargparse reads through ``super().__init__(**kwargs)``, as for a hand-written ``__init__``; the CLI sets the
+    defaults it shows from ``model_defaults``. ``super()`` reads the ``__class__`` cell below, which is also what
+    Lightning's ``save_hyperparameters`` looks for to record the arguments of each ``__init__`` in the chain."""
+    defaults = cls.__dict__["model_defaults"]
+    __class__ = cls  # noqa: F841  (the cell of the zero-argument super() in __init__)
+
+    def __init__(self: Any, **kwargs: Any) -> None:
+        for name, value in defaults.items():
+            kwargs.setdefault(name, value)
+        super().__init__(**kwargs)
+
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    return __init__
+
+
 class FineTuneTask(LightningModule):
     """Base LightningModule of every domain: optimizer, LR schedule and parameter groups named by layer group.
 
     Args:
         optimizer: ``adamw``, ``adam`` or ``sgd`` (with Nesterov momentum).
-        lr: peak learning rate of the head; lower groups get ``lr * layer_lr_scales[group]``.
+        lr: peak learning rate of the head; lower groups get ``lr * lr_scales.factor(group)``.
         weight_decay: decoupled weight decay; never applied to biases and normalisation weights.
         momentum: SGD momentum (ignored by Adam/AdamW).
         scheduler: LR shape after warmup: ``cosine``, ``linear`` (both decay to ``min_lr_ratio * lr``),
@@ -92,6 +115,13 @@ class FineTuneTask(LightningModule):
     domain: ClassVar[str] = ""
     description: ClassVar[str] = ""
     datamodule_class: ClassVar[type[LightningDataModule] | None] = None
+    model_defaults: ClassVar[dict[str, Any]] = {}
+    """The recipe's values for its own ``__init__`` arguments (``{"lr": 2e-3, "scheduler": "onecycle"}``), as
+    ``data_defaults``, ``trainer_defaults`` and ``finetuning_defaults`` are for the datamodule, the Trainer and the
+    ``FineTuning`` callback: the CLI shows them in ``--help`` and ``--print_config``, and a class that sets them
+    fills them in when built in Python (``EffnetFashion()``), so its saved hyperparameters hold them. A class that
+    adds arguments writes an ``__init__`` with their defaults instead; an inherited argument given a default there
+    takes its place here (see ``__init_subclass__``)."""
     data_defaults: ClassVar[dict[str, Any]] = {}
     trainer_defaults: ClassVar[dict[str, Any]] = {}
     finetuning_defaults: ClassVar[dict[str, Any]] = {}
@@ -111,6 +141,26 @@ class FineTuneTask(LightningModule):
     """What ``tune`` searches by default: ``fit`` flag names mapped to Optuna distributions (``type: float`` or
     ``int`` with ``low``, ``high`` and optional ``log``/``step``; ``type: categorical`` with ``choices``). A
     ``--space`` file overrides or extends it (docs/tune.md); recipes override it."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # One road for a model default: `model_defaults`. A class that sets it gets an `__init__` that fills it in;
+        # a class that writes its own `__init__` (to add arguments) sets defaults in that signature, and the ones
+        # it gives inherited arguments replace theirs in its `model_defaults`, which the CLI reads.
+        super().__init_subclass__(**kwargs)
+        own_init, own_defaults = "__init__" in cls.__dict__, "model_defaults" in cls.__dict__
+        if own_init and own_defaults:
+            raise TypeError(
+                f"{cls.__name__} sets both model_defaults and __init__: give new arguments their defaults in "
+                "__init__ and inherited ones there too, or drop __init__ and keep model_defaults"
+            )
+        if own_defaults:
+            cls.__init__ = _init_with_defaults(cls)  # type: ignore[method-assign]
+        elif own_init and cls.model_defaults:
+            params = inspect.signature(cls.__init__).parameters
+            cls.model_defaults = {
+                **{k: v for k, v in cls.model_defaults.items() if k not in params},
+                **{k: p.default for k, p in params.items() if k in cls.model_defaults and p.default is not p.empty},
+            }
 
     def __init__(
         self,
@@ -147,14 +197,12 @@ class FineTuneTask(LightningModule):
 
         self.adapter_config = as_config(peft)  # None when adapters are off
         self._base_fingerprint: str | None = None
-        # Set by the FineTuning callback (or by hand), read live by the LR schedule at every step:
-        self.layer_lr_scales: dict[str, float] = {}  # multiplier of `lr` per layer group (layer-wise LR decay)
-        self.phase_lr_scale: float = 1.0  # multiplier of every group's LR in the current phase / round
-        self.group_lr_scales: dict[str, float] = {}  # per-group multiplier of the phase (auto's RGN scaling)
+        # The fine-tuning contract's state (peft_lightning/contract.py), set by the FineTuning callback (or by hand):
+        self.lr_scales = LRScales()  # read live by the LR schedule at every step
         self.schedule_epochs: int | None = None  # schedule length; None: the whole run (retune: one round)
-        self.prefix_cache: Any = None  # a PrefixCache while FineTuning caches the frozen prefix's output
+        self.prefix_cache: PrefixCache | None = None  # while FineTuning caches the frozen prefix's output
 
-    def prefix_split(self, group: str) -> Any:
+    def prefix_split(self, group: str) -> Split | None:
         """Where the training forward pass can start from cached rows: a ``prefix.Split`` at the input of layer
         group ``group`` (the lowest that trains), or None when the model cannot be cut there. Override per domain
         (``FineTuning`` caches the frozen groups below ``group`` only where this gives a split)."""
@@ -172,8 +220,8 @@ class FineTuneTask(LightningModule):
     def fsdp_block_classes(self) -> set[type[nn.Module]]:
         """The model's repeated block classes: FSDP wraps each instance in its own unit, activation checkpointing
         and ``compile`` work per block. Default: found by name (``blocks.N``, ``layer.N`` ..., see
-        ``engine.block_classes``); a domain overrides it when its blocks are named otherwise."""
-        from peft_lightning.engine import block_classes
+        ``blocks.block_classes``); a domain overrides it when its blocks are named otherwise."""
+        from peft_lightning.blocks import block_classes
 
         return block_classes(self)
 
@@ -198,7 +246,7 @@ class FineTuneTask(LightningModule):
 
     def configure_model(self) -> None:
         if self.compile_blocks:
-            from peft_lightning.engine import compile_modules
+            from peft_lightning.compile import compile_modules
 
             blocks = tuple(self.fsdp_block_classes())
             modules = [m for m in self.modules() if blocks and isinstance(m, blocks)]
@@ -263,11 +311,11 @@ class FineTuneTask(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from dataclasses import asdict
 
-        from peft_lightning.data.sampling import rng_states
+        from peft_lightning.rng import rng_states
 
         checkpoint["rng_states"] = rng_states()
-        data = getattr(self._trainer, "datamodule", None)
-        names = getattr(data, "class_names", None) or getattr(data, "label_names", None)
+        trainer = internals.attached_trainer(self)
+        names = data_spec(trainer.datamodule if trainer is not None else None).class_names
         if names:  # the data's classes in head order: the exported model card (and a reader of predictions) names them
             checkpoint["class_names"] = [str(n) for n in names]
         hp = checkpoint.get("hyper_parameters", {})
@@ -310,7 +358,7 @@ class FineTuneTask(LightningModule):
 
     def on_train_start(self) -> None:
         # A resumed fit continues with the batches it had not trained on yet (data/sampling.py).
-        from peft_lightning.data.sampling import resume_loader_position
+        from peft_lightning.internals import resume_loader_position
 
         resume_loader_position(self.trainer)
         if self.trainer.ckpt_path is None:
@@ -322,7 +370,7 @@ class FineTuneTask(LightningModule):
         # that a checkpoint saved at its end; loaders draw seeds).
         rng = self.__dict__.pop("_saved_rng", None)
         if rng is not None:
-            from peft_lightning.data.sampling import set_rng_states
+            from peft_lightning.rng import set_rng_states
 
             set_rng_states(rng)
 
@@ -333,7 +381,7 @@ class FineTuneTask(LightningModule):
         for name, names in self.layer_groups():
             names = [n for n in names if n in params and n not in seen]
             seen.update(names)
-            scale = self.layer_lr_scales.get(name, 1.0)
+            scale = self.lr_scales.layer.get(name, 1.0)
             # Biases and norm weights (1-D) take no weight decay: the timm / HF convention.
             decay = [params[n] for n in names if params[n].ndim > 1]
             no_decay = [params[n] for n in names if params[n].ndim <= 1]
@@ -349,7 +397,7 @@ class FineTuneTask(LightningModule):
         # Every parameter is in the optimizer from the start, frozen or not: frozen ones get no gradient, so the
         # optimizer skips them, and unfreezing later needs no `add_param_group` (which LR schedulers mishandle and
         # which breaks resuming). Each group is named after its layer group for the logged learning rates.
-        from peft_lightning.engine import global_batch, lr_scale
+        from peft_lightning.batch import global_batch, lr_scale
 
         batch = global_batch(self.trainer) if self.scale_lr != "none" else None
         if self.scale_lr != "none" and batch is None:
@@ -389,9 +437,9 @@ class FineTuneTask(LightningModule):
     def _group_lambda(self, shape: Any, name: str) -> Any:
         return lambda step: (
             shape(step)
-            * self.layer_lr_scales.get(name, 1.0)
-            * self.phase_lr_scale
-            * self.group_lr_scales.get(name, 1.0)
+            * self.lr_scales.layer.get(name, 1.0)
+            * self.lr_scales.phase
+            * self.lr_scales.group.get(name, 1.0)
         )
 
     # --- helpers for domains ---

@@ -27,8 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_lightning import adapters
+from peft_lightning.blocks import BLOCK_IN_NAME, BLOCK_MODULES
+from peft_lightning.data.checks import check_sizes, data_spec
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
+from peft_lightning.tasks.metrics import per_stage
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +216,7 @@ class Recommender(FineTuneTask):
     domain = "recsys"
     monitor = "val/ndcg@10"
     monitor_mode = "max"
-    default_adapter_targets: ClassVar[str | list[str] | None] = adapters.TRANSFORMER_BLOCKS
+    default_adapter_targets: ClassVar[str | list[str] | None] = BLOCK_MODULES
     """Adapter targets inside the two-tower model's text encoder (names relative to it): every module of its
     numbered blocks that the method supports."""
 
@@ -322,13 +325,14 @@ class Recommender(FineTuneTask):
 
         groups: LayerGroups = []
         if self.item_text is not None:
-            enc = adapters.unwrap(self.item_text.encoder)
             # Adapter parameters sit under their block's name (encoder.layer.3.attention.self.query.lora_A...).
             prefix = "item_text.encoder." + adapters.inner_prefix(self.item_text.encoder)
             groups.append(("text.embeddings", take(prefix + "embeddings.")))
-            layers = getattr(getattr(enc, "encoder", None), "layer", None)
-            for i in range(len(layers) if layers is not None else 0):
-                groups.append((f"text.layer.{i}", take(f"{prefix}encoder.layer.{i}.")))
+            blocks: dict[str, list[str]] = {}
+            for name in take(prefix):
+                if m := BLOCK_IN_NAME.search("." + name.removeprefix(prefix)):
+                    blocks.setdefault(f"text.{m.group(1)}.{m.group(2)}", []).append(name)
+            groups.extend(blocks.items())
             grouped = {n for _, ns in groups for n in ns}
             rest = [n for n in take("item_text.encoder.") if n not in grouped]
             if rest:  # final norms of other encoder families
@@ -349,18 +353,10 @@ class Recommender(FineTuneTask):
         self.item_text.set_texts(texts)
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None:
-            return
-        for what in ("num_users", "num_items"):
-            n = getattr(dm, what, None)
-            if n is not None and n != getattr(self, what):
-                raise UsageError(
-                    f"the data has {n} {what[4:]} but the model was built for {getattr(self, what)}: "
-                    f"pass --model.{what} {n}"
-                )
-        if self.item_text is not None and self.item_text.num_texts == 0 and hasattr(dm, "item_text"):
-            self.set_item_text(dm.item_text)
+        spec = data_spec(self.trainer.datamodule)
+        check_sizes(spec, num_users=self.num_users, num_items=self.num_items)
+        if self.item_text is not None and self.item_text.num_texts == 0 and spec.item_text is not None:
+            self.set_item_text(spec.item_text)
 
     # --- towers ---
     def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
@@ -461,8 +457,7 @@ class Recommender(FineTuneTask):
                 f"map@{k}": RetrievalMAP(top_k=k),
             }
         )
-        self.val_metrics = collection.clone(prefix="val/")
-        self.test_metrics = collection.clone(prefix="test/")
+        self.val_metrics, self.test_metrics = per_stage(collection)
 
     def ranking_inputs(
         self, scores: torch.Tensor, history: torch.Tensor, target: torch.Tensor, users: torch.Tensor

@@ -11,17 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_lightning import adapters
+from peft_lightning.blocks import BLOCK_IN_NAME, BLOCK_MODULES
+from peft_lightning.data.checks import check_sizes, data_spec
 from peft_lightning.errors import UsageError
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
+from peft_lightning.tasks.metrics import classification_metrics, per_stage
 
 ProblemType = Literal["single_label_classification", "multi_label_classification"]
 # The base's scheduler names, so text recipes can default to another one without copying the list.
 SchedulerName = get_type_hints(FineTuneTask.__init__)["scheduler"]
 
-# A numbered block in a transformers model: BERT/RoBERTa `encoder.layer.N`, LLaMA/BART `layers.N`, GPT-2 `h.N`,
-# T5 `block.N` (first match wins, so T5's `block.N.layer.M` is block N).
-_LAYER = re.compile(r"\.(layers?|h|blocks?)\.(\d+)\.")
 _HEAD_NAMES = re.compile(r"(^|\.)(classifier|score|pooler|pre_classifier|classification_head)\.")
 
 
@@ -96,7 +96,7 @@ class TextClassifier(FineTuneTask):
     # query/key/value and the attention-output, intermediate and output `dense` linears. The embeddings get none
     # (half of a small model's weights, and the vocabulary is not what a task changes); the head trains in full.
     # Recipes narrow it like peft users do, e.g. ["query", "value"] (the LoRA paper's choice).
-    default_adapter_targets: ClassVar[str | list[str] | None] = adapters.TRANSFORMER_BLOCKS
+    default_adapter_targets: ClassVar[str | list[str] | None] = BLOCK_MODULES
 
     def __init__(
         self,
@@ -127,7 +127,7 @@ class TextClassifier(FineTuneTask):
         # mode after validation rather than calling train() on it, so start in train mode like any module.
         model = self.build_model().train()
         if gradient_checkpointing:
-            if not getattr(model, "supports_gradient_checkpointing", False):
+            if not model.supports_gradient_checkpointing:
                 raise UsageError(
                     f"{type(model).__name__} does not support gradient checkpointing: "
                     "drop --model.gradient_checkpointing"
@@ -187,7 +187,7 @@ class TextClassifier(FineTuneTask):
             for name, child in model.named_children()
             if child is not base and any(True for _ in child.parameters())
         ]
-        prefix = getattr(model, "base_model_prefix", "")
+        prefix = model.base_model_prefix
         if getattr(base, "pooler", None) is not None and prefix and base is getattr(model, prefix, None):
             head.append(f"{prefix}.pooler")
         return head
@@ -216,7 +216,7 @@ class TextClassifier(FineTuneTask):
                 is_head = id(p) not in base_ids or ".pooler." in inner
             else:
                 is_head = bool(_HEAD_NAMES.search(inner))
-            m = None if is_head else _LAYER.search(inner)
+            m = None if is_head else BLOCK_IN_NAME.search(inner)
             if m:
                 label = f"{m.group(1)}.{m.group(2)}"
                 if ".decoder." in inner[: m.start() + 1]:
@@ -242,26 +242,8 @@ class TextClassifier(FineTuneTask):
 
     # --- metrics ---
     def _build_metrics(self) -> None:
-        from torchmetrics import MetricCollection
-        from torchmetrics import classification as C
-
-        n = self.num_labels
-        if self.multi_label:
-            metrics: dict[str, Any] = {
-                "acc": C.MultilabelAccuracy(n, threshold=self.threshold, average="micro"),
-                "f1": C.MultilabelF1Score(n, threshold=self.threshold, average="macro"),
-                "mcc": C.MultilabelMatthewsCorrCoef(n, threshold=self.threshold),
-                "exact_match": C.MultilabelExactMatch(n, threshold=self.threshold),
-            }
-        else:
-            metrics = {
-                "acc": C.MulticlassAccuracy(n, average="micro"),
-                "f1": C.MulticlassF1Score(n, average="macro"),
-                "mcc": C.MulticlassMatthewsCorrCoef(n),
-            }
-        collection = MetricCollection(metrics)
-        self.val_metrics = collection.clone(prefix="val/")
-        self.test_metrics = collection.clone(prefix="test/")
+        metrics = classification_metrics(self.num_labels, multi_label=self.multi_label, threshold=self.threshold)
+        self.val_metrics, self.test_metrics = per_stage(metrics)
 
     # --- steps ---
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
@@ -280,10 +262,9 @@ class TextClassifier(FineTuneTask):
         if found is None:
             return None
         parent, attr, index = found
-        dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
-        max_length = getattr(getattr(dm, "hparams", None), "max_length", None) or getattr(
-            self.backbone.config, "max_position_embeddings", None
-        )
+        spec = data_spec(self._trainer.datamodule if self._trainer is not None else None)
+        # Not every config has max_position_embeddings (T5's positions are relative).
+        max_length = spec.max_length or getattr(self.backbone.config, "max_position_embeddings", None)
         if not max_length:
             return None
 
@@ -353,20 +334,15 @@ class TextClassifier(FineTuneTask):
         return {"pred": pred, "confidence": conf}
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        n = getattr(dm, "num_labels", None)
-        if n is not None and n != self.num_labels:
+        spec = data_spec(self.trainer.datamodule)
+        check_sizes(spec, num_labels=self.num_labels)
+        if spec.multi_label is not None and spec.multi_label != self.multi_label:
+            kind = "multi_label_classification" if spec.multi_label else "single_label_classification"
             raise UsageError(
-                f"the data has {n} labels but the model was built for {self.num_labels}: pass --model.num_labels {n}"
-            )
-        multi = getattr(dm, "multi_label", None)
-        if multi is not None and multi != self.multi_label:
-            kind = "multi_label_classification" if multi else "single_label_classification"
-            raise UsageError(
-                f"the data is {'multi' if multi else 'single'}-label but the model is not: "
+                f"the data is {'multi' if spec.multi_label else 'single'}-label but the model is not: "
                 f"pass --model.problem_type {kind}"
             )
-        names = getattr(dm, "label_names", None)
+        names = spec.class_names
         if names and len(names) == self.num_labels:  # saved with the model, for whoever reads its predictions
             self.backbone.config.id2label = dict(enumerate(names))
             self.backbone.config.label2id = {v: k for k, v in enumerate(names)}

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_lightning import adapters
+from peft_lightning.blocks import BLOCK_MODULES, BLOCK_PREFIX
+from peft_lightning.data.checks import check_sizes, data_spec
 from peft_lightning.errors import UsageError
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
+from peft_lightning.tasks.metrics import classification_metrics, per_stage
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -50,7 +53,7 @@ def name_groups(groups: dict[int, list[str]], n_head: int = 1) -> LayerGroups:
         elif i >= len(ordered) - n_head:
             label = "head"
         else:
-            m = re.match(r"^((?:[a-z_]+\.)*?(?:blocks|layers?|stages?)\.\d+)", names[0])
+            m = BLOCK_PREFIX.match(names[0])
             label = m.group(1) if m else f"group{i}"
         if out and out[-1][0] == label:
             out[-1][1].extend(names)
@@ -67,8 +70,7 @@ def fresh_head(model: nn.Module, num_classes: int) -> None:
     ``effnet_fashion`` that large random head cost ~1.4 points of test accuracy after one epoch (89.8% against
     91.2% for the same run with the small head), its early gradients disturbing the pretrained blocks.
     """
-    if hasattr(model, "reset_classifier"):
-        model.reset_classifier(num_classes)
+    model.reset_classifier(num_classes)
 
 
 class ImageClassifier(FineTuneTask):
@@ -95,7 +97,7 @@ class ImageClassifier(FineTuneTask):
     # Adapters go on the numbered blocks' linears and convolutions (a ViT's qkv/proj/fc1/fc2, an EfficientNet's
     # conv_pw/conv_pwl, a ResNet's conv1-3) and on a convnet's conv_head; the method keeps the types it supports
     # (LoRA/DoRA skip depthwise convolutions). The stem and the classifier get none: the classifier trains in full.
-    default_adapter_targets = r"(.*\.)?(blocks|stages|layers|layer\d+)\.\d+\..*|conv_head"
+    default_adapter_targets = BLOCK_MODULES + "|conv_head"
 
     def __init__(
         self,
@@ -120,23 +122,37 @@ class ImageClassifier(FineTuneTask):
         self._build_metrics()
 
     # --- model ---
-    def _create(self, pretrained: bool) -> nn.Module:
+    def _create(self, pretrained: bool, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """``timm.create_model`` with a ``num_classes`` head, or with ``weights`` (a state_dict) as its pretrained
+        weights and the head size they have: timm loads them as it loads hub weights (``pretrained_cfg_overlay``:
+        the architecture's checkpoint filter runs), strictly because the class counts agree."""
         import timm
 
         hp = self.hparams
-        extra: dict[str, Any] = {"drop_rate": hp.drop_rate}
+        extra: dict[str, Any] = {"drop_rate": hp.drop_rate, "num_classes": self.num_classes}
         if hp.drop_path_rate is not None:
             extra["drop_path_rate"] = hp.drop_path_rate
+        if weights is not None:
+            extra["num_classes"] = self._head_size(weights)
+            extra["pretrained_cfg_overlay"] = {"state_dict": weights, "num_classes": extra["num_classes"]}
         try:
-            return timm.create_model(hp.model_name, pretrained=pretrained, num_classes=self.num_classes, **extra)
+            return timm.create_model(hp.model_name, pretrained=pretrained or weights is not None, **extra)
         except RuntimeError as err:
             if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
                 close = timm.list_models(f"*{hp.model_name.split('.')[0][:6]}*")[:5]
                 raise UsageError(
                     f"unknown timm model {hp.model_name!r}; similar: {', '.join(close) or 'none'}"
                 ) from None
-            raise
+            if weights is None:
+                raise
+            raise self._misfit(err) from None
+        except KeyError as err:  # a checkpoint filter looked for a tensor the weights lack
+            if weights is None:
+                raise
+            raise self._misfit(err) from None
         except (OSError, ValueError) as err:  # hub unreachable or nothing cached
+            if weights is not None:
+                raise self._misfit(err) from None
             if not pretrained:
                 raise
             raise UsageError(
@@ -145,16 +161,55 @@ class ImageClassifier(FineTuneTask):
                 "--model.checkpoint_path FILE, set HF_HOME to a cache that has them, or --model.pretrained false"
             ) from None
 
+    def _head_size(self, weights: dict[str, torch.Tensor]) -> int:
+        """The class count of the classifier in ``weights`` (``num_classes`` if they hold none)."""
+        from timm.models import get_pretrained_cfg_value
+
+        try:
+            classifier = get_pretrained_cfg_value(self.hparams.model_name, "classifier") or "head"
+        except RuntimeError:  # an unknown model: `_create` says so
+            classifier = "head"
+        name = classifier if isinstance(classifier, str) else classifier[0]
+        weight = weights.get(f"{name}.weight")
+        return int(weight.shape[0]) if weight is not None else self.num_classes
+
+    def _misfit(self, err: Exception) -> UsageError:
+        """One line from torch's strict-load error (``Missing key(s) in state_dict: "a", "b" ...``) or another."""
+        parts = []
+        for line in (line.strip() for line in str(err).splitlines()):
+            keys = re.findall(r'"([^"]+)"', line)
+            if line.startswith(("Missing key(s)", "Unexpected key(s)")):
+                parts.append(f"{len(keys)} {line.split()[0].lower()} (e.g. {', '.join(keys[:2])})")
+            elif line.startswith("size mismatch") and len(parts) < 3:
+                parts.append(line[:160])
+        detail = "; ".join(parts) or (str(err).splitlines() or [type(err).__name__])[0][:160]
+        return UsageError(
+            f"weights do not fit {self.hparams.model_name} ({detail}): is it a checkpoint of another architecture?"
+        )
+
     def build_model(self) -> nn.Module:
-        """Create the timm model with its pretrained weights and a fresh ``num_classes`` head. Recipes whose
-        weights come from elsewhere override this."""
-        if self.hparams.checkpoint_path is None:
-            model = self._create(self.hparams.pretrained)
-            if self.hparams.pretrained:
-                fresh_head(model, self.num_classes)
-            return model
-        model = self._create(pretrained=False)
-        self.load_weights(model, load_state_dict(self.hparams.checkpoint_path))
+        """Create the timm model with its pretrained weights (timm's, or ``checkpoint_path``'s) and a fresh
+        ``num_classes`` head. Recipes whose weights come from elsewhere override this (see ``from_weights``)."""
+        hp = self.hparams
+        if hp.checkpoint_path is not None:
+            return self.from_weights(load_state_dict(hp.checkpoint_path))
+        model = self._create(hp.pretrained)
+        if hp.pretrained:
+            fresh_head(model, self.num_classes)
+        return model
+
+    def from_weights(self, weights: dict[str, torch.Tensor]) -> nn.Module:
+        """The model with ``weights`` (a timm-named state_dict) loaded, and a ``num_classes`` head: the one in
+        ``weights`` if it has that size, else a fresh one.
+
+        timm's own loading is used (``pretrained_cfg_overlay``) with one thing added by hand: timm drops the head
+        whenever the model's class count differs from its registry's, and then loads *non-strictly*, only logging
+        what did not fit, so a checkpoint of another architecture would leave the model random. Building the model
+        with the head size the weights have keeps timm's load strict; the head is reset after.
+        """
+        model = self._create(pretrained=False, weights=weights)
+        if model.num_classes != self.num_classes:
+            fresh_head(model, self.num_classes)
         return model
 
     def weights_source(self) -> str:
@@ -165,23 +220,6 @@ class ImageClassifier(FineTuneTask):
         if not hp.pretrained:
             return "nowhere: randomly initialised (`pretrained=False`)"
         return f"timm's pretrained `{hp.model_name}` (Hugging Face hub / timm's URL)"
-
-    @staticmethod
-    def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a backbone state_dict strictly, skipping a classifier of another shape (it is re-initialised)."""
-        own = model.state_dict()
-        head = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-        state_dict = {k: v for k, v in state_dict.items() if k not in head}
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if k not in head]
-        if missing or unexpected:
-            raise UsageError(
-                f"weights do not fit {type(model).__name__}: {len(missing)} missing (e.g. {missing[:2]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}): is it a checkpoint of another architecture?"
-            )
-        out = getattr(model.get_classifier(), "out_features", None) if head else None
-        if out:
-            fresh_head(model, out)
 
     def adapter_head(self, model: nn.Module) -> list[str]:
         classifier = model.pretrained_cfg.get("classifier", "head")
@@ -208,18 +246,8 @@ class ImageClassifier(FineTuneTask):
 
     # --- steps ---
     def _build_metrics(self) -> None:
-        from torchmetrics import MetricCollection
-        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-
-        metrics: dict[str, Any] = {
-            "acc": MulticlassAccuracy(self.num_classes, average="micro"),
-            "f1": MulticlassF1Score(self.num_classes, average="macro"),
-        }
-        if self.num_classes > 5:
-            metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
-        collection = MetricCollection(metrics)
-        self.val_metrics = collection.clone(prefix="val/")
-        self.test_metrics = collection.clone(prefix="test/")
+        metrics = classification_metrics(self.num_classes, mcc=False, top_k=5)
+        self.val_metrics, self.test_metrics = per_stage(metrics)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.contiguous(memory_format=self.memory_format))
@@ -302,9 +330,4 @@ class ImageClassifier(FineTuneTask):
         return {"pred": pred, "confidence": conf}
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        n = getattr(dm, "num_classes", None)
-        if n is not None and n != self.num_classes:
-            raise UsageError(
-                f"the data has {n} classes but the model was built for {self.num_classes}: pass --model.num_classes {n}"
-            )
+        check_sizes(data_spec(self.trainer.datamodule), num_classes=self.num_classes)

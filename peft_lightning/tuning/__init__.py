@@ -3,9 +3,9 @@
     python -m peft_lightning tune --recipe effnet_fashion --n_trials 20 --data.max_train_samples 6000
     python -m peft_lightning tune --recipe minilm_austen --space space.yaml --storage journal:///shared/austen.log
 
-- **Trials** run in this process through the ``fit`` command's own LightningCLI class (``cli._make_cli_class``), so
-  every ``fit`` flag applies to every trial, with the sampled values as more flags and ``--test_after_fit false``
-  (the search never sees the test set). The score is the recipe's ``monitor`` (``monitor_mode``): its best value
+- **Trials** run in this process through the ``fit`` command's own LightningCLI class
+  (``cli.lightning_cli.PeftLightningCLI``), so every ``fit`` flag applies to every trial, with the sampled values as
+  more flags and ``--test_after_fit false`` (the search never sees the test set). The score is the recipe's ``monitor`` (``monitor_mode``): its best value
   over the trial's validations. Each trial writes its own run folder, ``<root>/<recipe>/tune-<study>/trial-NNN``.
   In-process, not a process per trial: no interpreter and import start (seconds) per trial, and a failing trial is
   an exception to record, not an exit code to decode. Lightning's state is per Trainer, and the CLI seeds every

@@ -45,16 +45,14 @@ class _Parsed(Exception):
 
 def _cli_classes() -> tuple[type, type]:
     """(ParseOnly, Trial) subclasses of the ``fit`` command's LightningCLI class."""
-    from peft_lightning.cli import _make_cli_class
-    from peft_lightning.report import run_loggers
+    from peft_lightning.cli.lightning_cli import PeftLightningCLI
+    from peft_lightning.run_folder import run_loggers
 
-    base = _make_cli_class()
-
-    class FitOnly(base):  # type: ignore[misc, valid-type]
+    class FitOnly(PeftLightningCLI):
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             # Trials only fit: building the validate/test/predict parsers too would cost ~0.7 s a trial.
-            return {"fit": base.subcommands()["fit"]}
+            return {"fit": PeftLightningCLI.subcommands()["fit"]}
 
     class ParseOnly(FitOnly):
         """Stops right after parsing: the parser and the resolved config, with nothing instantiated."""
@@ -176,17 +174,17 @@ def tune(
     """
     import optuna
 
-    from peft_lightning.cli import _recipe_arg
+    from peft_lightning.cli import recipe_arg
     from peft_lightning.registry import get_recipe
 
     if n_trials < 1:
         raise UsageError(f"--n_trials must be >= 1, got {n_trials}")
     fit_args = ["fit", *(["--recipe", recipe] if recipe else []), *args]
-    name = recipe or _recipe_arg(fit_args)
+    name = recipe or recipe_arg(fit_args)
     if name is None:
         raise UsageError("no recipe given: pass --recipe NAME (see `python -m peft_lightning list`)")
     recipe_cls = get_recipe(name)
-    from peft_lightning.report import hide_third_party_noise
+    from peft_lightning.summary import hide_third_party_noise
 
     hide_third_party_noise()  # as `fit` does (cli.main): each trial would repeat the same library notices
     # jsonargparse cannot dump the AdapterConfig the --peft.* link builds; the saved config has --peft.* (cli.main).
@@ -202,7 +200,7 @@ def tune(
     trainer_cfg = parsed.config["fit"].get("trainer") or {}
     _check_one_device(trainer_cfg)
     study_name = study or name
-    slug = re.sub(r"[^\w.-]+", "_", name).strip("_.") or "run"  # as report.run_dir names the recipe's folder
+    slug = re.sub(r"[^\w.-]+", "_", name).strip("_.") or "run"  # as run_folder.run_dir names the recipe's folder
     study_dir = (
         Path(trainer_cfg.get("default_root_dir") or "runs")
         / slug
@@ -296,9 +294,9 @@ def _free(folder: Path) -> Path:
 
 def _score(cli: Any, monitor: str) -> float:
     """The trial's best ``monitor`` over its validations (RunReport's; ModelCheckpoint's best score otherwise)."""
-    best = getattr(cli.report, "best", None)
+    best = cli.report.best
     value = best["value"] if best else None
-    checkpoint = getattr(cli.trainer, "checkpoint_callback", None)
+    checkpoint = cli.trainer.checkpoint_callback
     if value is None and checkpoint is not None and checkpoint.best_model_score is not None:
         value = float(checkpoint.best_model_score)
     if value is None:
@@ -342,9 +340,9 @@ def _free_device_memory() -> None:
 # --- the command ---
 def tune_command(argv: list[str], debug: bool = False) -> None:
     """``python -m peft_lightning tune``: see ``tune`` and docs/tune.md."""
-    from peft_lightning.cli import _command_parser
+    from peft_lightning.cli.commands import command_parser
 
-    parser = _command_parser(
+    parser = command_parser(
         "tune",
         "Search a recipe's hyperparameters with Optuna: each trial is a real `fit` with every fit flag given here "
         "(--trainer.* --model.* --data.* --finetuning.* --checkpoint.* --peft.* -c FILE) plus the sampled ones, "

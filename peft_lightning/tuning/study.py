@@ -182,7 +182,7 @@ def print_trials(study: optuna.Study, monitor: str, last: int | None = None) -> 
 
 
 def _wall(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"  # as report.format_wall, without importing torch
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"  # as summary.format_wall, without importing torch
 
 
 def _short(value: Any) -> str:

@@ -1,0 +1,327 @@
+"""Everything a run prints about itself, formatted in one place: the line at the start of fit (``RunSummary``), the
+end-of-run table (``summary_rows`` / ``print_summary``), the one grep-able result line (``final_line``), and which
+third-party notices are hidden (``hide_third_party_noise``). Tables other callbacks build (``FineTuning``'s probe,
+round and group tables) go out through ``show``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from peft_lightning.batch import GlobalBatch, global_batch
+from peft_lightning.run_folder import log_dir
+
+if TYPE_CHECKING:
+    from peft_lightning.callbacks.strategies import Phase
+    from peft_lightning.report import RunReport
+
+
+def finetuning_callback(trainer: Trainer) -> Any:
+    """The trainer's ``FineTuning`` callback, or None."""
+    from peft_lightning.callbacks.finetuning import FineTuning
+
+    return next((c for c in trainer.callbacks if isinstance(c, FineTuning)), None)
+
+
+# --- the start of fit ---
+class RunSummary(Callback):
+    """Prints, at the start of fit on rank 0, the global batch, precision, strategy and learning rate.
+
+    Args:
+        precision_note: why this precision (the CLI sets it when the recipe's default was ``auto``).
+    """
+
+    def __init__(self, precision_note: str | None = None) -> None:
+        self.precision_note = precision_note
+        self.line = ""
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        batch = global_batch(trainer)
+        note = f" ({self.precision_note})" if self.precision_note else ""
+        parts = [
+            f"global batch {batch}" if batch else "global batch: unknown (the datamodule has no batch_size)",
+            f"precision {trainer.precision}{note}",
+            f"strategy {type(trainer.strategy).__name__.removesuffix('Strategy')}",
+        ]
+        from peft_lightning.tasks.base import FineTuneTask
+
+        if isinstance(pl_module, FineTuneTask):
+            base, lr, rule = pl_module.base_lr, pl_module.lr, pl_module.scale_lr
+            if rule != "none":
+                parts.append(
+                    f"lr {lr:.3g} ({rule}-scaled from {base:.3g} at reference batch {pl_module.reference_batch()})"
+                )
+            else:
+                parts.append(f"lr {lr:.3g}")
+        self.line = "; ".join(parts)
+        rank_zero_info(self.line)
+
+
+# --- the end of the run ---
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else f"{n:,}"
+
+
+def format_wall(seconds: float) -> str:
+    """``4m05s``: whole seconds, rounded once (so 119.7 s is ``2m00s``, not ``1m60s``)."""
+    total = round(seconds)
+    return f"{total // 60}m{total % 60:02d}s"
+
+
+def best_validation(trainer: Trainer, report: RunReport | None = None) -> dict[str, Any] | None:
+    """The run's best validation score (``metric``, ``value``, ``epoch``, ``step``): the checkpoint callback's,
+    which every resume restores and whose checkpoint the test after fit evaluates; else (no checkpointing, or no
+    monitored metric) the best ``report`` saw."""
+    callback = trainer.checkpoint_callback
+    score = getattr(callback, "best_model_score", None)
+    if score is not None and getattr(callback, "monitor", None):
+        return {
+            "metric": callback.monitor,
+            "value": float(score),
+            "epoch": getattr(callback, "best_epoch", None),
+            "step": getattr(callback, "best_step", None),
+        }
+    return report.best if report is not None else None
+
+
+def summary_rows(
+    trainer: Trainer,
+    model: LightningModule,
+    *,
+    recipe: str,
+    report: RunReport | None = None,
+    test_metrics: Mapping[str, float] | None = None,
+    wall: float | None = None,
+    datamodule: Any = None,
+) -> list[tuple[str, str]]:
+    """(field, value) rows describing a finished run; see ``print_summary``."""
+    rows: list[tuple[str, str]] = [("recipe", recipe)]
+    from peft_lightning.tasks.base import FineTuneTask
+
+    name = model.hparams.get("model_name")
+    adapter = model.adapter_config if isinstance(model, FineTuneTask) else None
+    model_text = f"{name or type(model).__name__}" + (f" + {adapter.method} adapters" if adapter else "")
+    rows.append(("model", model_text))
+    # After fit, requires_grad is whatever the last phase (or a later evaluation) left: the phases say what trained.
+    total = sum(p.numel() for p in model.parameters())
+    if report is not None and report.phases:
+        peak = max(p["trainable"] for p in report.phases)
+        first = report.phases[0]["trainable"]
+        trained = _count(peak) if first == peak else f"{_count(first)} at first, up to {_count(peak)}"
+    else:
+        peak = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trained = _count(peak)
+    rows.append(("parameters", f"{trained} trained of {_count(total)} ({100 * peak / max(total, 1):.1f}%)"))
+    dm = datamodule if datamodule is not None else getattr(trainer, "datamodule", None)
+    batch = getattr(getattr(dm, "hparams", None), "batch_size", None) or getattr(dm, "batch_size", None)
+    if batch:  # the same figure and wording as the start-of-fit line (RunSummary)
+        size = GlobalBatch(
+            int(batch), int(trainer.num_devices), int(trainer.num_nodes), int(trainer.accumulate_grad_batches)
+        )
+        rows.append(("effective batch", str(size)))
+    rows.append(("precision", str(trainer.precision)))
+    accel = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+    rows.append(
+        (
+            "strategy",
+            f"{type(trainer.strategy).__name__} ({trainer.num_nodes} node(s) x {trainer.num_devices} {accel})",
+        )
+    )
+    ft = finetuning_callback(trainer)
+    rounds = (report.rounds if report is not None else []) or (ft.history if ft is not None and ft.uses_rounds else [])
+    if rounds:
+        for r in rounds:
+            best = "-" if r["best"] is None else f"{r['best']:.4f}"
+            rows.append(
+                (
+                    f"round {r['round']}",
+                    f"{r['groups']} groups, {_count(r['trainable'])} trained, best {best}, {r['epochs']} epoch(s)",
+                )
+            )
+    elif report is not None:
+        for i, p in enumerate(report.phases):
+            names = ", ".join(p["names"]) if len(p["names"]) <= 3 else f"{p['names'][0]} ... {p['names'][-1]}"
+            scale = f", LR x{p['lr_scale']:g}" if p["lr_scale"] != 1.0 else ""
+            rows.append(
+                (
+                    f"phase {i}" if ft is None else f"phase {i} ({ft.strategy})",
+                    f"from epoch {p['epoch']} (step {p['step']}): {p['groups']}/{p['n_groups']} groups "
+                    f"({names}), {_count(p['trainable'])} trained{scale}",
+                )
+            )
+    if ft is not None and ft.probe:
+        from peft_lightning.callbacks.strategies import Auto
+
+        rgn = ft.probe["rgn"]
+        norm = {g: v for g, v in Auto.normalised(rgn, list(rgn)).items() if g != list(rgn)[-1]}
+        ranked = ", ".join(f"{g} {v:.2f}" for g, v in sorted(norm.items(), key=lambda kv: -kv[1])[:4])
+        rows.append(
+            (
+                "gradient probe",
+                f"{ft.probe['batches']} batches in {ft.probe['seconds']:.1f} s; RGN/max below "
+                f"the head: {ranked}{' ...' if len(norm) > 4 else ''}",
+            )
+        )
+    for i, note in enumerate(ft.cache_summary(model) if ft is not None else []):
+        rows.append(("prefix cache" if i == 0 else "", note))
+    b = best_validation(trainer, report)
+    if b is not None:
+        when = f" (epoch {b['epoch']}, step {b['step']})" if b.get("epoch") is not None else ""
+        rows.append(("best validation", f"{b['metric']} {b['value']:.4f}{when}"))
+    if test_metrics:
+        rows.append(("test", "  ".join(f"{k} {v:.4f}" for k, v in sorted(test_metrics.items()))))
+    if report is not None and report.samples_per_second:
+        rows.append(
+            (
+                "throughput",
+                f"{report.samples_per_second:,.1f} samples/s training "
+                f"({report.train_samples:,} samples in {report.train_seconds:.0f} s)",
+            )
+        )
+    if wall is not None:
+        rows.append(("wall time", format_wall(wall)))
+    ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+    if ckpt:
+        rows.append(("best checkpoint", ckpt))
+    if report is not None and report.plot_path is not None:
+        rows.append(("curves", str(report.plot_path)))
+    folder = log_dir(trainer)
+    if folder:
+        rows.append(("run folder", folder))
+    return rows
+
+
+def print_summary(rows: list[tuple[str, str]], title: str = "run summary") -> None:
+    """The rows as a two-column table (rich; plain text when the output is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for field, value in rows:
+        table.add_row(field, value)
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for paths, no wrapping at 80 columns
+        console = Console(width=140)
+    console.print(table)
+
+
+def final_line(
+    recipe: str,
+    test_metrics: Mapping[str, float],
+    best: Mapping[str, Any] | None,
+    wall: float,
+    best_checkpoint: str = "",
+    interrupted: bool = False,
+) -> str:
+    """The one grep-able line printed before the end-of-run table (CI logs, tests): the test metrics (losses left
+    out), else the best validation score, the wall time and which weights they are from.
+
+    Example:
+        >>> final_line("vit_cifar", {"test/acc": 0.91, "test/loss": 0.3}, None, 65.2)
+        'vit_cifar: test/acc 0.9100  wall 1m05s  (final weights)'
+    """
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(test_metrics.items()) if not k.endswith("loss"))
+    if not shown and best is not None:
+        shown = f"best {best['metric']} {best['value']:.4f}"
+    stopped = "  (interrupted)" if interrupted else ""
+    weights = "best checkpoint " + best_checkpoint if best_checkpoint else "final weights"
+    return f"{recipe}: {shown}  wall {format_wall(wall)}  ({weights}){stopped}"
+
+
+# --- the fine-tuning callback's tables (FineTuning prints them when they happen) ---
+def probe_table(probe: Mapping[str, Any], phase: Phase) -> str:
+    """The gradient probe's figures per group (``FineTuning.probe``) and what ``phase`` made of them."""
+    from peft_lightning.callbacks.strategies import Auto
+
+    rgn, params = probe["rgn"], probe["params"]
+    groups = list(rgn)
+    norm = Auto.normalised(rgn, groups)
+    scales = phase.group_lr_scales
+    lines = [
+        f"gradient probe: {probe['batches']} batches forward and backward in {probe['seconds']:.1f} s"
+        " (relative gradient norm ||grad|| / ||weight|| per group; normalised by the largest below the head)",
+        f"{'group':<20}{'params':>12}{'rgn':>11}{'rgn/max':>9}  {'lr scale' if scales else 'trains'}",
+    ]
+    for g, v in rgn.items():
+        chosen = f"{scales[g]:.3g}" if scales else ("yes" if g in phase.groups else "-")
+        shown = "head" if g == groups[-1] else f"{norm[g]:.3f}"
+        lines.append(f"{g:<20}{params.get(g, 0):>12,}{v:>11.3g}{shown:>9}  {chosen}")
+    return "\n".join(lines)
+
+
+def round_table(history: Sequence[Mapping[str, Any]], monitor: str | None) -> str:
+    """One line per re-tuning round: groups, trainable parameters, best ``monitor``, epochs and wall time."""
+    lines = [
+        f"{'round':>5} {'groups':>6} {'trainable':>12} {'best ' + (monitor or ''):>14} {'epochs':>6} {'wall s':>7}"
+    ]
+    for r in history:
+        best = "-" if r["best"] is None or math.isnan(r["best"]) else f"{r['best']:.4f}"
+        lines.append(
+            f"{r['round']:>5} {r['groups']:>6} {r['trainable']:>12,} {best:>14} {r['epochs']:>6} {r['seconds']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def groups_table(
+    rows: Sequence[tuple[str, int, float]], label: str, phases: Sequence[tuple[int, set[str]]], notes: Sequence[str]
+) -> str:
+    """``--finetuning.show_groups``: each group's (name, parameter count, LR scale) and an ``x`` where it trains in
+    each of ``phases`` ((first epoch, groups) pairs; ``label``: ``epoch``, ``round 0`` or ``before probe``)."""
+    heads = [f"{label} {e}" if label == "epoch" else label for e, _ in phases]
+    lines = [f"{'group':<24}{'params':>14}  {'lr scale':>8}  " + "  ".join(heads)]
+    for name, count, scale in rows:
+        marks = "  ".join(f"{'x' if name in chosen else '.':^{len(h)}}" for h, (_, chosen) in zip(heads, phases))
+        lines.append(f"{name:<24}{count:>14,}  {scale:>8.3g}  {marks}")
+    return "\n".join([*lines, *notes])
+
+
+THIRD_PARTY_NOISE = (
+    r"💡 Tip: ",  # Lightning's advertisements for its cloud loggers and model registry
+    r"Loading `train_dataloader` to estimate number of stepping batches",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",  # RunReport sets it from the data
+    r"Precision .* is not supported by the model summary",  # the size estimate is in fp32 anyway
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's _pytree on a newer torch
+)
+"""Messages of the libraries under a run that tell a user of this project nothing they can act on; the CLI hides
+them unless ``PEFT_LIGHTNING_DEBUG=1`` (``hide_third_party_noise``)."""
+
+
+class _Hide(logging.Filter):
+    def __init__(self, patterns: Sequence[str]) -> None:
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def hide_third_party_noise() -> None:
+    """Hide ``THIRD_PARTY_NOISE`` (warnings and Lightning's log records) and the progress bars ``datasets`` draws
+    while it converts and caches data; idempotent."""
+    import os
+    import sys
+    import warnings
+
+    for pattern in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _Hide) for f in handler.filters):
+                handler.addFilter(_Hide(THIRD_PARTY_NOISE))
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+    else:  # read by datasets when it is imported
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
