@@ -4,7 +4,7 @@ The glue between a ``FineTuneTask`` and ``peft``: which modules get adapters (th
 ``--peft.target_modules``), wrapping the backbone with ``get_peft_model`` while the classification head trains in
 full (``modules_to_save``), or loading a trained adapter folder (``--peft.adapter_path``, what ``export`` writes)
 with ``PeftModel.from_pretrained``; a fingerprint of the frozen base weights (an adapter-only checkpoint only makes
-sense on the base it was trained on), and the export of the standard ``peft`` format and of a merged model.
+sense on the base it was trained on). Writing the standard ``peft`` format and a merged model is ``export.py``'s.
 See docs/adapters.md.
 
 ``peft`` is imported inside the functions: importing this module (the task base does) stays cheap.
@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import re
@@ -338,123 +337,3 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-# --- export ---
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """A merged copy of ``model`` (a ``PeftModel``): the adapters folded into the base weights and each head the
-    trained copy, as plain modules. The heads are swapped in first: peft 0.21's generic unload (IA3's) assigns a
-    ``weight`` to every unloaded module and fails on heads that are containers (BERT's pooler, RoBERTa's
-    classifier)."""
-    from peft.utils import ModulesToSaveWrapper
-
-    model = copy.deepcopy(model)
-    inner = model.get_base_model()
-    for name, module in list(inner.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent, _, child = name.rpartition(".")
-            trained = module.modules_to_save[module.active_adapter]
-            setattr(inner.get_submodule(parent) if parent else inner, child, trained)
-    return model.merge_and_unload()
-
-
-def export(
-    task: nn.Module,
-    out: str | Path,
-    merge: bool = False,
-    *,
-    recipe: str | None = None,
-    ckpt_path: str | Path | None = None,
-) -> list[Path]:
-    """Write the task's adapter in the standard ``peft`` format (``adapter_config.json`` and
-    ``adapter_model.safetensors``, which ``PeftModel.from_pretrained(base, out)`` loads) and, with ``merge``, the
-    merged full model: ``merged/`` with ``save_pretrained`` (and the tokenizer) for transformers models, else a
-    safetensors state_dict (``model.safetensors``). A task without adapters can only be exported merged (its plain
-    weights). Where weights outside the adapted module train too (a recommender's ID embeddings and towers), the
-    adapter folder alone is not the model: ``merge`` is required and ``model.safetensors`` holds the whole task
-    (what ``--model.init_from`` loads).
-
-    ``README.md`` is a model card (``peft_lightning/card.py``) in place of peft's empty template: the recipe (its
-    name, ``recipe``), base model and its weights, data, adapter options, trainable parameters, the metrics recorded
-    with the checkpoint at ``ckpt_path`` (the file the task was loaded from, if any) and how to load the export."""
-    from peft_lightning.card import model_card
-
-    out = Path(out)
-    found = find(task)
-    if found is None and not merge:
-        raise UsageError(
-            "this checkpoint has no adapters (trained with --peft.method none): pass --merge to export its full weights"
-        )
-    outside = []
-    if found is not None:
-        trainable = task.trainable_parameter_names() or set()
-        outside = sorted(n for n in trainable if not n.startswith(found[0]))
-        if outside and not merge:
-            raise UsageError(
-                f"the adapters are only part of what this model trained (also {outside[0]} and "
-                f"{len(outside) - 1} more): pass --merge to export the whole merged model"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    if found is not None:
-        prefix, model = found
-        model.save_pretrained(str(out))
-        written += [out / "adapter_config.json", out / "adapter_model.safetensors"]
-        merged = merge_and_unload(model) if merge else None
-    else:
-        prefix, merged = "model.", copy.deepcopy(getattr(task, "model", task)) if merge else None
-    if merged is not None:
-        written.append(_write_merged(task, merged, prefix, out, whole=bool(outside)))
-    # After the weights: peft's save_pretrained wrote its template card, which this one replaces.
-    ckpt = None
-    if ckpt_path is not None:
-        from peft_lightning.callbacks.checkpoint import read_checkpoint
-
-        ckpt = read_checkpoint(ckpt_path)
-    card = model_card(
-        task,
-        out,
-        written,
-        recipe=recipe,
-        ckpt=ckpt,
-        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        whole_task=bool(outside),
-    )
-    (out / "README.md").write_text(card)
-    return [*written, out / "README.md"]
-
-
-def _write_merged(task: nn.Module, merged: nn.Module, prefix: str, out: Path, whole: bool) -> Path:
-    """Write the merged model (see ``export``) and return its path."""
-    from safetensors.torch import save_file
-
-    if whole:  # the whole task, with the adapted module merged in place: loadable by the task itself
-        state = {k: v for k, v in task.state_dict().items() if not k.startswith(prefix)}
-        state.update({prefix + k: v for k, v in merged.state_dict().items()})
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-        return out / "model.safetensors"
-    if hasattr(merged, "save_pretrained"):  # transformers: config + safetensors, loadable by from_pretrained
-        merged.save_pretrained(str(out / "merged"))
-        if callable(getattr(task, "load_tokenizer", None)):  # a folder that --model.model_name can point at
-            task.load_tokenizer().save_pretrained(str(out / "merged"))
-        return out / "merged"
-    save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, str(out / "model.safetensors"))
-    return out / "model.safetensors"
-
-
-def load_task(recipe: type, ckpt_path: str | Path) -> Any:
-    """The recipe's task restored from a Lightning checkpoint (adapter-only or full), in eval mode, on the CPU."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {str(path)!r} does not exist: pass the path of a .ckpt file from fit")
-    try:
-        task = recipe.load_from_checkpoint(str(path), map_location="cpu")
-    except UsageError:
-        raise
-    except Exception as err:  # unpickling a damaged file raises many types; all mean "cannot use this file"
-        raise UsageError(
-            f"cannot load checkpoint {str(path)!r} into recipe {recipe.__name__} "
-            f"({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}): "
-            "is it corrupt, or from another recipe?"
-        ) from None
-    return task.eval()

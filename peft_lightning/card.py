@@ -5,7 +5,8 @@ how to load it, from the task, its checkpoint and the run folder the checkpoint 
 Every field comes from something recorded: the task's hyper-parameters and adapter config, the checkpoint's epoch,
 step, class names and callback states (``ModelCheckpoint``'s monitor and best score, ``RunReport``'s best
 validation), the datamodule's hyper-parameters, and the test metrics the run logged to its ``metrics.csv``. What is
-not recorded is left out, not guessed.
+not recorded is left out, not guessed. One function writes each section; the "How to load" section's code snippets
+are ``card_snippets.py``'s.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
-
-from peft_lightning.internals import BatchNorm
 
 if TYPE_CHECKING:
     from peft_lightning.adapters import AdapterConfig
@@ -33,12 +32,6 @@ def _hparams(obj: Any) -> dict[str, Any]:
 
 def _code(value: Any) -> str:
     return f"`{value}`"
-
-
-def _is_domain_method(task: nn.Module, name: str) -> bool:
-    """Whether ``task.<name>`` is the domain task's own (peft_lightning.tasks), not a recipe's override."""
-    fn = getattr(type(task), name, None)
-    return fn is not None and getattr(fn, "__module__", "").startswith("peft_lightning.tasks")
 
 
 def _library(task: FineTuneTask) -> str:
@@ -204,168 +197,32 @@ def adapter_rows(
     return rows
 
 
-def _timm_base(hp: Mapping[str, Any]) -> list[str]:
-    """Lines building the timm base as ``ImageClassifier.build_model`` does (a file's head of another size is
-    skipped: the adapter folder holds the trained head)."""
-    name, n, path = hp.get("model_name"), hp.get("num_classes"), hp.get("checkpoint_path")
-    lines = [
-        f"base = timm.create_model({name!r}, pretrained={bool(hp.get('pretrained')) and not path}, num_classes={n})"
-    ]
-    if path:
-        read = (
-            f"load_file({str(path)!r})"
-            if str(path).endswith(".safetensors")
-            else f"torch.load({str(path)!r}, map_location='cpu', weights_only=True)"
-        )
-        lines += [
-            f"weights = {read}  # the base the adapter was trained on",
-            "own = base.state_dict()",
-            "base.load_state_dict({k: v for k, v in weights.items() if v.shape == own[k].shape}, strict=False)",
-        ]
-    return lines
+def _model_name(task: FineTuneTask) -> str:
+    return _hparams(task).get("model_name") or type(task).__name__
 
 
-def load_snippets(task: FineTuneTask, out: Path, files: list[Path], recipe: str | None, whole_task: bool) -> list[str]:
-    """Markdown lines: how to load what was written, with plain peft + timm/transformers and with peft_lightning.
-    ``whole_task``: ``model.safetensors`` is the whole task (weights beside the adapted module trained too)."""
-    hp = _hparams(task)
+def _recipe_name(task: FineTuneTask, recipe: str | None) -> str:
     cls = type(task)
-    names = {p.name for p in files}
-    folder, merged = str(out), out / "model.safetensors"
-    image = _library(task) == "timm"
-    adapter = "adapter_config.json" in names and not whole_task
-    lines: list[str] = []
-    if adapter:
-        lines += [
-            "With `peft` (the base model rebuilt as in training, then the adapter and trained head on it):",
-            "",
-            "```python",
-        ]
-        by_recipe = not _is_domain_method(task, "build_model")  # a recipe that loads its base its own way
-        if image and not by_recipe:
-            path = str(hp.get("checkpoint_path") or "")
-            imports = ["import timm", "from peft import PeftModel"]
-            imports += (
-                ["from safetensors.torch import load_file"]
-                if path.endswith(".safetensors")
-                else ["import torch"]
-                if path
-                else []
-            )
-            lines += [*imports, "", *_timm_base(hp)]
-        elif _library(task) == "transformers" and not by_recipe:
-            source = task.model_source()
-            extra = f", revision={hp['revision']!r}" if hp.get("revision") else ""
-            if hp.get("problem_type", "single_label_classification") != "single_label_classification":
-                extra += f", problem_type={hp['problem_type']!r}"
-            lines += [
-                "from peft import PeftModel",
-                "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-                "",
-                f"base = AutoModelForSequenceClassification.from_pretrained({source!r}, "
-                f"num_labels={hp.get('num_labels')}{extra})",
-                f"tokenizer = AutoTokenizer.from_pretrained({source!r})",
-            ]
-        else:
-            keep = {
-                k: hp[k]
-                for k in ("model_name", "num_classes", "num_labels", "pretrained", "checkpoint_path")
-                if k in hp
-            }
-            lines += [
-                "from peft import PeftModel",
-                f"from {cls.__module__} import {cls.__qualname__}",
-                "",
-                f"base = {cls.__qualname__}({', '.join(f'{k}={v!r}' for k, v in keep.items())}).model"
-                "  # the recipe's base model, without adapters",
-            ]
-        lines += [f"model = PeftModel.from_pretrained(base, {folder!r}).eval()", "```", ""]
-        if any(isinstance(m, BatchNorm) for m in task.modules()):
-            # peft saves adapters and modules_to_save, not the base's buffers: statistics that training moved are
-            # only in the checkpoint and the merged model (the CLI keeps frozen layers' statistics: train_bn false).
-            lines += [
-                "The base's BatchNorm running statistics are not in the adapter folder: they are the base's "
-                "own unless training updated them (`--finetuning.train_bn true`, or a Trainer without the "
-                "FineTuning callback); then only the merged model and the checkpoint have them.",
-                "",
-            ]
-    merged_text = (
-        "The merged model (the adapters folded into the weights; no `peft` needed):"
-        if "adapter_config.json" in names
-        else "The fine-tuned model (plain weights):"
-    )
-    if "merged" in names:
-        lines += [
-            merged_text,
-            "",
-            "```python",
-            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-            "",
-            f"merged = AutoModelForSequenceClassification.from_pretrained({str(out / 'merged')!r})",
-            f"tokenizer = AutoTokenizer.from_pretrained({str(out / 'merged')!r})",
-            "```",
-            "",
-        ]
-    elif "model.safetensors" in names and image and not whole_task:
-        lines += [
-            merged_text,
-            "",
-            "```python",
-            "import timm",
-            "from safetensors.torch import load_file",
-            "",
-            f"merged = timm.create_model({hp.get('model_name')!r}, pretrained=False, "
-            f"num_classes={hp.get('num_classes')})",
-            f"merged.load_state_dict(load_file({str(merged)!r}))",
-            "```",
-            "",
-        ]
-    elif "model.safetensors" in names:
-        lines += [
-            f"{_code(merged.name)} is the whole task, merged (the adapted module and everything trained "
-            "beside it): the recipe loads it with `--model.init_from`.",
-            "",
-        ]
-    name = recipe or f"{cls.__module__}:{cls.__qualname__}"
-    commands = [f"--peft.adapter_path {folder}"] if adapter else []
-    if "merged" in names:
-        commands.append(f"--model.model_name {out / 'merged'}")
-    elif "model.safetensors" in names:
-        commands.append(f"--model.{'checkpoint_path' if image and not whole_task else 'init_from'} {merged}")
-    lines += [
-        "With peft_lightning:",
-        "",
-        "```bash",
-        *(f"python -m peft_lightning predict --recipe {name} {c}" for c in commands),
-        "```",
-        "",
-    ]
-    return lines
+    return recipe or f"{cls.__module__}:{cls.__qualname__}"
 
 
-def model_card(
-    task: FineTuneTask,
-    out: Path,
-    files: list[Path],
-    *,
-    recipe: str | None = None,
-    ckpt: Mapping[str, Any] | None = None,
-    ckpt_path: Path | None = None,
-    whole_task: bool = False,
-) -> str:
-    """The Markdown model card of an export of ``task`` (written to ``files`` in ``out``; ``whole_task``: see
-    ``load_snippets``), from the checkpoint ``ckpt`` read from ``ckpt_path`` when there is one."""
-    from peft_lightning.adapters import find
+def _class_names(ckpt: Mapping[str, Any]) -> list[str]:
+    """The class names saved with the checkpoint, else the datamodule's ``label_names``."""
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    return list(ckpt.get("class_names") or []) or list(data.get("label_names") or [])
 
-    ckpt = ckpt or {}
+
+def _outputs(task: FineTuneTask) -> Any:
     hp = _hparams(task)
+    return hp.get("num_classes") or hp.get("num_labels")
+
+
+def _front(task: FineTuneTask, name: str, peft_model: nn.Module | None) -> list[str]:
+    """Markdown lines: the YAML metadata the hub reads, the title and what the recipe is."""
     cls = type(task)
-    found = find(task)
-    peft_model = found[1] if found is not None else None
     config = task.adapter_config
     method = config.method if config is not None else "none"
-    model_name = hp.get("model_name") or cls.__name__
-    name = recipe or f"{cls.__module__}:{cls.__qualname__}"
+    model_name = _model_name(task)
     title = (
         f"{name}: {METHOD_NAMES.get(method, method)} adapter for {model_name}"
         if peft_model is not None
@@ -383,31 +240,38 @@ def model_card(
     if _library(task) == "transformers" and "/" in model_name and not Path(model_name).exists():
         meta.append(f"base_model: {model_name}")  # a transformers hub id: the hub links the card to its base
     meta.append("---")
-    lines = [*meta, "", f"# {title}", ""]
     description = cls.description
-    lines += [
+    return [
+        *meta,
+        "",
+        f"# {title}",
+        "",
         f"Fine-tuned with the peft_lightning recipe {_code(name)} ({_code(cls.__module__ + '.' + cls.__qualname__)}"
         + (f"; its defaults: {description}" if description else "")
         + "). This run's own settings follow.",
         "",
     ]
 
+
+def _base_section(task: FineTuneTask, class_names: list[str]) -> list[str]:
+    """Markdown lines: the base model, where its weights came from, and the new head."""
     library = _library(task)
-    lines += [
+    lines = [
         "## Base model",
         "",
-        f"- {library + ' ' if library else ''}{_code(model_name)}, weights from {weights_source(task)}",
+        f"- {library + ' ' if library else ''}{_code(_model_name(task))}, weights from {weights_source(task)}",
     ]
-    n_out = hp.get("num_classes") or hp.get("num_labels")
-    class_names = list(ckpt.get("class_names") or [])
-    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    class_names = class_names or list(data.get("label_names") or [])
+    n_out = _outputs(task)
     if n_out:
         named = f": {', '.join(_code(c) for c in class_names)}" if class_names and len(class_names) == n_out else ""
         lines.append(f"- a new head of {n_out} outputs, trained in full{named}")
-    lines.append("")
+    return [*lines, ""]
 
-    lines += ["## Data", ""]
+
+def _data_section(task: FineTuneTask, ckpt: Mapping[str, Any], class_names: list[str]) -> list[str]:
+    """Markdown lines: the datamodule's recorded arguments (dataset, sizes, split), and the classes."""
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    lines = ["## Data", ""]
     if data.get("dataset"):
         lines.append(
             f"- dataset (`--data.dataset`): {_code(data['dataset'])}"
@@ -423,18 +287,25 @@ def model_card(
                 lines.append(f"- {what}: {data[key]}")
     else:
         lines.append("- not recorded with this checkpoint (the datamodule's arguments are saved by a run of the CLI)")
-    if class_names and not n_out:
+    if class_names and not _outputs(task):
         lines.append(f"- classes: {', '.join(_code(c) for c in class_names)}")
-    lines.append("")
+    return [*lines, ""]
 
-    lines += ["## Adapter" if peft_model is not None else "## Parameters", "", "| option | value |", "|---|---|"]
-    rows = adapter_rows(config, peft_model, task.default_adapter_targets)
+
+def _adapter_section(task: FineTuneTask, peft_model: nn.Module | None, ckpt: Mapping[str, Any]) -> list[str]:
+    """Markdown lines: a table of the adapter's options (or of none) and the trainable parameters."""
+    lines = ["## Adapter" if peft_model is not None else "## Parameters", "", "| option | value |", "|---|---|"]
+    rows = adapter_rows(task.adapter_config, peft_model, task.default_adapter_targets)
     lines += [f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in rows]  # a | in a regex would end the cell
     report = (ckpt.get("callbacks") or {}).get("RunReport")
     phases = report.get("phases") if isinstance(report, Mapping) else None
-    lines += [f"| trainable parameters | {parameters(task, peft_model, phases)} |", ""]
+    return [*lines, f"| trainable parameters | {parameters(task, peft_model, phases)} |", ""]
 
-    lines += ["## Training", ""]
+
+def _training_section(task: FineTuneTask, ckpt: Mapping[str, Any], ckpt_path: Path | None) -> list[str]:
+    """Markdown lines: the checkpoint's epoch and step, the run's config file, and the optimizer settings."""
+    hp = _hparams(task)
+    lines = ["## Training", ""]
     if ckpt_path is not None:
         lines.append(
             f"- checkpoint {_code(ckpt_path.name)}: epoch {ckpt.get('epoch')}, global step "
@@ -446,13 +317,47 @@ def model_card(
     optim = [f"{k} {hp[k]}" for k in ("optimizer", "lr", "weight_decay", "scheduler", "warmup") if k in hp]
     if optim:
         lines.append(f"- {', '.join(optim)}")
-    lines.append("")
+    return [*lines, ""]
 
-    lines += ["## Evaluation", ""]
-    lines += (
-        evaluation(ckpt, ckpt_path, cls.monitor_mode)
+
+def _evaluation_section(task: FineTuneTask, ckpt: Mapping[str, Any], ckpt_path: Path | None) -> list[str]:
+    """Markdown lines: the metrics recorded with the checkpoint (see ``evaluation``)."""
+    shown = (
+        evaluation(ckpt, ckpt_path, type(task).monitor_mode)
         if ckpt_path is not None
         else ["- exported from a model in memory: no checkpoint, no recorded metrics."]
     )
-    lines += ["", "## How to load", "", *load_snippets(task, out, files, recipe, whole_task)]
+    return ["## Evaluation", "", *shown, ""]
+
+
+def model_card(
+    task: FineTuneTask,
+    out: Path,
+    files: list[Path],
+    *,
+    recipe: str | None = None,
+    ckpt: Mapping[str, Any] | None = None,
+    ckpt_path: Path | None = None,
+    whole_task: bool = False,
+) -> str:
+    """The Markdown model card of an export of ``task`` (written to ``files`` in ``out``; ``whole_task``: see
+    ``load_snippets``), from the checkpoint ``ckpt`` read from ``ckpt_path`` when there is one."""
+    from peft_lightning.adapters import find
+    from peft_lightning.card_snippets import load_snippets  # not at the top: it imports this module's helpers
+
+    ckpt = ckpt or {}
+    found = find(task)
+    peft_model = found[1] if found is not None else None
+    class_names = _class_names(ckpt)
+    lines = [
+        *_front(task, _recipe_name(task, recipe), peft_model),
+        *_base_section(task, class_names),
+        *_data_section(task, ckpt, class_names),
+        *_adapter_section(task, peft_model, ckpt),
+        *_training_section(task, ckpt, ckpt_path),
+        *_evaluation_section(task, ckpt, ckpt_path),
+        "## How to load",
+        "",
+        *load_snippets(task, out, files, recipe, whole_task),
+    ]
     return "\n".join(lines).rstrip() + "\n"

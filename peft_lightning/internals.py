@@ -154,7 +154,7 @@ MIRRORED: tuple[tuple[str, str, str], ...] = (
     (
         "lightning.pytorch.trainer.connectors.checkpoint_connector._CheckpointConnector",
         "_hpc_resume_path",
-        "peft_lightning/callbacks/checkpoint.py find_resume (finds the highest hpc_ckpt_N.ckpt in a run folder, as "
+        "peft_lightning/checkpoint_files.py find_resume (finds the highest hpc_ckpt_N.ckpt in a run folder, as "
         "Lightning does for `ckpt_path='hpc'`)",
     ),
 )

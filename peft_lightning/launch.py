@@ -66,7 +66,6 @@ def check_launch(
     Runs before any model or data is built: Lightning raises the same errors only once the trainer exists.
     """
     environ = os.environ if environ is None else environ
-    model = model or {}
     strategy = _strategy_name(trainer.get("strategy"))
     accelerator = str(trainer.get("accelerator") or "auto").lower()
     requested = _requested_devices(trainer.get("devices", "auto"))
@@ -77,6 +76,15 @@ def check_launch(
 
         cuda = num_cuda_devices()
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda > 0)
+    _check_accelerator(accelerator, strategy, cuda, on_gpu)
+    _check_devices(requested, trainer.get("devices"), cuda, on_gpu)
+    _check_counts(num_nodes, trainer.get("accumulate_grad_batches"))
+    _check_launcher(num_nodes, requested, environ)
+    _check_activation_checkpointing(model or {}, strategy)
+
+
+def _check_accelerator(accelerator: str, strategy: str, cuda: int, on_gpu: bool) -> None:
+    """A GPU asked for where none is visible; FSDP (GPUs only) on the CPU."""
     if accelerator in ("gpu", "cuda") and cuda == 0:
         raise UsageError(
             f"--trainer.accelerator {accelerator} but no CUDA GPU is visible here: drop it (CPU) or run "
@@ -87,8 +95,12 @@ def check_launch(
             f"--trainer.strategy {strategy} needs CUDA GPUs and this run is on the CPU: use "
             "--trainer.strategy ddp (or ddp_spawn) on CPUs"
         )
+
+
+def _check_devices(requested: int | None, devices: Any, cuda: int, on_gpu: bool) -> None:
+    """``--trainer.devices``: at least one, and no more GPUs, or CPU processes, than this machine has."""
     if requested is not None and requested < 1:
-        raise UsageError(f"--trainer.devices must be >= 1, 'auto' or -1, got {trainer.get('devices')}")
+        raise UsageError(f"--trainer.devices must be >= 1, 'auto' or -1, got {devices}")
     if requested is not None and on_gpu and requested > cuda:
         raise UsageError(
             f"--trainer.devices {requested} asks for {requested} GPUs but this machine has {cuda}: "
@@ -100,13 +112,20 @@ def check_launch(
             f"--trainer.devices {requested} starts {requested} CPU processes but this machine has "
             f"{cores} cores: pass --trainer.devices {cores} (or fewer)"
         )
+
+
+def _check_counts(num_nodes: int, accumulate: Any) -> None:
+    """``--trainer.num_nodes`` and ``--trainer.accumulate_grad_batches``: at least one."""
     if num_nodes < 1:
         raise UsageError(f"--trainer.num_nodes must be >= 1, got {num_nodes}")
-    accumulate = trainer.get("accumulate_grad_batches")
     if accumulate is not None and int(accumulate) < 1:
         raise UsageError(
             f"--trainer.accumulate_grad_batches must be >= 1 (batches summed per optimizer step), got {accumulate}"
         )
+
+
+def _check_launcher(num_nodes: int, requested: int | None, environ: Mapping[str, str]) -> None:
+    """Several nodes need a launcher; under torchrun, devices x nodes must be the processes it started."""
     launcher = _launcher(environ)
     if num_nodes > 1 and launcher is None:
         raise UsageError(
@@ -122,6 +141,9 @@ def check_launch(
                 f"--trainer.num_nodes {num_nodes} = {requested * num_nodes}: make them agree "
                 "(devices = --nproc_per_node, num_nodes = --nnodes)"
             )
+
+
+def _check_activation_checkpointing(model: Mapping[str, Any], strategy: str) -> None:
     if model.get("activation_checkpointing") and not strategy.startswith("fsdp"):
         raise UsageError(
             "--model.activation_checkpointing works through FSDP (it works on one GPU too): add "

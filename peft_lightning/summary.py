@@ -93,6 +93,10 @@ def best_validation(trainer: Trainer, report: RunReport | None = None) -> dict[s
     return report.best if report is not None else None
 
 
+Row = tuple[str, str]
+"""One line of the end-of-run table: (field, value)."""
+
+
 def summary_rows(
     trainer: Trainer,
     model: LightningModule,
@@ -104,13 +108,31 @@ def summary_rows(
     datamodule: Any = None,
 ) -> list[tuple[str, str]]:
     """(field, value) rows describing a finished run; see ``print_summary``."""
-    rows: list[tuple[str, str]] = [("recipe", recipe)]
+    ft = finetuning_callback(trainer)
+    return [
+        ("recipe", recipe),
+        _model_row(model),
+        _parameters_row(model, report),
+        *_batch_rows(trainer, datamodule),
+        ("precision", str(trainer.precision)),
+        _strategy_row(trainer),
+        *_schedule_rows(report, ft),
+        *_probe_rows(ft),
+        *_cache_rows(ft, model),
+        *_result_rows(trainer, report, test_metrics, wall),
+        *_file_rows(trainer, report),
+    ]
+
+
+def _model_row(model: LightningModule) -> Row:
     from peft_lightning.tasks.base import FineTuneTask
 
     name = model.hparams.get("model_name")
     adapter = model.adapter_config if isinstance(model, FineTuneTask) else None
-    model_text = f"{name or type(model).__name__}" + (f" + {adapter.method} adapters" if adapter else "")
-    rows.append(("model", model_text))
+    return ("model", f"{name or type(model).__name__}" + (f" + {adapter.method} adapters" if adapter else ""))
+
+
+def _parameters_row(model: LightningModule, report: RunReport | None) -> Row:
     # After fit, requires_grad is whatever the last phase (or a later evaluation) left: the phases say what trained.
     total = sum(p.numel() for p in model.parameters())
     if report is not None and report.phases:
@@ -120,59 +142,81 @@ def summary_rows(
     else:
         peak = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trained = _count(peak)
-    rows.append(("parameters", f"{trained} trained of {_count(total)} ({100 * peak / max(total, 1):.1f}%)"))
+    return ("parameters", f"{trained} trained of {_count(total)} ({100 * peak / max(total, 1):.1f}%)")
+
+
+def _batch_rows(trainer: Trainer, datamodule: Any) -> list[Row]:
     dm = datamodule if datamodule is not None else getattr(trainer, "datamodule", None)
     batch = getattr(getattr(dm, "hparams", None), "batch_size", None) or getattr(dm, "batch_size", None)
-    if batch:  # the same figure and wording as the start-of-fit line (RunSummary)
-        size = GlobalBatch(
-            int(batch), int(trainer.num_devices), int(trainer.num_nodes), int(trainer.accumulate_grad_batches)
-        )
-        rows.append(("effective batch", str(size)))
-    rows.append(("precision", str(trainer.precision)))
-    accel = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
-    rows.append(
-        (
-            "strategy",
-            f"{type(trainer.strategy).__name__} ({trainer.num_nodes} node(s) x {trainer.num_devices} {accel})",
-        )
+    if not batch:
+        return []
+    # The same figure and wording as the start-of-fit line (RunSummary).
+    size = GlobalBatch(
+        int(batch), int(trainer.num_devices), int(trainer.num_nodes), int(trainer.accumulate_grad_batches)
     )
-    ft = finetuning_callback(trainer)
-    rounds = (report.rounds if report is not None else []) or (ft.history if ft is not None and ft.uses_rounds else [])
-    if rounds:
-        for r in rounds:
-            best = "-" if r["best"] is None else f"{r['best']:.4f}"
-            rows.append(
-                (
-                    f"round {r['round']}",
-                    f"{r['groups']} groups, {_count(r['trainable'])} trained, best {best}, {r['epochs']} epoch(s)",
-                )
-            )
-    elif report is not None:
-        for i, p in enumerate(report.phases):
-            names = ", ".join(p["names"]) if len(p["names"]) <= 3 else f"{p['names'][0]} ... {p['names'][-1]}"
-            scale = f", LR x{p['lr_scale']:g}" if p["lr_scale"] != 1.0 else ""
-            rows.append(
-                (
-                    f"phase {i}" if ft is None else f"phase {i} ({ft.strategy})",
-                    f"from epoch {p['epoch']} (step {p['step']}): {p['groups']}/{p['n_groups']} groups "
-                    f"({names}), {_count(p['trainable'])} trained{scale}",
-                )
-            )
-    if ft is not None and ft.probe:
-        from peft_lightning.callbacks.strategies import Auto
+    return [("effective batch", str(size))]
 
-        rgn = ft.probe["rgn"]
-        norm = {g: v for g, v in Auto.normalised(rgn, list(rgn)).items() if g != list(rgn)[-1]}
-        ranked = ", ".join(f"{g} {v:.2f}" for g, v in sorted(norm.items(), key=lambda kv: -kv[1])[:4])
+
+def _strategy_row(trainer: Trainer) -> Row:
+    accel = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+    return (
+        "strategy",
+        f"{type(trainer.strategy).__name__} ({trainer.num_nodes} node(s) x {trainer.num_devices} {accel})",
+    )
+
+
+def _schedule_rows(report: RunReport | None, ft: Any) -> list[Row]:
+    """One row per re-tuning round, else one per phase of the fine-tuning schedule."""
+    rounds = (report.rounds if report is not None else []) or (ft.history if ft is not None and ft.uses_rounds else [])
+    rows = []
+    for r in rounds:
+        best = "-" if r["best"] is None else f"{r['best']:.4f}"
         rows.append(
             (
-                "gradient probe",
-                f"{ft.probe['batches']} batches in {ft.probe['seconds']:.1f} s; RGN/max below "
-                f"the head: {ranked}{' ...' if len(norm) > 4 else ''}",
+                f"round {r['round']}",
+                f"{r['groups']} groups, {_count(r['trainable'])} trained, best {best}, {r['epochs']} epoch(s)",
             )
         )
-    for i, note in enumerate(ft.cache_summary(model) if ft is not None else []):
-        rows.append(("prefix cache" if i == 0 else "", note))
+    if rounds or report is None:
+        return rows
+    for i, p in enumerate(report.phases):
+        names = ", ".join(p["names"]) if len(p["names"]) <= 3 else f"{p['names'][0]} ... {p['names'][-1]}"
+        scale = f", LR x{p['lr_scale']:g}" if p["lr_scale"] != 1.0 else ""
+        rows.append(
+            (
+                f"phase {i}" if ft is None else f"phase {i} ({ft.strategy})",
+                f"from epoch {p['epoch']} (step {p['step']}): {p['groups']}/{p['n_groups']} groups "
+                f"({names}), {_count(p['trainable'])} trained{scale}",
+            )
+        )
+    return rows
+
+
+def _probe_rows(ft: Any) -> list[Row]:
+    if ft is None or not ft.probe:
+        return []
+    from peft_lightning.callbacks.strategies import Auto
+
+    rgn = ft.probe["rgn"]
+    norm = {g: v for g, v in Auto.normalised(rgn, list(rgn)).items() if g != list(rgn)[-1]}
+    ranked = ", ".join(f"{g} {v:.2f}" for g, v in sorted(norm.items(), key=lambda kv: -kv[1])[:4])
+    text = (
+        f"{ft.probe['batches']} batches in {ft.probe['seconds']:.1f} s; RGN/max below "
+        f"the head: {ranked}{' ...' if len(norm) > 4 else ''}"
+    )
+    return [("gradient probe", text)]
+
+
+def _cache_rows(ft: Any, model: LightningModule) -> list[Row]:
+    notes = ft.cache_summary(model) if ft is not None else []
+    return [("prefix cache" if i == 0 else "", note) for i, note in enumerate(notes)]
+
+
+def _result_rows(
+    trainer: Trainer, report: RunReport | None, test_metrics: Mapping[str, float] | None, wall: float | None
+) -> list[Row]:
+    """Best validation, test metrics, training throughput and wall time: those the run has."""
+    rows = []
     b = best_validation(trainer, report)
     if b is not None:
         when = f" (epoch {b['epoch']}, step {b['step']})" if b.get("epoch") is not None else ""
@@ -189,6 +233,12 @@ def summary_rows(
         )
     if wall is not None:
         rows.append(("wall time", format_wall(wall)))
+    return rows
+
+
+def _file_rows(trainer: Trainer, report: RunReport | None) -> list[Row]:
+    """Where the run's files are: the best checkpoint, the curves and the run folder."""
+    rows = []
     ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
     if ckpt:
         rows.append(("best checkpoint", ckpt))

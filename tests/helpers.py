@@ -146,6 +146,7 @@ _FORK_PRELOAD = [
     "peft_lightning.cli",
     "peft_lightning.cli.lightning_cli",
     "peft_lightning.callbacks.checkpoint",
+    "peft_lightning.checkpoint_files",
     "peft_lightning.report",
     "peft_lightning.summary",
     "peft_lightning.precision",

@@ -9,9 +9,10 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from peft_lightning.adapters import AdapterConfig, export
+from peft_lightning.adapters import AdapterConfig
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.errors import UsageError
+from peft_lightning.export import export
 from peft_lightning.tasks.vision import ImageClassifier
 
 from conftest import make_image_folder, run_cli
@@ -197,8 +198,8 @@ def test_cli_export_writes_a_model_card_from_the_checkpoint_and_its_run(tmp_path
     import timm
     from safetensors.torch import save_file
 
-    from peft_lightning.adapters import load_task
-    from peft_lightning.callbacks.checkpoint import read_checkpoint
+    from peft_lightning.checkpoint_files import read_checkpoint
+    from peft_lightning.export import load_task
     from recipes.vit_cifar import VitCifar
 
     torch.manual_seed(0)

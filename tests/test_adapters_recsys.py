@@ -10,9 +10,10 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from peft_lightning.adapters import AdapterConfig, export
+from peft_lightning.adapters import AdapterConfig
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.errors import UsageError
+from peft_lightning.export import export
 from peft_lightning.tasks.recsys import Recommender
 
 from helpers import StopAfterEpoch
@@ -26,7 +27,7 @@ def tiny_encoder(tmp_path_factory) -> str:
     """A 2-layer, 32-wide BertModel with MiniLM's real tokenizer."""
     import transformers
 
-    from peft_lightning.tasks.recsys import default_text_encoder
+    from peft_lightning.tasks.item_text_tower import default_text_encoder
 
     path = tmp_path_factory.mktemp("tiny-encoder")
     tok = transformers.AutoTokenizer.from_pretrained(default_text_encoder())

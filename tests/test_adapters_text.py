@@ -13,9 +13,10 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from peft_lightning.adapters import AdapterConfig, export
+from peft_lightning.adapters import AdapterConfig
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.errors import UsageError
+from peft_lightning.export import export
 from peft_lightning.tasks.text import TextClassifier
 
 from helpers import PhaseRecorder, StopAfterEpoch, run_card_snippets

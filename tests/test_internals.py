@@ -139,7 +139,7 @@ def test_the_wrappers_do_what_the_private_names_did(tmp_path):
 
 
 def test_find_resume_finds_the_hpc_checkpoint_lightning_would(tmp_path):
-    from peft_lightning.callbacks.checkpoint import find_resume
+    from peft_lightning.checkpoint_files import find_resume
 
     for n in (2, 10):
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"x")

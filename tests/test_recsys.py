@@ -12,14 +12,12 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
+from peft_lightning.assets import recbole_ml100k_dir
 from peft_lightning.callbacks.finetuning import FineTuning
-from peft_lightning.data import movielens
-from peft_lightning.data.movielens import (
-    MovieLensDataModule,
-    load_movielens,
-    recbole_ml100k_dir,
-    sample_negatives,
-)
+from peft_lightning.data import movielens_files
+from peft_lightning.data.interaction_batches import sample_negatives
+from peft_lightning.data.movielens import MovieLensDataModule
+from peft_lightning.data.movielens_files import load_movielens
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.recsys import Recommender
 
@@ -67,7 +65,7 @@ def tiny_encoder(tmp_path_factory) -> str:
     """A 2-layer, 32-wide BERT with MiniLM's real tokenizer: the two-tower code path at test speed."""
     import transformers
 
-    from peft_lightning.tasks.recsys import default_text_encoder
+    from peft_lightning.tasks.item_text_tower import default_text_encoder
 
     path = tmp_path_factory.mktemp("tiny-bert")
     tok = transformers.AutoTokenizer.from_pretrained(default_text_encoder())
@@ -156,7 +154,7 @@ def test_bad_sources_stop_with_one_line(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(movielens.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(movielens_files.urllib.request, "urlopen", offline)
     with pytest.raises(UsageError, match=r"cannot download ml-1m from https://files.grouplens.org.*offline") as err:
         load_movielens("ml-1m", cache_dir=str(tmp_path / "cache"))
     assert "\n" not in str(err.value)
@@ -176,12 +174,12 @@ def test_download_unpacks_the_grouplens_zip_once(tmp_path, monkeypatch, synth):
         calls.append(url)
         return io.BytesIO(buf.getvalue())
 
-    monkeypatch.setattr(movielens.urllib.request, "urlopen", fake_urlopen)
-    monkeypatch.setattr(movielens, "recbole_ml100k_dir", lambda: None)  # as on a machine without recbole
+    monkeypatch.setattr(movielens_files.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(movielens_files, "recbole_ml100k_dir", lambda: None)  # as on a machine without recbole
     for _ in range(2):
         data = load_movielens("ml-100k", cache_dir=str(tmp_path))
         assert data.num_users == 30
-    assert calls == [movielens.GROUPLENS_URLS["ml-100k"]]  # the second load reads the cache
+    assert calls == [movielens_files.GROUPLENS_URLS["ml-100k"]]  # the second load reads the cache
 
 
 # --------------------------------------------------------------------------- split protocols

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_lightning.callbacks.checkpoint import find_last, read_checkpoint, resolve_ckpt_path
+from peft_lightning.checkpoint_files import find_last, read_checkpoint, resolve_ckpt_path
 from peft_lightning.data.sampling import EpochShuffle
 from peft_lightning.errors import UsageError
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from peft_lightning.callbacks.checkpoint import find_last, find_resume, read_checkpoint
+from peft_lightning.checkpoint_files import find_last, find_resume, read_checkpoint
 from peft_lightning.cli import main, run_key
 from peft_lightning.run_folder import run_dir, run_loggers
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from peft_lightning.data.movielens import MovieLensDataModule, load_movielens
+from peft_lightning.data.movielens import MovieLensDataModule
+from peft_lightning.data.movielens_files import load_movielens
 from peft_lightning.data.source import find_column, load_source, local_path
 from peft_lightning.data.text import TextDataModule
 from peft_lightning.data.vision import ImageDataModule

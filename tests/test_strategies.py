@@ -57,7 +57,7 @@ def test_schedulers_run_across_an_unfreeze(image_folder, scheduler):
     if scheduler == "cosine":
         steps_per_epoch = trainer.num_training_batches
         total = steps_per_epoch * 3
-        from peft_lightning.tasks.base import warmup_cosine
+        from peft_lightning.tasks.schedules import warmup_cosine
 
         shape = warmup_cosine(int(0.2 * total), total)
         # The LR of each group follows the one schedule through the unfreeze, scaled by its layer decay.
@@ -75,7 +75,7 @@ SCHEDULERS = ["cosine", "linear", "constant", "onecycle", "plateau"]
 def test_every_schedule_shape_is_defined_for_every_length_and_warmup(kind):
     import math
 
-    from peft_lightning.tasks.base import warmup_cosine
+    from peft_lightning.tasks.schedules import warmup_cosine
 
     for total in range(1, 13):
         for warmup in sorted({0, 1, total // 10, total // 2, total, total + 3}):

@@ -16,6 +16,7 @@ import peft_lightning.data.text as text_data
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.data.source import load_source
 from peft_lightning.data.text import TextDataModule
+from peft_lightning.data.text_columns import multi_hot_encoder, text_columns
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.text import TextClassifier
 from recipes.minilm_austen import MinilmAusten, make_passages, split_blocks
@@ -382,6 +383,36 @@ def test_multi_label_from_a_separated_column(sentiment_csv, tiny_bert, tmp_path)
             TextClassifier(tiny_bert, num_labels=3),
             datamodule(sentiment_csv, tiny_bert, tmp_path, label_column="tags", multi_label=True),
         )
+
+
+@pytest.mark.parametrize(
+    ("columns", "named", "found"),
+    [
+        ({"sentence1": "a", "sentence2": "b", "label": 0}, (None, None), ("sentence1", "sentence2")),  # a usual pair
+        ({"title": "a", "review": "b", "label": 0}, (None, None), ("review", None)),  # a usual name before the first
+        ({"id": 1, "body": "a", "label": 0}, (None, None), ("body", None)),  # else the first column of strings
+        ({"sentence1": "a", "sentence2": "b"}, ("sentence2", None), ("sentence2", None)),  # a named one wins
+    ],
+)
+def test_text_columns_are_the_named_then_a_usual_pair_then_a_usual_name_then_the_first_strings(columns, named, found):
+    import datasets
+
+    features = datasets.Dataset.from_dict({k: [v] for k, v in columns.items()}).features
+    assert text_columns(features, *named) == found
+
+
+def test_multi_hot_labels_from_joined_names_and_from_zero_one_columns():
+    import datasets
+
+    names = datasets.Dataset.from_dict({"tags": ["b,a", "", "c"]})
+    encode, labels = multi_hot_encoder(names, ["tags"], None, ",")
+    assert labels == ["a", "b", "c"]
+    assert encode({"tags": ["a, c", None]}) == [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    with pytest.raises(UsageError, match="unknown label 'd'.*--data.label_names"):
+        encode({"tags": ["d"]})
+    columns = datasets.Dataset.from_dict({"x": [1, 0], "y": [0, 1]})
+    encode, labels = multi_hot_encoder(columns, ["x", "y"], None, ",")
+    assert labels == ["x", "y"] and encode({"x": [1, 0], "y": [1, 1]}) == [[1.0, 1.0], [0.0, 1.0]]
 
 
 def test_num_labels_mismatch_is_reported(sentiment_csv, tiny_bert, tmp_path):

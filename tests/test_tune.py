@@ -253,7 +253,7 @@ def test_space_files_extend_override_and_drop_the_recipes_space_and_carry_lists(
 
 @pytest.mark.parametrize("name", builtin_names())
 def test_every_recipes_search_space_names_fit_flags_whose_ranges_and_choices_parse(name):
-    from peft_lightning.tuning.search import _check_flags, _cli_classes, _parse
+    from peft_lightning.tuning.trial import _check_flags, _cli_classes, _parse
 
     recipe = peft_lightning.get_recipe(name)
     parse_only, _ = _cli_classes()

@@ -49,7 +49,7 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--merge", action="store_true", help="also write the model with the adapters merged in")
     args = parser.parse_args(argv)
-    from peft_lightning.adapters import export, load_task
+    from peft_lightning.export import export, load_task
     from peft_lightning.registry import get_recipe
 
     task = load_task(get_recipe(args.recipe), args.ckpt_path)

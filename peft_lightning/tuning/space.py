@@ -33,7 +33,7 @@ def load_space(
 
     Raises:
         UsageError: unparsable YAML, an unknown type or option, or values Optuna's distributions refuse (low > high,
-            log with low <= 0 ...). Flag names are checked later, against the parser (``search._check_flags``).
+            log with low <= 0 ...). Flag names are checked later, against the parser (``trial._check_flags``).
 
     Example:
         >>> load_space({"model.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
