@@ -38,7 +38,7 @@ class GlobalBatch:
 
 def per_device_batch(trainer: Trainer) -> int | None:
     """The training batch size of one process, from the attached datamodule's ``batch_size``."""
-    dm = getattr(trainer, "datamodule", None)
+    dm = trainer.datamodule
     hp = getattr(dm, "hparams", None)
     size = hp.get("batch_size") if hp is not None and hasattr(hp, "get") else getattr(dm, "batch_size", None)
     return int(size) if size else None

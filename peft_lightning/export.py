@@ -137,7 +137,9 @@ def _write_merged(task: nn.Module, merged: nn.Module, prefix: str, out: Path, wh
         return out / "model.safetensors"
     if hasattr(merged, "save_pretrained"):  # transformers: config + safetensors, loadable by from_pretrained
         merged.save_pretrained(str(out / "merged"))
-        if callable(getattr(task, "load_tokenizer", None)):  # a folder that --model.model_name can point at
+        from peft_lightning.tasks.text import TextClassifier
+
+        if isinstance(task, TextClassifier):  # a folder that --model.model_name can point at
             task.load_tokenizer().save_pretrained(str(out / "merged"))
         return out / "merged"
     save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, str(out / "model.safetensors"))

@@ -146,7 +146,7 @@ def _parameters_row(model: LightningModule, report: RunReport | None) -> Row:
 
 
 def _batch_rows(trainer: Trainer, datamodule: Any) -> list[Row]:
-    dm = datamodule if datamodule is not None else getattr(trainer, "datamodule", None)
+    dm = datamodule if datamodule is not None else trainer.datamodule
     batch = getattr(getattr(dm, "hparams", None), "batch_size", None) or getattr(dm, "batch_size", None)
     if not batch:
         return []
@@ -239,7 +239,8 @@ def _result_rows(
 def _file_rows(trainer: Trainer, report: RunReport | None) -> list[Row]:
     """Where the run's files are: the best checkpoint, the curves and the run folder."""
     rows = []
-    ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+    checkpoint = trainer.checkpoint_callback
+    ckpt = (checkpoint.best_model_path if checkpoint is not None else "") or ""
     if ckpt:
         rows.append(("best checkpoint", ckpt))
     if report is not None and report.plot_path is not None:

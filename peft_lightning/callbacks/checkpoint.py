@@ -287,9 +287,11 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _stop_reason(self, trainer: Trainer) -> str | None:
         if not trainer.should_stop:
             return None
+        from peft_lightning.callbacks.finetuning import FineTuning  # (it imports this module)
+
         for callback in trainer.callbacks:
-            if getattr(callback, "stop_reason", None):  # FineTuning
-                return str(callback.stop_reason)
+            if isinstance(callback, FineTuning) and callback.stop_reason:
+                return callback.stop_reason
             if isinstance(callback, EarlyStopping) and callback.stopping_reason_message:
                 return f"early stopping on {callback.monitor}"
         return self.stopped or "a callback stopped it"

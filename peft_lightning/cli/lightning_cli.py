@@ -170,7 +170,8 @@ class PeftLightningCLI(LightningCLI):
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
-        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        checkpoint = self.trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None else ""
         metrics: dict[str, float] = {}
         if not self.trainer.interrupted and config.get("test_after_fit", True):
             results = self.trainer.test(

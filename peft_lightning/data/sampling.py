@@ -5,10 +5,13 @@ are ``peft_lightning/rng.py``'s; the workaround that gives the position back is 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
 
 
 class EpochShuffle(Sampler[int]):
@@ -131,13 +134,13 @@ def cache_aware(collate: Callable[[list[dict[str, Any]]], Any]) -> Callable[[lis
     return apply
 
 
-def train_progress(trainer: object) -> dict[str, int]:
+def train_progress(trainer: Trainer | None) -> dict[str, int]:
     """Where a fit stands: the epoch and how many of its training batches have run, for a data module's
     ``state_dict`` (Lightning saves it in every checkpoint). Empty outside ``fit``."""
-    loop = getattr(trainer, "fit_loop", None)
-    if loop is None or getattr(getattr(trainer, "state", None), "fn", None) != "fit":
+    if trainer is None or trainer.state.fn != "fit":
         return {}
-    return {"epoch": int(trainer.current_epoch), "batches": int(loop.epoch_loop.batch_progress.current.processed)}
+    processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return {"epoch": int(trainer.current_epoch), "batches": int(processed)}
 
 
 class ResumableLoader(DataLoader):
@@ -173,7 +176,7 @@ def train_loader(
     ``LengthGroupedSampler``), for which Lightning substitutes its distributed sampler, seeded per epoch too.
     ``kwargs`` go to the ``DataLoader`` (workers, collate_fn, pin_memory ...).
     """
-    trainer = getattr(datamodule, "trainer", None)
+    trainer = datamodule.trainer
     if trainer is not None and trainer.world_size > 1:
         if lengths is None:
             return DataLoader(data, batch_size=batch_size, shuffle=True, **kwargs)

@@ -191,12 +191,12 @@ class TextDataModule(LightningDataModule):
 
     def resolve_tokenizer(self) -> Any:
         """``tokenizer`` if given, else the attached model's ``load_tokenizer()``."""
-        from peft_lightning.tasks.text import load_tokenizer
+        from peft_lightning.tasks.text import TextClassifier, load_tokenizer
 
         if self.hparams.tokenizer:
             return load_tokenizer(self.hparams.tokenizer, flag="--data.tokenizer")
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if hasattr(module, "load_tokenizer"):
+        if isinstance(module, TextClassifier):
             return module.load_tokenizer()
         raise UsageError("no tokenizer: pass --data.tokenizer NAME_OR_DIR, or train with a TextClassifier")
 

@@ -231,7 +231,9 @@ class ImageDataModule(LightningDataModule):
     def resolve_data_config(self) -> dict[str, Any]:
         """timm's preprocessing of the attached model (or ImageNet defaults), with ``image_size``/``crop_pct``."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        cfg = dict(module.data_config()) if hasattr(module, "data_config") else dict(IMAGENET_DEFAULT)
+        from peft_lightning.tasks.vision import ImageClassifier
+
+        cfg = dict(module.data_config()) if isinstance(module, ImageClassifier) else dict(IMAGENET_DEFAULT)
         if self.hparams.image_size is not None:
             cfg["input_size"] = (3, self.hparams.image_size, self.hparams.image_size)
         if self.hparams.crop_pct is not None:
