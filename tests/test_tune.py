@@ -140,10 +140,11 @@ def wait_for_a_running_trial(proc: subprocess.Popen, load, after_complete: bool 
             trials = load().trials
         except Exception:  # not created yet
             trials = []
-        # A running trial of this worker with its parameters drawn: killed in the milliseconds before they are, a
-        # trial has nothing to run again (it is failed and not counted, and a new one is sampled).
+        # A running trial of this worker with all its parameters drawn: killed in the milliseconds before, a trial
+        # has nothing to run again (it stays failed and uncounted, and a new one is sampled: study.retry).
         if (not after_complete or any(t.state == TrialState.COMPLETE for t in trials)) and any(
-            t.state == TrialState.RUNNING and t.user_attrs.get("pid") == proc.pid and t.params for t in trials
+            t.state == TrialState.RUNNING and t.user_attrs.get("pid") == proc.pid and t.user_attrs.get("params_drawn")
+            for t in trials
         ):
             return
         time.sleep(0.1)

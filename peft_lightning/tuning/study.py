@@ -80,8 +80,9 @@ def lost(trial: optuna.trial.FrozenTrial) -> bool:
 
 def retry(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> None:
     """Queue a lost trial's parameters to run again, once (Optuna's ``RetryHeartbeatStaleTrialCallback`` idea, with
-    the original's number in ``retry_of``)."""
-    if trial.user_attrs.get("retry_of") is None and trial.params:
+    the original's number in ``retry_of``). A trial lost before it had drawn all its parameters has nothing to run
+    again: it stays failed, uncounted, and a new trial is sampled in its place."""
+    if trial.user_attrs.get("retry_of") is None and trial.user_attrs.get("params_drawn"):
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 

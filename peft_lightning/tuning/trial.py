@@ -192,6 +192,7 @@ class Objective:
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", PID)
         flags = [flag(key, suggest(trial, key, dist)) for key, dist in self.fit.space.items()]
+        trial.set_user_attr("params_drawn", True)  # all of them: a trial lost after this runs again (study.retry)
         folder = _free(self.study_dir / f"trial-{trial.number:03d}")
         trial.set_user_attr("run_dir", str(folder))
         callbacks = self._callbacks(trial)
