@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from peft_lightning.errors import UsageError
 
@@ -36,17 +36,18 @@ class GlobalBatch:
         )
 
 
-def per_device_batch(trainer: Trainer) -> int | None:
-    """The training batch size of one process, from the attached datamodule's ``batch_size``."""
-    dm = trainer.datamodule
-    hp = getattr(dm, "hparams", None)
-    size = hp.get("batch_size") if hp is not None and hasattr(hp, "get") else getattr(dm, "batch_size", None)
+def per_device_batch(datamodule: Any) -> int | None:
+    """The training batch size of one process: the datamodule's ``batch_size`` (a hyperparameter or an attribute;
+    any LightningDataModule may be attached, or none)."""
+    hp = getattr(datamodule, "hparams", None)
+    size = hp.get("batch_size") if hp is not None and hasattr(hp, "get") else getattr(datamodule, "batch_size", None)
     return int(size) if size else None
 
 
-def global_batch(trainer: Trainer) -> GlobalBatch | None:
-    """Per-device batch x devices x nodes x gradient accumulation of ``trainer`` (None if the batch is unknown)."""
-    size = per_device_batch(trainer)
+def global_batch(trainer: Trainer, datamodule: Any = None) -> GlobalBatch | None:
+    """Per-device batch x devices x nodes x gradient accumulation of ``trainer`` (None if the batch is unknown), the
+    batch read from ``datamodule`` (default: the trainer's)."""
+    size = per_device_batch(datamodule if datamodule is not None else trainer.datamodule)
     if size is None:
         return None
     return GlobalBatch(size, int(trainer.num_devices), int(trainer.num_nodes), int(trainer.accumulate_grad_batches))

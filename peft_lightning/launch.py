@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from peft_lightning.errors import UsageError
+from peft_lightning.precision import on_gpu
 
 if TYPE_CHECKING:
     from peft_lightning.precision import Hardware
@@ -75,39 +76,39 @@ def check_launch(
         from lightning.fabric.accelerators.cuda import num_cuda_devices
 
         cuda = num_cuda_devices()
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda > 0)
-    _check_accelerator(accelerator, strategy, cuda, on_gpu)
-    _check_devices(requested, trainer.get("devices"), cuda, on_gpu)
+    gpu = on_gpu(accelerator, cuda)
+    _check_accelerator(accelerator, strategy, cuda, gpu)
+    _check_devices(requested, trainer.get("devices"), cuda, gpu)
     _check_counts(num_nodes, trainer.get("accumulate_grad_batches"))
     _check_launcher(num_nodes, requested, environ)
     _check_activation_checkpointing(model or {}, strategy)
 
 
-def _check_accelerator(accelerator: str, strategy: str, cuda: int, on_gpu: bool) -> None:
+def _check_accelerator(accelerator: str, strategy: str, cuda: int, gpu: bool) -> None:
     """A GPU asked for where none is visible; FSDP (GPUs only) on the CPU."""
     if accelerator in ("gpu", "cuda") and cuda == 0:
         raise UsageError(
             f"--trainer.accelerator {accelerator} but no CUDA GPU is visible here: drop it (CPU) or run "
             "on a GPU machine"
         )
-    if strategy.startswith("fsdp") and not on_gpu:
+    if strategy.startswith("fsdp") and not gpu:
         raise UsageError(
             f"--trainer.strategy {strategy} needs CUDA GPUs and this run is on the CPU: use "
             "--trainer.strategy ddp (or ddp_spawn) on CPUs"
         )
 
 
-def _check_devices(requested: int | None, devices: Any, cuda: int, on_gpu: bool) -> None:
+def _check_devices(requested: int | None, devices: Any, cuda: int, gpu: bool) -> None:
     """``--trainer.devices``: at least one, and no more GPUs, or CPU processes, than this machine has."""
     if requested is not None and requested < 1:
         raise UsageError(f"--trainer.devices must be >= 1, 'auto' or -1, got {devices}")
-    if requested is not None and on_gpu and requested > cuda:
+    if requested is not None and gpu and requested > cuda:
         raise UsageError(
             f"--trainer.devices {requested} asks for {requested} GPUs but this machine has {cuda}: "
             f"pass --trainer.devices {cuda} (or fewer)"
         )
     cores = os.cpu_count() or 1
-    if requested is not None and not on_gpu and requested > cores:
+    if requested is not None and not gpu and requested > cores:
         raise UsageError(
             f"--trainer.devices {requested} starts {requested} CPU processes but this machine has "
             f"{cores} cores: pass --trainer.devices {cores} (or fewer)"

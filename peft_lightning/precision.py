@@ -90,6 +90,11 @@ def detect_hardware() -> Hardware:
     )
 
 
+def on_gpu(accelerator: str, cuda_devices: int) -> bool:
+    """Whether ``--trainer.accelerator`` puts the run on CUDA GPUs: asked for, or ``auto`` with one visible."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda_devices > 0)
+
+
 def auto_precision(hardware: Hardware, accelerator: str = "auto") -> tuple[str, str]:
     """The precision an ``auto`` recipe trains in on ``hardware``, and why (one phrase).
 
@@ -101,8 +106,7 @@ def auto_precision(hardware: Hardware, accelerator: str = "auto") -> tuple[str, 
         >>> auto_precision(Hardware(cpu_flags=frozenset({"avx2", "amx_bf16"})), "cpu")
         ('bf16-mixed', 'CPU with native bf16 units (amx_bf16)')
     """
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and hardware.cuda_devices > 0)
-    if on_gpu:
+    if on_gpu(accelerator, hardware.cuda_devices):
         if hardware.cuda_bf16:
             return "bf16-mixed", "CUDA GPU with native bf16"
         return "32-true", "CUDA GPU without native bf16 (compute capability < 8.0)"

@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from peft_lightning.batch import GlobalBatch, global_batch
+from peft_lightning.batch import global_batch
 from peft_lightning.run_folder import log_dir
 
 if TYPE_CHECKING:
@@ -146,15 +146,8 @@ def _parameters_row(model: LightningModule, report: RunReport | None) -> Row:
 
 
 def _batch_rows(trainer: Trainer, datamodule: Any) -> list[Row]:
-    dm = datamodule if datamodule is not None else trainer.datamodule
-    batch = getattr(getattr(dm, "hparams", None), "batch_size", None) or getattr(dm, "batch_size", None)
-    if not batch:
-        return []
-    # The same figure and wording as the start-of-fit line (RunSummary).
-    size = GlobalBatch(
-        int(batch), int(trainer.num_devices), int(trainer.num_nodes), int(trainer.accumulate_grad_batches)
-    )
-    return [("effective batch", str(size))]
+    size = global_batch(trainer, datamodule)  # the start-of-fit line's figure and wording (RunSummary)
+    return [("effective batch", str(size))] if size is not None else []
 
 
 def _strategy_row(trainer: Trainer) -> Row:
