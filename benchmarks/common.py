@@ -84,7 +84,7 @@ def cli_fit(args: list[str], clock_out: Path) -> dict[str, Any]:
     wall = time.perf_counter() - start
     result = json.loads(Path(clock_out).read_text())
     lines = [line for line in buffer.getvalue().splitlines() if line.strip()]
-    return {**result, "wall_s": wall, "last_line": lines[-1] if lines else ""}
+    return {**result, "wall_s": wall, "last_line": lines[-1] if lines else "", "output": "\n".join(lines[-60:])}
 
 
 def throughput(starts: list[float], batch_sizes: list[int] | int, warmup: int) -> dict[str, float]:

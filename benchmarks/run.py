@@ -28,6 +28,7 @@ BENCHMARKS = (
     "startup",
     "tune",
     "surgical",
+    "choose",
     "time_to_accuracy",
 )
 

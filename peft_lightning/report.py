@@ -73,6 +73,7 @@ class RunReport(Callback):
         self.rounds: list[dict[str, Any]] = []  # the retune round table, as fit left it
         self.started = time.perf_counter()
         self._fit_done = False
+        self._last_groups: tuple[str, ...] | None = None  # what the fine-tuning callback trained at the last step
         self._epoch_started: float | None = None
         self._val_started: float | None = None
         self._val_seconds = 0.0
@@ -109,7 +110,12 @@ class RunReport(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if batch_idx != 0:
+        # At each epoch's start, and within an epoch when the fine-tuning callback changed what trains (``auto``'s
+        # probe after its linear probe): the groups are compared only then, not at every step.
+        ft = finetuning_callback(trainer)
+        now = ft.trainable_groups if ft is not None else None
+        changed, self._last_groups = now != self._last_groups, now
+        if batch_idx != 0 and not changed:
             return
         phase = self.current_phase(trainer, pl_module)
         key = ("groups", "round", "lr_scale", "trainable")

@@ -190,14 +190,27 @@ def _probe_rows(ft: Any) -> list[Row]:
         return []
     from peft_lightning.callbacks.strategies import Auto
 
-    rgn = ft.probe["rgn"]
-    norm = {g: v for g, v in Auto.normalised(rgn, list(rgn)).items() if g != list(rgn)[-1]}
+    probe = ft.probe
+    groups = list(probe["rgn"])
+    when = f" at step {probe['step']}" if probe.get("step") else ""
+    head = f"{probe['batches']} batches{when} in {probe['seconds']:.1f} s"
+    signal = probe.get("signal")
+    if signal is not None and getattr(ft.schedule, "mode", None) == "depth":
+        chosen = probe.get("chosen") or []
+        ranked = ", ".join(f"{g} {signal[g]:.2f}" for g in reversed(groups[:-1]) if g in signal)
+        why = (
+            f"the top {len(chosen) - 1} of {len(groups) - 1} groups below the head hold "
+            f"{100 * ft.schedule.coverage:.0f}% of the signal"
+            if len(chosen) > 1
+            else "no group below the head has a signal: the head alone (a linear probe)"
+        )
+        return [
+            ("gradient probe", f"{head}; signal from the top: {ranked}"),
+            ("auto chose", f"{', '.join(chosen)}: {why}"),
+        ]
+    norm = {g: v for g, v in Auto.normalised(probe["rgn"], groups).items() if g != groups[-1]}
     ranked = ", ".join(f"{g} {v:.2f}" for g, v in sorted(norm.items(), key=lambda kv: -kv[1])[:4])
-    text = (
-        f"{ft.probe['batches']} batches in {ft.probe['seconds']:.1f} s; RGN/max below "
-        f"the head: {ranked}{' ...' if len(norm) > 4 else ''}"
-    )
-    return [("gradient probe", text)]
+    return [("gradient probe", f"{head}; RGN/max below the head: {ranked}{' ...' if len(norm) > 4 else ''}")]
 
 
 def _cache_rows(ft: Any, model: LightningModule) -> list[Row]:
@@ -289,18 +302,20 @@ def probe_table(probe: Mapping[str, Any], phase: Phase) -> str:
     from peft_lightning.callbacks.strategies import Auto
 
     rgn, params = probe["rgn"], probe["params"]
+    signal = probe.get("signal") or {}
     groups = list(rgn)
     norm = Auto.normalised(rgn, groups)
     scales = phase.group_lr_scales
     lines = [
         f"gradient probe: {probe['batches']} batches forward and backward in {probe['seconds']:.1f} s"
-        " (relative gradient norm ||grad|| / ||weight|| per group; normalised by the largest below the head)",
-        f"{'group':<20}{'params':>12}{'rgn':>11}{'rgn/max':>9}  {'lr scale' if scales else 'trains'}",
+        " (signal: the share of a batch's gradient that is the expected gradient; rgn: relative gradient norm"
+        " ||grad|| / ||weight||, rgn/max: over the largest below the head)",
+        f"{'group':<20}{'params':>12}{'signal':>8}{'rgn':>11}{'rgn/max':>9}  {'lr scale' if scales else 'trains'}",
     ]
     for g, v in rgn.items():
         chosen = f"{scales[g]:.3g}" if scales else ("yes" if g in phase.groups else "-")
         shown = "head" if g == groups[-1] else f"{norm[g]:.3f}"
-        lines.append(f"{g:<20}{params.get(g, 0):>12,}{v:>11.3g}{shown:>9}  {chosen}")
+        lines.append(f"{g:<20}{params.get(g, 0):>12,}{signal.get(g, 0.0):>8.3f}{v:>11.3g}{shown:>9}  {chosen}")
     return "\n".join(lines)
 
 

@@ -383,7 +383,7 @@ open({str(tmp_path)!r} + f"/rank{{trainer.global_rank}}.json", "w").write(json.d
     assert r0 == r1 and len(r0["trained"]) == 3  # the two highest below the head, and the head
 
 
-@pytest.mark.parametrize("mode", ["select", "scale"])
+@pytest.mark.parametrize("mode", ["select", "scale", "depth"])
 def test_a_resumed_auto_run_restores_its_choice_instead_of_probing_again(
     image_folder, tmp_path, monkeypatch, mode, one_thread
 ):
@@ -448,3 +448,52 @@ def test_auto_can_probe_after_the_head_has_trained_a_few_steps(image_folder, one
     ).fit(model, tiny_data(image_folder, image_size=32))
     assert seen[0] == ["head"] and len(seen[1]) == 2 and seen[1][-1] == "head"  # step 0 the head, then the probe's
     assert ft.probe is not None
+
+
+def test_auto_depth_trains_the_fewest_top_groups_that_hold_the_signal():
+    auto = Auto(coverage=0.6, floor=0.02)
+    signal = {"stem": 0.0, **{f"blocks.{i}": 0.01 for i in range(5)}, "blocks.5": 0.03, "blocks.6": 0.09}
+    # body total 0.17: blocks.6 holds 53%, with blocks.5 71% >= 60%
+    assert auto.cut(signal, GROUPS) == ["blocks.5", "blocks.6", "head"]
+    assert Auto(coverage=1.0, floor=0).cut(signal, GROUPS) == GROUPS  # LP-FT: everything after the probe
+    assert auto.cut({g: 0.01 for g in GROUPS}, GROUPS) == ["head"]  # noise everywhere: a linear probe
+    before = auto.phase(State(epoch=0, groups=GROUPS))
+    after = auto.phase(State(epoch=0, groups=GROUPS, probe={g: 1.0 for g in GROUPS}, signal=signal))
+    assert before.groups == ["head"] and after.groups == ["blocks.5", "blocks.6", "head"]
+    with pytest.raises(UsageError, match="auto_lp"):
+        Auto(lp=1.0)
+
+
+def test_auto_depth_probes_after_its_linear_probe_and_says_what_it_chose(image_folder, one_thread, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from peft_lightning.summary import summary_rows
+
+    model = tiny_effnet()
+    seen = []
+
+    class Trains(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            params = dict(pl_module.named_parameters())
+            seen.append([g for g, ns in pl_module.layer_groups() if any(params[n].requires_grad for n in ns)])
+
+    ft = FineTuning("auto", probe_batches=2, auto_lp=0.5)
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        logger=CSVLogger(tmp_path, name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ft, Trains()],
+    )
+    trainer.fit(model, tiny_data(image_folder, image_size=32))
+    signal, chosen = ft.probe["signal"], ft.probe["chosen"]
+    assert ft.probe["step"] == 2 and all(0.0 <= v <= 1.0 for v in signal.values())
+    assert chosen == Auto().cut(signal, [g for g, _ in model.layer_groups()])
+    assert seen == [["head"], ["head"], chosen, chosen]  # the linear probe, then what the probe chose
+    rows = dict(summary_rows(trainer, model, recipe="tiny"))
+    assert rows["auto chose"].startswith(", ".join(chosen))
+    header = open(tmp_path / "metrics.csv").readline()
+    assert "probe/signal/head" in header and "probe/groups_trained" in header

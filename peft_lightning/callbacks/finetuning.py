@@ -95,16 +95,21 @@ class FineTuning(Callback):
             frozen ones whose relative gradient norm is highest at the round's start (``rgn``: a probe each round).
         max_rounds: ``retune``: most rounds; None: until nothing is left to unfreeze or a round brings nothing.
         probe_batches: ``auto`` (and ``retune_order rgn``): training batches the gradient probe runs forward and
-            backward to measure each group's relative gradient norm ``||grad|| / ||weight||``.
-        auto_mode: ``scale`` (the default, the best on the mean in ``benchmarks.run surgical``): train every group
-            at ``RGN / max(RGN)`` times its LR (Auto-RGN), re-measured from the training gradients every
-            ``auto_every`` steps; ``select``: train the groups with the highest normalised RGN (``auto_threshold``
-            or ``auto_count``; the head always) and freeze the rest, which saves their backward pass.
+            backward to measure each group's gradient signal and relative gradient norm (``callbacks/probe.py``).
+        auto_mode: ``depth`` (the default, the best on the mean in ``benchmarks.run choose``): the head trains alone
+            for the first ``auto_lp`` of the steps (a linear probe), then the probe measures each group's gradient
+            signal and the fewest top groups holding ``auto_coverage`` of the body's signal train, with the head
+            (LP-FT with a measured depth); ``select``: the groups with the highest normalised RGN
+            (``auto_threshold`` or ``auto_count``; the head always) train; ``scale``: every group trains at
+            ``RGN / max(RGN)`` times its LR (Auto-RGN), re-measured every ``auto_every`` steps.
         auto_threshold: ``select``: the normalised RGN a group needs to train.
         auto_count: ``select``: train the ``auto_count`` groups of highest RGN instead of a threshold.
         auto_every: ``scale``: steps between two re-measurements of the LR scales (0: only the probe's).
-        probe_after: ``auto``: training steps of the head alone before the probe (0: probe before the first step).
-            A new head sends noise back into the body; after a few steps its gradients say what the task needs.
+        auto_lp: ``depth``: the share of the run's optimizer steps in which the head trains alone before the probe.
+        auto_coverage: ``depth``: the share of the body's gradient signal the groups that train must hold.
+        auto_floor: ``depth``: a body whose every group's signal is below this trains no group but the head.
+        probe_after: ``auto``: training steps of the head alone before the probe (0: probe before the first step;
+            ``depth``: 0 means ``auto_lp`` of the run).
         cache_features: keep the output of the frozen groups below the lowest one that trains, once per training
             example, and train the groups above from it: epochs after the first neither run the frozen layers nor
             read raw data (no decoding, resizing, tokenizing). Exact: frozen layers run in eval mode, and inputs
@@ -149,11 +154,14 @@ class FineTuning(Callback):
         retune_lr_scale: float = 1.0,
         retune_order: Literal["top", "rgn"] = "top",
         max_rounds: int | None = None,
-        probe_batches: int = 4,
-        auto_mode: Literal["select", "scale"] = "scale",
+        probe_batches: int = 8,
+        auto_mode: Literal["depth", "select", "scale"] = "depth",
         auto_threshold: float = 0.5,
         auto_count: int | None = None,
         auto_every: int = 0,
+        auto_lp: float = 0.1,
+        auto_coverage: float = 0.6,
+        auto_floor: float = 0.02,
         probe_after: int = 0,
         cache_features: bool | None = None,
         cache_max_gb: float | None = None,
@@ -213,10 +221,13 @@ class FineTuning(Callback):
             strategy,
             strategy_args,
             retune_order,
-            Auto(auto_mode, auto_threshold, auto_count, auto_every, probe_after) if strategy == "auto" else None,
+            Auto(auto_mode, auto_threshold, auto_count, auto_every, probe_after, auto_lp, auto_coverage, auto_floor)
+            if strategy == "auto"
+            else None,
         )
         self._trainable: tuple[str, ...] | None = None  # the groups that train now (for logging changes)
         self._round_started = time.perf_counter()
+        self._rescaled = False  # auto scale measured new LR scales during this step
         # rounds and probe state, all of it in `state_dict` so a resumed run continues the same round
         self.round = 0
         self.round_groups = head_groups  # groups that train in the current round (the round table's column)
@@ -251,6 +262,11 @@ class FineTuning(Callback):
         return import_strategy(strategy, args)
 
     @property
+    def trainable_groups(self) -> tuple[str, ...] | None:
+        """The groups that train now (None before the first phase is applied)."""
+        return self._trainable
+
+    @property
     def uses_rounds(self) -> bool:
         """Whether the strategy runs evaluation-driven rounds (``retune``, or a user strategy with ``rounds``)."""
         return self.schedule.rounds
@@ -258,7 +274,10 @@ class FineTuning(Callback):
     # --- the schedule ---
     def state(self, epoch: int, groups: list[str]) -> State:
         rgn = self.probe["rgn"] if self.probe else None
-        return State(epoch=epoch, groups=groups, round=self.round, history=list(self.metric_history), probe=rgn)
+        signal = self.probe.get("signal") if self.probe else None
+        return State(
+            epoch=epoch, groups=groups, round=self.round, history=list(self.metric_history), probe=rgn, signal=signal
+        )
 
     def phase(self, epoch: int, groups: list[str]) -> Phase:
         """What trains in ``epoch`` (for round strategies: in the current round), from the strategy."""
@@ -306,22 +325,37 @@ class FineTuning(Callback):
         loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
         allowed = pl_module.trainable_parameter_names()
         cache, pl_module.prefix_cache = pl_module.prefix_cache, None  # the probe runs every layer
+        # A short run spends at most a quarter of its steps' worth on the probe (at least 2 batches: the signal
+        # compares batches).
+        batches = min(self.probe_batches, max(2, int(trainer.estimated_stepping_batches) // 4))
         try:
-            result = gradient_probe.probe(trainer, pl_module, loader, self.probe_batches, allowed)
+            result = gradient_probe.probe(trainer, pl_module, loader, batches, allowed)
         finally:
             pl_module.prefix_cache = cache
         self.probe = {
             "rgn": result.rgn,
+            "signal": result.signal,
             "params": result.params,
             "batches": result.batches,
             "seconds": round(result.seconds, 2),
             "round": self.round,
         }
-        self.apply(pl_module, trainer.current_epoch)
+        chosen = self.apply(pl_module, trainer.current_epoch)
+        self._refresh_lrs(trainer)
+        self.probe["chosen"] = chosen
+        self.probe["step"] = trainer.global_step
         if trainer.is_global_zero:
             print(self.probe_table())
+        names = [name for name, _ in pl_module.layer_groups()]
+        figures = {
+            **{f"probe/rgn/{g}": v for g, v in result.rgn.items()},
+            **{f"probe/signal/{g}": v for g, v in result.signal.items()},
+            # what the probe chose: the lowest group that trains (its index from the input side) and how many do
+            "probe/lowest_trained": float(min(names.index(g) for g in chosen)),
+            "probe/groups_trained": float(len(chosen)),
+        }
         for logger in trainer.loggers:
-            logger.log_metrics({f"probe/rgn/{g}": v for g, v in result.rgn.items()}, step=trainer.global_step)
+            logger.log_metrics(figures, step=trainer.global_step)
 
     def probe_table(self) -> str:
         if not self.probe:
@@ -400,6 +434,7 @@ class FineTuning(Callback):
         # A checkpoint is restored after `on_fit_start` (which saw epoch 0), and a run resumed mid-epoch gets no
         # `on_train_epoch_start` for that epoch: apply the restored epoch's groups here.
         self.apply(pl_module, trainer.current_epoch)
+        self.schedule.plan(max(1, int(trainer.estimated_stepping_batches)))
         # A resumed run restores the probe (and so the choice) from its checkpoint instead of probing again.
         if self.schedule.needs_probe and self.probe is None and trainer.global_step >= self._probe_after:
             self.run_probe(trainer, pl_module)
@@ -435,6 +470,15 @@ class FineTuning(Callback):
         g2, w2 = gradient_probe.group_norms(pl_module, groups, allowed)
         self.probe["rgn"] = gradient_probe.rgn_from_norms(trainer, [name for name, _ in groups], g2, w2)
         pl_module.lr_scales.group = dict(self.phase(trainer.current_epoch, [n for n, _ in groups]).group_lr_scales)
+        self._rescaled = True  # this step trains at the LRs already set (and logged); the next one at the new scales
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        if self._rescaled:  # after the schedulers stepped: a scheduler that steps per epoch (plateau) needs it now
+            self._rescaled = False
+            self._refresh_lrs(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -450,10 +494,14 @@ class FineTuning(Callback):
 
     @staticmethod
     def _refresh_lrs(trainer: Trainer) -> None:
-        # LambdaLR recomputes LRs only when it steps; a new phase scale must hold from the phase's first step.
+        # A scheduler applies the task's LR scales only when it steps (per step, or per epoch under plateau): a new
+        # phase's scales must hold from its first step. The task's schedulers have `refresh()`
+        # (tasks/schedules.py); a plain LambdaLR of a task of one's own is recomputed the same way.
         for config in trainer.lr_scheduler_configs:
             sched = config.scheduler
-            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            if hasattr(sched, "refresh"):
+                sched.refresh()
+            elif isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
                 for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                     group["lr"] = base * fn(sched.last_epoch)
 

@@ -99,6 +99,9 @@ class State:
     """The monitored validation metric after each validation so far."""
     probe: dict[str, float] | None = None
     """Each group's relative gradient norm from the last probe (``needs_probe`` strategies), else None."""
+    signal: dict[str, float] | None = None
+    """Each group's gradient signal from the last probe (the share of a batch's gradient that is the expected
+    gradient, in [0, 1]), else None."""
 
 
 @dataclass
@@ -129,6 +132,10 @@ class Strategy:
 
     def phase(self, state: State) -> Phase:
         raise NotImplementedError
+
+    def plan(self, total_steps: int) -> None:
+        """Called once the run's optimizer steps are known (before training), for a strategy whose phases depend
+        on them (``auto``'s linear probe is a share of the run)."""
 
     def done(self, state: State) -> bool:
         """For ``rounds`` strategies: whether no further round could train anything new."""
@@ -255,48 +262,85 @@ class Retune(Strategy):
 
 
 class Auto(Strategy):
-    """Chooses from a gradient probe: each group's relative gradient norm ``RGN = ||grad|| / ||weight||`` on a few
-    batches before training (Auto-RGN, Lee et al., "Surgical Fine-Tuning Improves Adaptation to Distribution
-    Shifts", ICLR 2023), normalised by the largest among the groups below the head. The head is left out of the
-    normalisation and always trains at full LR: a new head starts untrained, and its RGN (often 10-100x the
-    body's) would otherwise say only that.
+    """Chooses the layer groups that train from a gradient probe (``peft_lightning/callbacks/probe.py``).
 
-    - ``mode="select"``: the groups whose normalised RGN is at least ``threshold`` (or the ``count`` highest) train,
-      and the head; the rest are frozen and cost no backward pass.
-    - ``mode="scale"``: every group trains, at ``RGN / max(RGN)`` times its LR, re-measured from the training
-      gradients every ``every`` steps (the paper's Auto-RGN).
+    - ``mode="depth"`` (the default): a linear probe first, then fine-tuning from the depth the gradients ask for
+      (LP-FT, Kumar et al., "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution",
+      ICLR 2022). The head trains alone for the first ``lp`` of the run's steps (``warmup_steps``, set by the
+      callback once the step count is known): a new head sends only noise into the body, a trained one says what
+      the task needs. The probe then measures each group's *signal* (the share of a batch's gradient that is the
+      expected gradient), and the fewest groups from the top that hold ``coverage`` of the body's signal train,
+      with every group above them and the head, at the run's LR. What stays frozen below costs no backward pass,
+      and its output is cached where epochs repeat. A body whose every group's signal is under ``floor`` (the
+      features already fit) leaves the head alone: a linear probe.
+    - ``mode="select"``: the groups whose RGN, normalised by the largest among the groups below the head, is at
+      least ``threshold`` (or the ``count`` highest) train, and the head.
+    - ``mode="scale"``: every group trains at ``RGN / max(RGN)`` times its LR, re-measured from the training
+      gradients every ``every`` steps (Auto-RGN, Lee et al., ICLR 2023).
+
+    RGN and signal are printed side by side. ``benchmarks.run choose`` measures the three modes against fixed
+    choices on tasks none of them was tuned on (docs/layers.md).
     """
 
     needs_probe = True
 
     def __init__(
         self,
-        mode: str = "scale",
+        mode: str = "depth",
         threshold: float = 0.5,
         count: int | None = None,
         every: int = 0,
         warmup_steps: int = 0,
+        lp: float = 0.1,
+        coverage: float = 0.6,
+        floor: float = 0.02,
     ) -> None:
-        if mode not in ("select", "scale"):
-            raise UsageError(f"auto_mode must be select or scale, got {mode!r}")
+        if mode not in ("depth", "select", "scale"):
+            raise UsageError(f"auto_mode must be depth, select or scale, got {mode!r}")
         if not 0 <= threshold <= 1 or (count is not None and count < 1) or min(every, warmup_steps) < 0:
             raise UsageError(
                 "auto_threshold must be in [0, 1], auto_count >= 1 or None, auto_every and probe_after >= 0"
             )
+        if not (0 <= lp < 1 and 0 < coverage <= 1 and 0 <= floor < 1):
+            raise UsageError("auto_lp must be in [0, 1), auto_coverage in (0, 1], auto_floor in [0, 1)")
         self.mode, self.threshold, self.count, self.every = mode, threshold, count, every
+        self.lp, self.coverage, self.floor = lp, coverage, floor
         self.warmup_steps = warmup_steps  # the head trains alone this many steps, then the probe runs
         self.rescale_every = every if mode == "scale" else 0  # the LR scales follow the training gradients
 
+    def plan(self, total_steps: int) -> None:
+        """``depth``: the linear probe's share of the run in steps, unless ``probe_after`` gave a number."""
+        if self.mode == "depth" and not self.warmup_steps:
+            self.warmup_steps = round(self.lp * total_steps)  # 0 (a run of a few steps): the probe comes first
+
     @staticmethod
     def normalised(probe: dict[str, float], groups: Sequence[str]) -> dict[str, float]:
-        """Each group's RGN over the largest of the groups below the head; the head gets 1."""
+        """Each group's figure over the largest of the groups below the head; the head gets 1."""
         body = {g: probe.get(g, 0.0) for g in groups[:-1]}
         top = max(body.values(), default=0.0)
         return {**{g: (v / top if top > 0 else 1.0) for g, v in body.items()}, groups[-1]: 1.0}
 
+    def cut(self, signal: dict[str, float], groups: Sequence[str]) -> list[str]:
+        """``depth``: the fewest top groups that hold ``coverage`` of the body's signal, and the head."""
+        if self.coverage >= 1:  # all of it: every group (LP-FT)
+            return list(groups)
+        body = list(groups[:-1])
+        shares = [max(0.0, signal.get(g, 0.0)) for g in body]
+        total = sum(shares)
+        if not body or max(shares, default=0.0) < self.floor or total <= 0:
+            return list(groups[-1:])
+        held = 0.0
+        for i in range(len(body) - 1, -1, -1):
+            held += shares[i]
+            if held >= self.coverage * total:
+                return list(groups[i:])
+        return list(groups)
+
     def phase(self, state: State) -> Phase:
         if not state.probe:  # before the probe: the head's warm-up, or (``show_groups``) every candidate
-            return Phase(state.groups[-1:] if self.warmup_steps else list(state.groups))
+            return Phase(state.groups[-1:] if self.warmup_steps or self.mode == "depth" else list(state.groups))
+        if self.mode == "depth":
+            return Phase(self.cut(state.signal or {}, state.groups))
         scales = self.normalised(state.probe, state.groups)
         if self.mode == "scale":
             return Phase(list(state.groups), group_lr_scales=scales)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -20,7 +21,7 @@ from peft_lightning import internals
 from peft_lightning.adapters import AdapterConfig
 from peft_lightning.contract import LayerGroups, LRScales
 from peft_lightning.data.checks import data_spec
-from peft_lightning.tasks.schedules import warmup_cosine
+from peft_lightning.tasks.schedules import GroupLambdaLR, GroupPlateau, warmup_cosine
 
 if TYPE_CHECKING:
     from peft_lightning.callbacks.prefix_cache import PrefixCache
@@ -374,8 +375,15 @@ class FineTuneTask(LightningModule):
             total = total * self.schedule_epochs // self.trainer.max_epochs
         total = max(1, total)
         warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
+        # The layer, phase and group scales of the fine-tuning callback are read live by every scheduler: the
+        # callback can change them between epochs (milestones, retune rounds, auto) without touching the optimizer,
+        # and a resumed run recomputes them.
+        names = [g["name"].removesuffix(".no_wd") for g in groups]
+        for g in opt.param_groups:  # the scales are applied by the schedulers below
+            g["lr"] = g["initial_lr"] = self.lr
         if self.scheduler_name == "plateau":
-            sched: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=self.monitor_mode, factor=0.5, patience=1)
+            factors = [partial(self.lr_scales.factor, n) for n in names]
+            sched: Any = GroupPlateau(opt, factors, mode=self.monitor_mode, factor=0.5, patience=1)
             return {
                 "optimizer": opt,
                 "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch"},
@@ -383,18 +391,8 @@ class FineTuneTask(LightningModule):
         if self.scheduler_name == "onecycle" and not self.warmup:
             warmup = int(0.3 * total)  # OneCycleLR's default pct_start
         shape = warmup_cosine(warmup, total, self.min_lr_ratio, self.scheduler_name)
-        # One lambda per group, reading the layer and phase scales live: the callback can change them between
-        # epochs (milestones, retune rounds) without touching the optimizer, and a resumed run recomputes them.
-        names = [g["name"].removesuffix(".no_wd") for g in groups]
-        for g in opt.param_groups:  # the scales are applied by the lambdas below
-            g["lr"] = g["initial_lr"] = self.lr
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [self._group_lambda(shape, n) for n in names])
+        sched = GroupLambdaLR(opt, [self._group_lambda(shape, n) for n in names])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _group_lambda(self, shape: Any, name: str) -> Any:
-        return lambda step: (
-            shape(step)
-            * self.lr_scales.layer.get(name, 1.0)
-            * self.lr_scales.phase
-            * self.lr_scales.group.get(name, 1.0)
-        )
+        return lambda step: shape(step) * self.lr_scales.factor(name)

@@ -1,10 +1,16 @@
 """The learning-rate shapes of every task's schedule: linear warmup, then cosine, linear or constant, or the shape of
 torch's ``OneCycleLR``, as a multiplier for ``LambdaLR`` (``FineTuneTask.configure_optimizers`` applies it per
-layer group, times the fine-tuning callback's ``lr_scales``)."""
+layer group, times the fine-tuning callback's ``lr_scales``); and the two schedulers that apply those scales, the
+step-wise ``GroupLambdaLR`` and the plateau-driven ``GroupPlateau``, both with ``refresh()``."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 ONECYCLE_DIV = 25.0
 """OneCycle starts at ``lr / 25`` (torch's ``div_factor``) ..."""
@@ -47,3 +53,60 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0, k
         return min_ratio + (1.0 - min_ratio) * shape
 
     return factor
+
+
+class GroupLambdaLR(LambdaLR):
+    """``LambdaLR`` with one multiplier per parameter group that reads the fine-tuning callback's LR scales live,
+    and ``refresh()``: the current step's LRs recomputed at once (a new phase holds from its first step)."""
+
+    def refresh(self) -> None:
+        for group, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base * fn(self.last_epoch)
+
+
+class GroupPlateau(ReduceLROnPlateau):
+    """``ReduceLROnPlateau`` on one multiplier that every parameter group shares: group ``i`` trains at
+    ``peak x scale x factors[i]()``, where ``scale`` halves (``factor``) when the monitored metric stops improving
+    and ``factors`` read the fine-tuning callback's LR scales (layer decay, phase, per group). torch's
+    ``ReduceLROnPlateau`` alone multiplies each group's current LR, so a scale set between epochs never reached
+    the optimizer; here ``refresh()`` applies it, and so does every ``step``.
+
+    Args:
+        optimizer: the optimizer, each group's ``lr`` set to the peak.
+        factors: one callable per parameter group, its LR multiplier now.
+        mode, factor, patience: as ``ReduceLROnPlateau``'s.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        factors: Sequence[Callable[[], float]],
+        mode: Literal["min", "max"] = "min",
+        factor: float = 0.5,
+        patience: int = 1,
+    ) -> None:
+        self.factors = list(factors)
+        self.peaks = [float(g["lr"]) for g in optimizer.param_groups]
+        self.scale = 1.0
+        super().__init__(optimizer, mode=mode, factor=factor, patience=patience)
+        self.refresh()
+
+    def refresh(self) -> None:
+        for group, peak, fn in zip(self.optimizer.param_groups, self.peaks, self.factors):
+            group["lr"] = peak * self.scale * fn()
+
+    def step(self, metrics: Any, epoch: int | None = None) -> None:  # type: ignore[override]
+        before = [g["lr"] for g in self.optimizer.param_groups]
+        super().step(metrics)
+        if any(g["lr"] < lr for g, lr in zip(self.optimizer.param_groups, before)):  # the plateau reduced them
+            self.scale *= self.factor
+        self.refresh()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k != "factors"}  # callables do not pickle
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        factors = self.factors
+        super().load_state_dict(state_dict)
+        self.factors = factors
+        self.refresh()
