@@ -198,11 +198,15 @@ def _probe_rows(ft: Any) -> list[Row]:
     if signal is not None and getattr(ft.schedule, "mode", None) == "depth":
         chosen = probe.get("chosen") or []
         ranked = ", ".join(f"{g} {signal[g]:.2f}" for g in reversed(groups[:-1]) if g in signal)
+        resolved = max((signal.get(g, 0.0) for g in groups[:-1]), default=0.0) >= ft.schedule.floor
         why = (
             f"the top {len(chosen) - 1} of {len(groups) - 1} groups below the head hold "
             f"{100 * ft.schedule.coverage:.0f}% of the signal"
-            if len(chosen) > 1
-            else "no group below the head has a signal: the head alone (a linear probe)"
+            if resolved and ft.schedule.coverage < 1
+            else f"every group (LP-FT): no signal below the head reaches {ft.schedule.floor:g}, the probe cannot "
+            "tell the groups apart"
+            if not resolved
+            else "every group (LP-FT)"
         )
         return [
             ("gradient probe", f"{head}; signal from the top: {ranked}"),

@@ -456,7 +456,7 @@ def test_auto_depth_trains_the_fewest_top_groups_that_hold_the_signal():
     # body total 0.17: blocks.6 holds 53%, with blocks.5 71% >= 60%
     assert auto.cut(signal, GROUPS) == ["blocks.5", "blocks.6", "head"]
     assert Auto(coverage=1.0, floor=0).cut(signal, GROUPS) == GROUPS  # LP-FT: everything after the probe
-    assert auto.cut({g: 0.01 for g in GROUPS}, GROUPS) == ["head"]  # noise everywhere: a linear probe
+    assert auto.cut({g: 0.01 for g in GROUPS}, GROUPS) == GROUPS  # no resolved signal: every group (LP-FT)
     before = auto.phase(State(epoch=0, groups=GROUPS))
     after = auto.phase(State(epoch=0, groups=GROUPS, probe={g: 1.0 for g in GROUPS}, signal=signal))
     assert before.groups == ["head"] and after.groups == ["blocks.5", "blocks.6", "head"]

@@ -55,8 +55,8 @@ class Recorder(Callback):
                 "decay": {g: DECAY ** (len(groups) - 1 - i) for i, g in enumerate(groups)},
                 "phase": ft.schedule.phase(ft.state(trainer.current_epoch, groups)).lr_scale,
                 "auto": dict(Auto.normalised(ft.probe["rgn"], groups))
-                if ft.probe and getattr(ft.schedule, "mode", "") == "scale"
-                else {},
+                if ft.probe and ft.schedule.mode == "scale"
+                else dict(pl_module.lr_scales.group),  # depth: the body's warm-up after the linear probe
                 "plateau": sched.scale if isinstance(sched, GroupPlateau) else None,
                 "lr": pl_module.lr,
             }

@@ -107,7 +107,8 @@ class FineTuning(Callback):
         auto_every: ``scale``: steps between two re-measurements of the LR scales (0: only the probe's).
         auto_lp: ``depth``: the share of the run's optimizer steps in which the head trains alone before the probe.
         auto_coverage: ``depth``: the share of the body's gradient signal the groups that train must hold.
-        auto_floor: ``depth``: a body whose every group's signal is below this trains no group but the head.
+        auto_floor: ``depth``: a body whose every group's signal is below this (the probe cannot tell the groups
+            apart) trains every group after the linear probe (LP-FT).
         probe_after: ``auto``: training steps of the head alone before the probe (0: probe before the first step;
             ``depth``: 0 means ``auto_lp`` of the run).
         cache_features: keep the output of the frozen groups below the lowest one that trains, once per training
@@ -476,9 +477,24 @@ class FineTuning(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
-        if self._rescaled:  # after the schedulers stepped: a scheduler that steps per epoch (plateau) needs it now
+        ramped = self._ramp(trainer, pl_module)
+        if self._rescaled or ramped:  # after the schedulers stepped: the next step's LRs, under every scheduler
             self._rescaled = False
             self._refresh_lrs(trainer)
+
+    def _ramp(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """``auto``'s body warm-up: the groups its probe chose start at a small LR that rises linearly to the
+        schedule's over ``ramp_steps`` steps (a function of the step, so a resumed run ramps alike)."""
+        steps = getattr(self.schedule, "ramp_steps", 0)
+        if not steps or not self.probe or "step" not in self.probe:
+            return False
+        done = trainer.global_step - self.probe["step"]
+        if not 0 <= done <= steps:
+            return False
+        head = pl_module.layer_groups()[-1][0]
+        factor = min(1.0, (done + 1) / (steps + 1))
+        pl_module.lr_scales.group = {g: factor for g in self.probe["chosen"] if g != head}
+        return True
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

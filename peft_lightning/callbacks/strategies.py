@@ -270,9 +270,10 @@ class Auto(Strategy):
       callback once the step count is known): a new head sends only noise into the body, a trained one says what
       the task needs. The probe then measures each group's *signal* (the share of a batch's gradient that is the
       expected gradient), and the fewest groups from the top that hold ``coverage`` of the body's signal train,
-      with every group above them and the head, at the run's LR. What stays frozen below costs no backward pass,
-      and its output is cached where epochs repeat. A body whose every group's signal is under ``floor`` (the
-      features already fit) leaves the head alone: a linear probe.
+      with every group above them and the head, at the run's LR, which rises linearly from near 0 over as many
+      steps as the linear probe took (``ramp``: the body's own warm-up). What stays frozen below costs no backward
+      pass, and its output is cached where epochs repeat. When no group below the head shows a signal of at
+      least ``floor`` (small noisy batches: the probe cannot tell the groups apart), every group trains: LP-FT.
     - ``mode="select"``: the groups whose RGN, normalised by the largest among the groups below the head, is at
       least ``threshold`` (or the ``count`` highest) train, and the head.
     - ``mode="scale"``: every group trains at ``RGN / max(RGN)`` times its LR, re-measured from the training
@@ -294,6 +295,7 @@ class Auto(Strategy):
         lp: float = 0.1,
         coverage: float = 0.6,
         floor: float = 0.02,
+        ramp: bool = True,
     ) -> None:
         if mode not in ("depth", "select", "scale"):
             raise UsageError(f"auto_mode must be depth, select or scale, got {mode!r}")
@@ -304,7 +306,8 @@ class Auto(Strategy):
         if not (0 <= lp < 1 and 0 < coverage <= 1 and 0 <= floor < 1):
             raise UsageError("auto_lp must be in [0, 1), auto_coverage in (0, 1], auto_floor in [0, 1)")
         self.mode, self.threshold, self.count, self.every = mode, threshold, count, every
-        self.lp, self.coverage, self.floor = lp, coverage, floor
+        self.lp, self.coverage, self.floor, self.ramp = lp, coverage, floor, ramp
+        self.ramp_steps = 0
         self.warmup_steps = warmup_steps  # the head trains alone this many steps, then the probe runs
         self.rescale_every = every if mode == "scale" else 0  # the LR scales follow the training gradients
 
@@ -312,6 +315,8 @@ class Auto(Strategy):
         """``depth``: the linear probe's share of the run in steps, unless ``probe_after`` gave a number."""
         if self.mode == "depth" and not self.warmup_steps:
             self.warmup_steps = round(self.lp * total_steps)  # 0 (a run of a few steps): the probe comes first
+        if self.mode == "depth" and self.ramp:
+            self.ramp_steps = self.warmup_steps
 
     @staticmethod
     def normalised(probe: dict[str, float], groups: Sequence[str]) -> dict[str, float]:
@@ -322,13 +327,11 @@ class Auto(Strategy):
 
     def cut(self, signal: dict[str, float], groups: Sequence[str]) -> list[str]:
         """``depth``: the fewest top groups that hold ``coverage`` of the body's signal, and the head."""
-        if self.coverage >= 1:  # all of it: every group (LP-FT)
-            return list(groups)
         body = list(groups[:-1])
         shares = [max(0.0, signal.get(g, 0.0)) for g in body]
         total = sum(shares)
-        if not body or max(shares, default=0.0) < self.floor or total <= 0:
-            return list(groups[-1:])
+        if self.coverage >= 1 or max(shares, default=0.0) < self.floor:
+            return list(groups)  # all of the signal, or a signal the probe cannot resolve: every group (LP-FT)
         held = 0.0
         for i in range(len(body) - 1, -1, -1):
             held += shares[i]
@@ -338,7 +341,9 @@ class Auto(Strategy):
 
     def phase(self, state: State) -> Phase:
         if not state.probe:  # before the probe: the head's warm-up, or (``show_groups``) every candidate
-            return Phase(state.groups[-1:] if self.warmup_steps or self.mode == "depth" else list(state.groups))
+            if self.mode == "depth":  # the linear probe
+                return Phase(state.groups[-1:])
+            return Phase(state.groups[-1:] if self.warmup_steps else list(state.groups))
         if self.mode == "depth":
             return Phase(self.cut(state.signal or {}, state.groups))
         scales = self.normalised(state.probe, state.groups)
