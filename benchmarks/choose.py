@@ -418,7 +418,8 @@ def summarise(table: dict[str, dict[str, dict]]) -> dict[str, Any]:
 
 def run(quick: bool = False, smoke: bool = False) -> dict:
     contenders = ["head", "auto"] if smoke else list(CONTENDERS)
-    return summarise(cells(contenders, None, quick, smoke, save=results_path(quick, smoke).with_suffix(".partial")))
+    partial = None if smoke else results_path(quick, smoke).with_suffix(".partial")  # a long run's cells so far
+    return summarise(cells(contenders, None, quick, smoke, save=partial))
 
 
 def main(argv: list[str]) -> None:

@@ -142,3 +142,32 @@ def test_time_to_accuracy_smoke_draws_both_curves(tmp_path, capsys):
         cache = figures["runs"]["ours"][0]["prefix_cache"]
         assert cache["failed"] is None and cache["hits"] > 0  # later epochs trained from the cache
         assert set(figures["runs"]) == {"ours", ref}
+
+
+def test_choose_summary_finds_the_best_fixed_choice_and_autos_gap():
+    from benchmarks.choose import summarise
+
+    def cell(acc, wall):
+        return {"test_acc": acc, "wall_s": wall}
+
+    table = {
+        "a": {"full": cell(0.80, 10.0), "default": cell(0.85, 5.0), "auto": cell(0.845, 6.0)},
+        "b": {"full": cell(0.70, 20.0), "default": cell(0.60, 8.0), "auto": cell(0.72, 12.0)},
+    }
+    out = summarise(table)
+    assert out["per_setting"]["a"]["best_fixed"] == "default"
+    assert out["per_setting"]["a"]["auto_minus_best_pts"] == pytest.approx(-0.5)
+    assert out["per_setting"]["b"]["auto_time_over_full"] == pytest.approx(0.6)
+    assert out["mean_test_acc"]["auto"] == pytest.approx(0.7825)
+    head = out["headline"]
+    assert head["auto_worst_gap_pts"] == pytest.approx(-0.5) and head["auto_settings_within_1pt"] == 2
+    assert head["auto_mean_minus_best_fixed_mean_pts"] == pytest.approx(100 * (0.7825 - 0.75))
+
+
+@pytest.mark.slow
+def test_choose_smoke_runs_its_contenders_on_a_new_task(tmp_path, capsys):
+    headline, result = smoke("choose", "effnet_fashion", tmp_path, capsys)
+    row = result["table"]["tops96_short"]
+    assert set(row) == {"head", "auto"} and all(0 <= c["test_acc"] <= 1 and c["wall_s"] > 0 for c in row.values())
+    assert row["auto"]["auto_chose"]  # the run summary's row: what auto chose and why
+    assert headline["settings"] == 1 and "auto_worst_gap_pts" in headline
