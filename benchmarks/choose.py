@@ -375,13 +375,16 @@ def metric(cell: dict[str, Any]) -> float:
 
 
 def summarise(table: dict[str, dict[str, dict]]) -> dict[str, Any]:
+    """Per setting the best fixed choice and ``auto``'s gap to it; per contender the mean over the settings where it
+    ran, and ``auto``'s mean minus each fixed contender's over the settings both ran (a contender left out of a
+    costly setting is compared where it ran)."""
     settings = [s for s in table if table[s]]
-    contenders = [c for c in CONTENDERS if all(c in table[s] for s in settings)]
+    contenders = [c for c in CONTENDERS if any(c in table[s] for s in settings)]
     per_setting = {}
     for s in settings:
         row = table[s]
-        best = max((c for c in contenders if c != "auto"), key=lambda c: metric(row[c]), default=None)
-        entry: dict[str, Any] = {"best_fixed": best}
+        best = max((c for c in row if c != "auto"), key=lambda c: metric(row[c]), default=None)
+        entry: dict[str, Any] = {"best_fixed": best, "ran": [c for c in contenders if c in row]}
         if best is not None:
             entry["best_fixed_acc"] = metric(row[best])
         if "auto" in row and best is not None:
@@ -392,18 +395,22 @@ def summarise(table: dict[str, dict[str, dict]]) -> dict[str, Any]:
                 entry["auto_time_over_default"] = round(row["auto"]["wall_s"] / row["default"]["wall_s"], 3)
             entry["auto_chose"] = row["auto"].get("auto_chose")
         per_setting[s] = entry
-    mean = {c: round(statistics.mean(metric(table[s][c]) for s in settings), 4) for c in contenders}
-    time_mean = {c: round(statistics.mean(table[s][c]["wall_s"] for s in settings), 1) for c in contenders}
+    where = {c: [s for s in settings if c in table[s]] for c in contenders}
+    mean = {c: round(statistics.mean(metric(table[s][c]) for s in where[c]), 4) for c in contenders}
+    time_mean = {c: round(statistics.mean(table[s][c]["wall_s"] for s in where[c]), 1) for c in contenders}
     headline: dict[str, Any] = {"settings": len(settings), **{f"mean_{c}": v for c, v in mean.items()}}
     gaps = [e["auto_minus_best_pts"] for e in per_setting.values() if "auto_minus_best_pts" in e]
     if gaps:
         headline["auto_worst_gap_pts"] = min(gaps)
         headline["auto_settings_within_1pt"] = sum(g >= -1.0 for g in gaps)
-        fixed = [c for c in contenders if c != "auto"]
-        headline["auto_mean_minus_best_fixed_mean_pts"] = round(100 * (mean["auto"] - max(mean[c] for c in fixed)), 2)
+        for c in contenders:
+            both = [s for s in where[c] if "auto" in table[s]]
+            if c != "auto" and both:
+                diff = statistics.mean(metric(table[s]["auto"]) - metric(table[s][c]) for s in both)
+                headline[f"auto_minus_{c}_mean_pts"] = round(100 * diff, 2)
     chart = {
         "title": "test accuracy per task setting and layer choice",
-        "groups": {s: {c: 100 * metric(table[s][c]) for c in contenders} for s in settings},
+        "groups": {s: {c: 100 * metric(table[s][c]) for c in contenders if c in table[s]} for s in settings},
         "ylabel": "test accuracy (%)",
     }
     return {
@@ -411,6 +418,7 @@ def summarise(table: dict[str, dict[str, dict]]) -> dict[str, Any]:
         "per_setting": per_setting,
         "mean_test_acc": mean,
         "mean_wall_s": time_mean,
+        "settings_run": {c: len(w) for c, w in where.items()},
         "chart": chart,
         "headline": headline,
     }
