@@ -153,9 +153,9 @@ def bar_chart(
     fig, ax = plt.subplots(figsize=(2.2 + 2.4 * len(names), 3.6))
     for i, c in enumerate(contenders):
         xs = [j + (i - (len(contenders) - 1) / 2) * width for j in range(len(names))]
-        ys = [groups[n].get(c, 0.0) for n in names]
+        ys = [groups[n].get(c, float("nan")) for n in names]  # a cell that was not run draws no bar
         bars = ax.bar(xs, ys, width, label=c)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.bar_label(bars, labels=["" if y != y else f"{y:.1f}" for y in ys], fontsize=8)
     ax.set_xticks(range(len(names)), [f"{n}\n{(notes or {}).get(n, '')}" for n in names])
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
