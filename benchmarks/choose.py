@@ -250,20 +250,7 @@ def _prepare(setting: dict[str, Any], data_root: Path, quick: bool, smoke: bool)
         classes = 4 if setting["shift"] == "coarse" else 10
         if not folder.exists():
             classes = write_target(folder, setting["shift"], train, test)
-        return [
-            "--recipe",
-            "benchmarks.choose:ImageTask",
-            "--model.checkpoint_path",
-            str(weights),
-            "--model.num_classes",
-            str(classes),
-            "--data.dataset",
-            str(folder),
-            "--data.val_fraction",
-            "0.1",
-            "--trainer.max_epochs",
-            str(epochs),
-        ]
+        return [*_fit_args("vision", classes, folder, epochs), "--model.checkpoint_path", str(weights)]
     domain, maker, train, test, extra, budgets = NEW_TASKS[setting["task"]]
     train, test = max(40, int(train * setting["scale"])), max(40, int(test * setting["scale"]))
     folder = data_root / f"{setting['task']}_{train}_{test}"
@@ -271,21 +258,19 @@ def _prepare(setting: dict[str, Any], data_root: Path, quick: bool, smoke: bool)
         classes = maker(folder, train, test)
         (folder / "classes.txt").write_text(str(classes))
     classes = int((folder / "classes.txt").read_text())
-    recipe = "benchmarks.choose:ImageTask" if domain == "vision" else "benchmarks.choose:TextTask"
-    size = "--model.num_classes" if domain == "vision" else "--model.num_labels"
-    epochs = 1 if smoke else budgets[setting["budget"]]
+    return [*_fit_args(domain, classes, folder, 1 if smoke else budgets[setting["budget"]]), *extra]
+
+
+def _fit_args(domain: str, classes: int, folder: Path, epochs: int) -> list[str]:
+    """A fit of the README's subclass for ``domain`` on the save_to_disk data in ``folder`` (10% carved for
+    validation)."""
+    recipe, size = {
+        "vision": ("benchmarks.choose:ImageTask", "--model.num_classes"),
+        "text": ("benchmarks.choose:TextTask", "--model.num_labels"),
+    }[domain]
     return [
-        "--recipe",
-        recipe,
-        size,
-        str(classes),
-        "--data.dataset",
-        str(folder),
-        "--data.val_fraction",
-        "0.1",
-        "--trainer.max_epochs",
-        str(epochs),
-        *extra,
+        *("--recipe", recipe, size, str(classes), "--data.dataset", str(folder)),
+        *("--data.val_fraction", "0.1", "--trainer.max_epochs", str(epochs)),
     ]
 
 

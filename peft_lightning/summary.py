@@ -198,7 +198,7 @@ def _probe_rows(ft: Any) -> list[Row]:
     if signal is not None and getattr(ft.schedule, "mode", None) == "depth":
         chosen = probe.get("chosen") or []
         ranked = ", ".join(f"{g} {signal[g]:.2f}" for g in reversed(groups[:-1]) if g in signal)
-        resolved = max((signal.get(g, 0.0) for g in groups[:-1]), default=0.0) >= ft.schedule.floor
+        resolved = ft.schedule.resolves(signal, groups)
         why = (
             f"the top {len(chosen) - 1} of {len(groups) - 1} groups below the head hold "
             f"{100 * ft.schedule.coverage:.0f}% of the signal"

@@ -53,6 +53,7 @@ from peft_lightning.callbacks.strategies import (
 )
 from peft_lightning.contract import check_task
 from peft_lightning.errors import UsageError
+from peft_lightning.tasks.schedules import refresh_lambda_lr
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +486,7 @@ class FineTuning(Callback):
     def _ramp(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """``auto``'s body warm-up: the groups its probe chose start at a small LR that rises linearly to the
         schedule's over ``ramp_steps`` steps (a function of the step, so a resumed run ramps alike)."""
-        steps = getattr(self.schedule, "ramp_steps", 0)
+        steps = self.schedule.ramp_steps
         if not steps or not self.probe or "step" not in self.probe:
             return False
         done = trainer.global_step - self.probe["step"]
@@ -518,8 +519,7 @@ class FineTuning(Callback):
             if hasattr(sched, "refresh"):
                 sched.refresh()
             elif isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
-                for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                    group["lr"] = base * fn(sched.last_epoch)
+                refresh_lambda_lr(sched)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -121,6 +121,7 @@ class Strategy:
     ``rounds``: evaluation-driven rounds (the callback ends a round when the monitored metric stops improving,
     restores the best weights and starts the next with a fresh optimizer and schedule, ``State.round`` + 1);
     ``needs_probe``: a gradient probe before training (``State.probe``), after ``warmup_steps`` training steps;
+    ``ramp_steps``: steps over which the groups the probe chose warm up their LR from near 0 (0: none);
     ``rescale_every``: steps between two re-measurements of the probe from the training gradients (0: never).
     A strategy with state of its own implements ``state_dict`` / ``load_state_dict`` (saved in checkpoints).
     """
@@ -128,6 +129,7 @@ class Strategy:
     rounds: ClassVar[bool] = False
     needs_probe: ClassVar[bool] = False
     warmup_steps: int = 0
+    ramp_steps: int = 0
     rescale_every: int = 0
 
     def phase(self, state: State) -> Phase:
@@ -271,7 +273,7 @@ class Auto(Strategy):
       the task needs. The probe then measures each group's *signal* (the share of a batch's gradient that is the
       expected gradient), and the fewest groups from the top that hold ``coverage`` of the body's signal train,
       with every group above them and the head, at the run's LR, which rises linearly from near 0 over as many
-      steps as the linear probe took (``ramp``: the body's own warm-up). What stays frozen below costs no backward
+      steps as the linear probe took (``ramp_steps``: the body's own warm-up). What stays frozen below costs no backward
       pass, and its output is cached where epochs repeat. When no group below the head shows a signal of at
       least ``floor`` (small noisy batches: the probe cannot tell the groups apart), every group trains: LP-FT.
     - ``mode="select"``: the groups whose RGN, normalised by the largest among the groups below the head, is at
@@ -279,8 +281,8 @@ class Auto(Strategy):
     - ``mode="scale"``: every group trains at ``RGN / max(RGN)`` times its LR, re-measured from the training
       gradients every ``every`` steps (Auto-RGN, Lee et al., ICLR 2023).
 
-    RGN and signal are printed side by side. ``benchmarks.run choose`` measures the three modes against fixed
-    choices on tasks none of them was tuned on (docs/layers.md).
+    RGN and signal are printed side by side. ``benchmarks.run choose`` measures ``depth`` against fixed choices on
+    tasks none of them was tuned on (docs/layers.md).
     """
 
     needs_probe = True
@@ -295,7 +297,6 @@ class Auto(Strategy):
         lp: float = 0.1,
         coverage: float = 0.6,
         floor: float = 0.02,
-        ramp: bool = True,
     ) -> None:
         if mode not in ("depth", "select", "scale"):
             raise UsageError(f"auto_mode must be depth, select or scale, got {mode!r}")
@@ -306,17 +307,16 @@ class Auto(Strategy):
         if not (0 <= lp < 1 and 0 < coverage <= 1 and 0 <= floor < 1):
             raise UsageError("auto_lp must be in [0, 1), auto_coverage in (0, 1], auto_floor in [0, 1)")
         self.mode, self.threshold, self.count, self.every = mode, threshold, count, every
-        self.lp, self.coverage, self.floor, self.ramp = lp, coverage, floor, ramp
-        self.ramp_steps = 0
+        self.lp, self.coverage, self.floor = lp, coverage, floor
         self.warmup_steps = warmup_steps  # the head trains alone this many steps, then the probe runs
         self.rescale_every = every if mode == "scale" else 0  # the LR scales follow the training gradients
 
     def plan(self, total_steps: int) -> None:
         """``depth``: the linear probe's share of the run in steps, unless ``probe_after`` gave a number."""
-        if self.mode == "depth" and not self.warmup_steps:
-            self.warmup_steps = round(self.lp * total_steps)  # 0 (a run of a few steps): the probe comes first
-        if self.mode == "depth" and self.ramp:
-            self.ramp_steps = self.warmup_steps
+        if self.mode == "depth":
+            if not self.warmup_steps:
+                self.warmup_steps = round(self.lp * total_steps)  # 0 (a run of a few steps): the probe comes first
+            self.ramp_steps = self.warmup_steps  # the body warms up as long as the head trained alone
 
     @staticmethod
     def normalised(probe: dict[str, float], groups: Sequence[str]) -> dict[str, float]:
@@ -325,12 +325,16 @@ class Auto(Strategy):
         top = max(body.values(), default=0.0)
         return {**{g: (v / top if top > 0 else 1.0) for g, v in body.items()}, groups[-1]: 1.0}
 
+    def resolves(self, signal: dict[str, float], groups: Sequence[str]) -> bool:
+        """Whether some group below the head has a signal of at least ``floor`` (else the probe cannot rank them)."""
+        return max((signal.get(g, 0.0) for g in groups[:-1]), default=0.0) >= self.floor
+
     def cut(self, signal: dict[str, float], groups: Sequence[str]) -> list[str]:
         """``depth``: the fewest top groups that hold ``coverage`` of the body's signal, and the head."""
         body = list(groups[:-1])
         shares = [max(0.0, signal.get(g, 0.0)) for g in body]
         total = sum(shares)
-        if self.coverage >= 1 or max(shares, default=0.0) < self.floor:
+        if self.coverage >= 1 or not self.resolves(signal, groups):
             return list(groups)  # all of the signal, or a signal the probe cannot resolve: every group (LP-FT)
         held = 0.0
         for i in range(len(body) - 1, -1, -1):

@@ -55,13 +55,18 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0, k
     return factor
 
 
+def refresh_lambda_lr(sched: LambdaLR) -> None:
+    """Recompute a ``LambdaLR``'s current LRs now (it does so only when it steps)."""
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)
+
+
 class GroupLambdaLR(LambdaLR):
     """``LambdaLR`` with one multiplier per parameter group that reads the fine-tuning callback's LR scales live,
     and ``refresh()``: the current step's LRs recomputed at once (a new phase holds from its first step)."""
 
     def refresh(self) -> None:
-        for group, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
-            group["lr"] = base * fn(self.last_epoch)
+        refresh_lambda_lr(self)
 
 
 class GroupPlateau(ReduceLROnPlateau):
