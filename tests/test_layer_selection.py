@@ -469,14 +469,16 @@ def test_auto_depth_probes_after_its_linear_probe_and_says_what_it_chose(image_f
 
     from peft_lightning.summary import summary_rows
 
-    model = tiny_effnet()
     seen = []
 
     class Trains(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             params = dict(pl_module.named_parameters())
             seen.append([g for g, ns in pl_module.layer_groups() if any(params[n].requires_grad for n in ns)])
+            lrs.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
 
+    lrs: list[dict[str, float]] = []
+    model = tiny_effnet(scheduler="constant")
     ft = FineTuning("auto", probe_batches=2, auto_lp=0.5)
     trainer = Trainer(
         max_epochs=1,
@@ -493,6 +495,10 @@ def test_auto_depth_probes_after_its_linear_probe_and_says_what_it_chose(image_f
     assert ft.probe["step"] == 2 and all(0.0 <= v <= 1.0 for v in signal.values())
     assert chosen == Auto().cut(signal, [g for g, _ in model.layer_groups()])
     assert seen == [["head"], ["head"], chosen, chosen]  # the linear probe, then what the probe chose
+    # the body warms up over as many steps as the head trained alone (2): a step after the probe it trains at 2/3
+    body = [g for g in chosen if g != "head"]
+    assert lrs[3]["head"] == pytest.approx(1e-2) and body
+    assert all(lrs[3][g] == pytest.approx(1e-2 * 2 / 3) for g in body)
     rows = dict(summary_rows(trainer, model, recipe="tiny"))
     assert rows["auto chose"].startswith(", ".join(chosen))
     header = open(tmp_path / "metrics.csv").readline()
