@@ -20,6 +20,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from peft_lightning.adapters import AdapterConfig
+    from peft_lightning.onnx_export import OnnxWritten
     from peft_lightning.tasks.base import FineTuneTask
 
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr"}
@@ -217,7 +218,7 @@ def _outputs(task: FineTuneTask) -> Any:
     return hp.get("num_classes") or hp.get("num_labels")
 
 
-def _front(task: FineTuneTask, name: str, peft_model: nn.Module | None) -> list[str]:
+def _front(task: FineTuneTask, name: str, peft_model: nn.Module | None, onnx: bool) -> list[str]:
     """Markdown lines: the YAML metadata the hub reads, the title and what the recipe is."""
     cls = type(task)
     config = task.adapter_config
@@ -237,6 +238,8 @@ def _front(task: FineTuneTask, name: str, peft_model: nn.Module | None) -> list[
     ]
     if method != "none":
         meta.append(f"- {method}")
+    if onnx:
+        meta.append("- onnx")
     if _library(task) == "transformers" and "/" in model_name and not Path(model_name).exists():
         meta.append(f"base_model: {model_name}")  # a transformers hub id: the hub links the card to its base
     meta.append("---")
@@ -339,9 +342,11 @@ def model_card(
     ckpt: Mapping[str, Any] | None = None,
     ckpt_path: Path | None = None,
     whole_task: bool = False,
+    onnx: OnnxWritten | None = None,
 ) -> str:
-    """The Markdown model card of an export of ``task`` (written to ``files`` in ``out``; ``whole_task``: see
-    ``load_snippets``), from the checkpoint ``ckpt`` read from ``ckpt_path`` when there is one."""
+    """The Markdown model card of an export of ``task`` (written to ``files`` in ``out``; ``whole_task`` and
+    ``onnx``, the ``model.onnx`` written if any: see ``load_snippets``), from the checkpoint ``ckpt`` read from
+    ``ckpt_path`` when there is one."""
     from peft_lightning.adapters import find
     from peft_lightning.card_snippets import load_snippets  # not at the top: it imports this module's helpers
 
@@ -350,7 +355,7 @@ def model_card(
     peft_model = found[1] if found is not None else None
     class_names = _class_names(ckpt)
     lines = [
-        *_front(task, _recipe_name(task, recipe), peft_model),
+        *_front(task, _recipe_name(task, recipe), peft_model, onnx is not None),
         *_base_section(task, class_names),
         *_data_section(task, ckpt, class_names),
         *_adapter_section(task, peft_model, ckpt),
@@ -358,6 +363,6 @@ def model_card(
         *_evaluation_section(task, ckpt, ckpt_path),
         "## How to load",
         "",
-        *load_snippets(task, out, files, recipe, whole_task),
+        *load_snippets(task, out, files, recipe, whole_task, onnx),
     ]
     return "\n".join(lines).rstrip() + "\n"

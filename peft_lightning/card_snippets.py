@@ -1,8 +1,9 @@
 """The model card's "How to load" section (``card.py``): code that loads what ``export`` wrote, as written.
 
 One snippet per way to use the export: plain ``peft`` on the base model rebuilt as in training (timm,
-transformers, or the recipe's own model), the merged model without ``peft``, and the ``predict`` command of
-peft_lightning. Names and paths are the real ones; the tests run each code block as it stands in the card.
+transformers, or the recipe's own model), the merged model without ``peft``, ``model.onnx`` with onnxruntime (its
+inputs and preprocessing are the task's ``onnx_spec``), and the ``predict`` command of peft_lightning. Names and
+paths are the real ones; the tests run each code block as it stands in the card.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from peft_lightning.card import _code, _hparams, _library, _recipe_name
 from peft_lightning.internals import BatchNorm
 
 if TYPE_CHECKING:
+    from peft_lightning.onnx_export import OnnxWritten
     from peft_lightning.tasks.base import FineTuneTask
 
 
@@ -157,6 +159,40 @@ def _merged_snippet(task: FineTuneTask, out: Path, names: set[str], whole_task: 
     return []
 
 
+def _onnx_snippet(onnx: OnnxWritten, merged: bool) -> list[str]:
+    """Markdown lines: ``model.onnx`` run with onnxruntime, its inputs built as the task's spec says; ``merged``:
+    it holds adapters folded into the weights (else the plain fine-tuned model)."""
+    from peft_lightning.onnx_export import EXPORTERS, OUTPUT
+
+    spec = onnx.spec
+
+    def shape(name: str) -> str:
+        axes = spec.dynamic.get(name, {})
+        return "[" + ", ".join(axes.get(i, str(n)) for i, n in enumerate(spec.inputs[name].shape)) + "]"
+
+    inputs = ", ".join(f"{_code(n)} {shape(n)} {str(t.dtype).removeprefix('torch.')}" for n, t in spec.inputs.items())
+    # isort's order: `import x` lines, then `from x import y`, each by module
+    imports = sorted(
+        {"import onnxruntime as ort", *spec.imports}, key=lambda line: (line.startswith("from"), line.lower())
+    )
+    return [
+        f"With onnxruntime: {_code(onnx.path.name)} is the {'merged' if merged else 'fine-tuned'} model in fp32, "
+        "exported by "
+        f"{EXPORTERS[onnx.exporter]}; inputs {inputs}; output {_code(OUTPUT)} [batch, {onnx.outputs}]. "
+        f"{spec.preprocessing}",
+        "",
+        "```python",
+        *imports,
+        "",
+        *spec.snippet,
+        "",
+        f"session = ort.InferenceSession({str(onnx.path)!r})",
+        f"logits = session.run([{OUTPUT!r}], feeds)[0]",
+        "```",
+        "",
+    ]
+
+
 def _cli_snippet(
     task: FineTuneTask, out: Path, names: set[str], recipe: str | None, whole_task: bool, adapter: bool
 ) -> list[str]:
@@ -169,6 +205,8 @@ def _cli_snippet(
     elif "model.safetensors" in names:
         option = "checkpoint_path" if image and not whole_task else "init_from"
         commands.append(f"--model.{option} {out / 'model.safetensors'}")
+    if not commands:  # only model.onnx was written: nothing `predict` loads
+        return []
     return [
         "With peft_lightning:",
         "",
@@ -179,13 +217,22 @@ def _cli_snippet(
     ]
 
 
-def load_snippets(task: FineTuneTask, out: Path, files: list[Path], recipe: str | None, whole_task: bool) -> list[str]:
-    """Markdown lines: how to load what was written, with plain peft + timm/transformers and with peft_lightning.
-    ``whole_task``: ``model.safetensors`` is the whole task (weights beside the adapted module trained too)."""
+def load_snippets(
+    task: FineTuneTask,
+    out: Path,
+    files: list[Path],
+    recipe: str | None,
+    whole_task: bool,
+    onnx: OnnxWritten | None = None,
+) -> list[str]:
+    """Markdown lines: how to load what was written, with plain peft + timm/transformers, onnxruntime (``onnx``:
+    the ``model.onnx`` written, if any) and peft_lightning. ``whole_task``: ``model.safetensors`` is the whole task
+    (weights beside the adapted module trained too)."""
     names = {p.name for p in files}
     adapter = "adapter_config.json" in names and not whole_task
     return [
         *(_peft_snippet(task, out) if adapter else []),
         *_merged_snippet(task, out, names, whole_task),
+        *(_onnx_snippet(onnx, "adapter_config.json" in names) if onnx is not None else []),
         *_cli_snippet(task, out, names, recipe, whole_task, adapter),
     ]

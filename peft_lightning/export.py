@@ -2,25 +2,30 @@
 
 The adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) is what ``PeftModel.from_pretrained``
 loads; ``merge`` also writes the model with the adapters folded into its weights (``merge_and_unload``), loadable
-without ``peft``; ``README.md`` is the model card of ``card.py``. ``load_task`` restores a recipe's task from a
+without ``peft``; ``onnx`` writes that merged model as ``model.onnx`` (``onnx_export.py``); ``README.md`` is the model
+card of ``card.py``. ``load_task`` restores a recipe's task from a
 checkpoint to export it (the ``export`` command). The adapters themselves are ``adapters.py``'s. See
 docs/adapters.md.
 
 Example:
     >>> task = load_task(get_recipe("vit_cifar"), "runs/.../best.ckpt")  # doctest: +SKIP
-    >>> export(task, "vit_lora", merge=True, recipe="vit_cifar")  # doctest: +SKIP
+    >>> export(task, "vit_lora", merge=True, onnx=True, recipe="vit_cifar")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from peft_lightning.adapters import find
 from peft_lightning.errors import UsageError
+
+if TYPE_CHECKING:
+    from peft_lightning.onnx_export import OnnxSpec, OnnxWritten
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -40,12 +45,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model.merge_and_unload()
 
 
-def _trained_outside(task: nn.Module, found: tuple[str, nn.Module] | None, merge: bool) -> list[str]:
+def _trained_outside(task: nn.Module, found: tuple[str, nn.Module] | None, merge: bool, onnx: bool) -> list[str]:
     """The trainable parameters outside the adapted module (a recommender's ID embeddings and towers), sorted;
     stops with one line when what ``export`` would write without ``merge`` is not the model."""
-    if found is None and not merge:
+    if found is None and not merge and not onnx:
         raise UsageError(
-            "this checkpoint has no adapters (trained with --peft.method none): pass --merge to export its full weights"
+            "this checkpoint has no adapters (trained with --peft.method none): pass --merge to export its full "
+            "weights (or --onnx for model.onnx)"
         )
     outside = []
     if found is not None:
@@ -64,6 +70,7 @@ def export(
     out: str | Path,
     merge: bool = False,
     *,
+    onnx: bool = False,
     recipe: str | None = None,
     ckpt_path: str | Path | None = None,
 ) -> list[Path]:
@@ -75,26 +82,65 @@ def export(
     adapter folder alone is not the model: ``merge`` is required and ``model.safetensors`` holds the whole task
     (what ``--model.init_from`` loads).
 
+    ``onnx`` also writes ``model.onnx``: the merged model (or the plain one, without adapters) in eval mode and
+    fp32, with the task's named inputs and dynamic batch (and sequence) axes and one output, ``logits``
+    (``task.onnx_spec``; ``onnx_export.write_onnx``). A task that cannot be exported, or missing ``onnx`` packages,
+    stop with one line before anything is written.
+
     ``README.md`` is a model card (``peft_lightning/card.py``) in place of peft's empty template: the recipe (its
     name, ``recipe``), base model and its weights, data, adapter options, trainable parameters, the metrics recorded
     with the checkpoint at ``ckpt_path`` (the file the task was loaded from, if any) and how to load the export."""
     out = Path(out)
+    ckpt = None
+    if ckpt_path is not None:
+        from peft_lightning.checkpoint_files import read_checkpoint
+
+        ckpt = read_checkpoint(ckpt_path)
     found = find(task)
-    outside = _trained_outside(task, found, merge)
+    merged = _merged(task, found) if onnx else None
+    spec = _onnx_spec(task, merged, ckpt, copy_model=merge) if merged is not None else None  # refuses first
+    outside = _trained_outside(task, found, merge, onnx)
+    if merge and merged is None:
+        merged = _merged(task, found)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    onnx_written = None
+    if spec is not None:  # first: an exporter's refusal leaves nothing half-written
+        from peft_lightning.onnx_export import write_onnx
+
+        onnx_written = write_onnx(spec, out / "model.onnx")
     if found is not None:
-        prefix, model = found
-        model.save_pretrained(str(out))
+        found[1].save_pretrained(str(out))
         written += [out / "adapter_config.json", out / "adapter_model.safetensors"]
-        merged = merge_and_unload(model) if merge else None
-    else:
-        prefix, merged = "model.", copy.deepcopy(getattr(task, "model", task)) if merge else None
-    if merged is not None:
+    if merge and merged is not None:
+        prefix = found[0] if found is not None else "model."
         written.append(_write_merged(task, merged, prefix, out, whole=bool(outside)))
+    if onnx_written is not None:
+        written.append(onnx_written.path)
     # After the weights: peft's save_pretrained wrote its template card, which this one replaces.
-    _write_card(task, out, written, recipe=recipe, ckpt_path=ckpt_path, whole_task=bool(outside))
+    _write_card(
+        task, out, written, recipe=recipe, ckpt=ckpt, ckpt_path=ckpt_path, whole_task=bool(outside), onnx=onnx_written
+    )
     return [*written, out / "README.md"]
+
+
+def _merged(task: nn.Module, found: tuple[str, nn.Module] | None) -> nn.Module:
+    """A copy of the task's model with its adapters merged in (see ``merge_and_unload``), or of the plain model."""
+    return merge_and_unload(found[1]) if found is not None else copy.deepcopy(getattr(task, "model", task))
+
+
+def _onnx_spec(task: nn.Module, merged: nn.Module, ckpt: Mapping[str, Any] | None, copy_model: bool) -> OnnxSpec:
+    """The task's ONNX spec of ``merged`` (see ``FineTuneTask.onnx_spec``) in eval mode and fp32 (a copy of it
+    with ``copy_model``: the weights ``merge`` writes keep their dtype); stops with one line when the task cannot
+    be exported or the ``onnx`` packages are missing."""
+    from peft_lightning.onnx_export import require_onnx
+
+    if not hasattr(task, "onnx_spec"):
+        raise UsageError(f"{type(task).__name__} cannot be exported to ONNX: export without --onnx")
+    data = dict((ckpt or {}).get("datamodule_hyper_parameters") or {})
+    spec = task.onnx_spec((copy.deepcopy(merged) if copy_model else merged).float().eval(), data)
+    require_onnx()
+    return spec
 
 
 def _write_card(
@@ -103,17 +149,14 @@ def _write_card(
     written: list[Path],
     *,
     recipe: str | None,
+    ckpt: Mapping[str, Any] | None,
     ckpt_path: str | Path | None,
     whole_task: bool,
+    onnx: OnnxWritten | None,
 ) -> None:
     """Write ``README.md``, the model card of what ``export`` wrote (see ``card.model_card``)."""
     from peft_lightning.card import model_card
 
-    ckpt = None
-    if ckpt_path is not None:
-        from peft_lightning.checkpoint_files import read_checkpoint
-
-        ckpt = read_checkpoint(ckpt_path)
     card = model_card(
         task,
         out,
@@ -122,6 +165,7 @@ def _write_card(
         ckpt=ckpt,
         ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
         whole_task=whole_task,
+        onnx=onnx,
     )
     (out / "README.md").write_text(card)
 

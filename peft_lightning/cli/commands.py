@@ -35,25 +35,33 @@ def list_command(argv: list[str]) -> None:
 
 
 def export_command(argv: list[str]) -> None:
-    """``export``: a checkpoint's adapter in the peft format, the merged model with ``--merge``, and a model card."""
+    """``export``: a checkpoint's adapter in the peft format, the merged model with ``--merge``, ``model.onnx`` with
+    ``--onnx``, and a model card."""
     parser = command_parser(
         "export",
         "Write a checkpoint's adapter in the standard peft format (adapter_config.json + "
         "adapter_model.safetensors, loadable by PeftModel.from_pretrained) and, with --merge, the merged "
-        "model (model.safetensors for timm, merged/ with save_pretrained for transformers), and README.md: a model "
-        "card with the recipe, base model, data, adapter options, the checkpoint's recorded metrics and how to load "
-        "it.",
+        "model (model.safetensors for timm, merged/ with save_pretrained for transformers), with --onnx model.onnx "
+        "(the merged model for onnxruntime), and README.md: a model card with the recipe, base model, data, adapter "
+        "options, the checkpoint's recorded metrics and how to load it.",
     )
     parser.add_argument("--recipe", required=True, help="the recipe the checkpoint was trained with")
     parser.add_argument("--ckpt_path", required=True, help="a Lightning checkpoint from fit (adapter-only or full)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--merge", action="store_true", help="also write the model with the adapters merged in")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write model.onnx: the merged model in fp32 with a dynamic batch axis (and sequence axis for "
+        "text), input pixel_values or input_ids/attention_mask, output logits (vision and text; needs "
+        "pip install 'peft_lightning[onnx]')",
+    )
     args = parser.parse_args(argv)
     from peft_lightning.export import export, load_task
     from peft_lightning.registry import get_recipe
 
     task = load_task(get_recipe(args.recipe), args.ckpt_path)
-    for path in export(task, args.out, merge=args.merge, recipe=args.recipe, ckpt_path=args.ckpt_path):
+    for path in export(task, args.out, merge=args.merge, onnx=args.onnx, recipe=args.recipe, ckpt_path=args.ckpt_path):
         print(path)
 
 

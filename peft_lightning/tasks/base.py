@@ -25,6 +25,7 @@ from peft_lightning.tasks.schedules import GroupLambdaLR, GroupPlateau, warmup_c
 
 if TYPE_CHECKING:
     from peft_lightning.callbacks.prefix_cache import PrefixCache
+    from peft_lightning.onnx_export import OnnxSpec
     from peft_lightning.prefix import Split
 
 
@@ -396,3 +397,16 @@ class FineTuneTask(LightningModule):
 
     def _group_lambda(self, shape: Any, name: str) -> Any:
         return lambda step: shape(step) * self.lr_scales.factor(name)
+
+    # --- export ---
+    def onnx_spec(self, model: nn.Module, data: dict[str, Any]) -> OnnxSpec:
+        """What ``export --onnx`` writes of ``model`` (this task's model, adapters merged, in eval mode): the module,
+        named example inputs with their dynamic axes, and the model card's lines for onnxruntime
+        (``onnx_export.OnnxSpec``). ``data``: the datamodule's arguments recorded with the checkpoint (image size,
+        ``max_length`` ...), empty when there are none. A domain that can be exported overrides it; here it refuses."""
+        from peft_lightning.errors import UsageError
+
+        raise UsageError(
+            f"{type(self).__name__} cannot be exported to ONNX: its domain defines no ONNX inputs "
+            "(FineTuneTask.onnx_spec); export without --onnx"
+        )

@@ -368,3 +368,11 @@ class Recommender(FineTuneTask):
         scores = self.scores(batch["users"], batch["history"]).float().masked_fill(batch["history"], float("-inf"))
         top = scores.topk(min(self.top_k, scores.shape[1]), dim=1)
         return {"users": batch["users"], "items": top.indices, "scores": top.values}
+
+    def onnx_spec(self, model: nn.Module, data: dict[str, Any]) -> Any:
+        """Refuses ``export --onnx`` with one line: a recommender's scores are no one-input-to-logits graph."""
+        raise UsageError(
+            "a recommender cannot be exported to ONNX: it ranks a user against its whole item catalogue (ID "
+            "embeddings, item texts encoded in batches), not one input to logits; export without --onnx (with "
+            "--merge, model.safetensors is the whole model, which --model.init_from loads)"
+        )

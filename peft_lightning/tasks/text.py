@@ -14,6 +14,7 @@ from peft_lightning import adapters
 from peft_lightning.blocks import BLOCK_IN_NAME, BLOCK_MODULES
 from peft_lightning.data.checks import check_sizes, data_spec
 from peft_lightning.errors import UsageError
+from peft_lightning.onnx_export import ByName, OnnxSpec
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
 from peft_lightning.tasks.metrics import classification_metrics, per_stage
@@ -346,3 +347,36 @@ class TextClassifier(FineTuneTask):
         if names and len(names) == self.num_labels:  # saved with the model, for whoever reads its predictions
             self.backbone.config.id2label = dict(enumerate(names))
             self.backbone.config.label2id = {v: k for k, v in enumerate(names)}
+
+    def onnx_spec(self, model: nn.Module, data: dict[str, Any]) -> OnnxSpec:
+        """``export --onnx``: the tokenizer's ``input_ids``, ``attention_mask`` and, where both the model and the
+        tokenizer use them, ``token_type_ids``, each [batch, sequence], in; logits out. The card tokenizes as
+        training did: the model's tokenizer, truncated to the run's ``max_length`` (``data``)."""
+        import inspect
+
+        tokenizer = self.load_tokenizer()
+        takes = inspect.signature(model.forward).parameters
+        names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in takes]
+        names = [n for n in names if n == "input_ids" or n in tokenizer.model_input_names]
+        # Two copies of one text: a batch that needs no padding token (GPT-2's tokenizer has none), with axes
+        # longer than 1 (torch.export fixes an axis of size 0 or 1 to that size).
+        example = tokenizer(["an example of the input text"] * 2, return_tensors="pt")
+        revision = f", revision={self.hparams.revision!r}" if self.hparams.revision else ""
+        limit = int(data["max_length"]) if data.get("max_length") else None
+        max_length = f", max_length={limit}" if limit else ""
+        return OnnxSpec(
+            module=ByName(model, names),
+            inputs={n: example[n] for n in names},
+            dynamic={n: {0: "batch", 1: "sequence"} for n in names},
+            preprocessing=(
+                f"Texts are tokenized with the model's tokenizer (`{self.model_source()}`), padded to the batch's "
+                f"longest{f' and truncated to {limit} tokens' if limit else ''}, as in training."
+            ),
+            imports=["from transformers import AutoTokenizer"],
+            snippet=[
+                f"tokenizer = AutoTokenizer.from_pretrained({self.model_source()!r}{revision})",
+                "texts = ['a first text', 'and a second, longer one']  # your texts",
+                f"encoded = tokenizer(texts, padding=True, truncation=True{max_length}, return_tensors='np')",
+                f"feeds = {{name: encoded[name] for name in {names!r}}}",
+            ],
+        )

@@ -14,6 +14,7 @@ from peft_lightning import adapters
 from peft_lightning.blocks import BLOCK_MODULES, BLOCK_PREFIX
 from peft_lightning.data.checks import check_sizes, data_spec
 from peft_lightning.errors import UsageError
+from peft_lightning.onnx_export import OnnxSpec
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
 from peft_lightning.tasks.metrics import classification_metrics, per_stage
@@ -331,3 +332,33 @@ class ImageClassifier(FineTuneTask):
 
     def setup(self, stage: str) -> None:
         check_sizes(data_spec(self.trainer.datamodule), num_classes=self.num_classes)
+
+    def onnx_spec(self, model: nn.Module, data: dict[str, Any]) -> OnnxSpec:
+        """``export --onnx``: ``pixel_values`` [batch, 3, H, W] in, logits out. H, W and the card's preprocessing
+        are training's: timm's data config of ``model`` with the run's ``image_size``, ``crop_pct`` and
+        ``interpolation`` (``data``), as ``ImageDataModule.resolve_data_config`` makes it."""
+        import timm.data
+
+        cfg = dict(timm.data.resolve_model_data_config(model))
+        if data.get("image_size"):
+            cfg["input_size"] = (3, int(data["image_size"]), int(data["image_size"]))
+        cfg.update({k: data[k] for k in ("crop_pct", "interpolation") if data.get(k) is not None})
+        keep = {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in cfg}
+        _, height, width = keep["input_size"]
+        return OnnxSpec(
+            module=model,
+            inputs={"pixel_values": torch.zeros(2, *keep["input_size"])},
+            dynamic={"pixel_values": {0: "batch"}},
+            preprocessing=(
+                f"Images are RGB, resized and cropped to {height}x{width} (crop_pct {cfg.get('crop_pct')}, crop_mode "
+                f"{cfg.get('crop_mode', 'center')}, {cfg.get('interpolation')}), scaled to [0, 1] and normalised "
+                f"with mean {tuple(cfg['mean'])} and std {tuple(cfg['std'])}: training's evaluation transform "
+                "(timm's `create_transform`)."
+            ),
+            imports=["import numpy as np", "from PIL import Image", "from timm.data import create_transform"],
+            snippet=[
+                f"transform = create_transform({', '.join(f'{k}={v!r}' for k, v in keep.items())})",
+                f"images = [Image.new('RGB', ({width}, {height}))]  # your images: Image.open(path).convert('RGB')",
+                "feeds = {'pixel_values': np.stack([transform(image).numpy() for image in images])}",
+            ],
+        )
