@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -64,6 +65,16 @@ class StepClock(Callback):
 
     def _write(self) -> None:
         Path(self.out).write_text(json.dumps(self.result))
+
+
+def quiet_unless_debug() -> None:
+    """Hide the libraries' notices in the benchmark's own fits (Lightning's cloud tips, transformers' loading bar
+    and report ...) as ``python -m peft_lightning fit`` does, unless ``PEFT_LIGHTNING_DEBUG=1``: a benchmark is an
+    entry point like the CLI, so it reads that switch itself."""
+    if not os.environ.get("PEFT_LIGHTNING_DEBUG"):
+        from peft_lightning.summary import hide_third_party_noise
+
+        hide_third_party_noise()
 
 
 def cli_fit(args: list[str], clock_out: Path) -> dict[str, Any]:

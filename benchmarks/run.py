@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the offline recipes' assets are local; never wait on a hub
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     module = importlib.import_module(f"benchmarks.{args.name}")
+    from benchmarks.common import quiet_unless_debug
+
+    quiet_unless_debug()  # its Trainers and from_pretrained calls in this process, as `fit` does for its own
     quick = args.quick or args.smoke
     kwargs = {"smoke": True} if args.smoke and "smoke" in inspect.signature(module.run).parameters else {}
     started, load_start = time.time(), load()

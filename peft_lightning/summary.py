@@ -1,7 +1,7 @@
-"""Everything a run prints about itself, formatted in one place: the line at the start of fit (``RunSummary``), the
-end-of-run table (``summary_rows`` / ``print_summary``), the one grep-able result line (``final_line``), and which
-third-party notices are hidden (``hide_third_party_noise``). Tables other callbacks build (``FineTuning``'s probe,
-round and group tables) go out through ``show``.
+"""Everything a run prints about itself, formatted in one place: the lines at the start of fit (``RunSummary``,
+``fresh_line``), the end-of-run table (``summary_rows`` / ``print_summary``), the one grep-able result line
+(``final_line``), and which third-party notices are hidden (``hide_third_party_noise``). Tables other callbacks build
+(``FineTuning``'s probe, round and group tables) go out through ``show``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def finetuning_callback(trainer: Trainer) -> Any:
 
 # --- the start of fit ---
 class RunSummary(Callback):
-    """Prints, at the start of fit on rank 0, the global batch, precision, strategy and learning rate.
+    """Prints, at the start of fit on rank 0, the global batch, precision, strategy and learning rate, and which
+    modules start from random weights (``fresh_line``; not on a resume, whose weights have trained).
 
     Args:
         precision_note: why this precision (the CLI sets it when the recipe's default was ``auto``).
@@ -64,6 +65,22 @@ class RunSummary(Callback):
                 parts.append(f"lr {lr:.3g}")
         self.line = "; ".join(parts)
         rank_zero_info(self.line)
+        fresh = fresh_line(pl_module) if trainer.ckpt_path is None else ""
+        if fresh:
+            rank_zero_info(fresh)
+
+
+def fresh_line(model: LightningModule, most: int = 6) -> str:
+    """``new (randomly initialised): model.classifier``: the modules the task's ``fresh_modules()`` names (those its
+    pretrained weights did not hold, e.g. a new head), in this project's words: what transformers' LOAD REPORT says,
+    which ``hide_third_party_noise`` hides. Empty when nothing is new or the model cannot say."""
+    # Every domain task has `fresh_modules`; a plain LightningModule (a notebook's own) may not.
+    fresh_modules = getattr(model, "fresh_modules", None)
+    names = list(fresh_modules()) if callable(fresh_modules) else []
+    if not names:
+        return ""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return f"new (randomly initialised): {', '.join(names[:most])}{more}"
 
 
 # --- the end of the run ---
@@ -351,6 +368,9 @@ def groups_table(
 
 THIRD_PARTY_NOISE = (
     r"💡 Tip: ",  # Lightning's advertisements for its cloud loggers and model registry
+    # transformers' table of the keys a checkpoint lacked (a new head: MISSING), held in vain or held at another
+    # size: the start of fit names the new modules in one line (`fresh_line`).
+    r".*LOAD REPORT",
     r"Loading `train_dataloader` to estimate number of stepping batches",
     r"The number of training batches \(\d+\) is smaller than the logging interval",  # RunReport sets it from the data
     r"Precision .* is not supported by the model summary",  # the size estimate is in fp32 anyway
@@ -370,15 +390,23 @@ class _Hide(logging.Filter):
 
 
 def hide_third_party_noise() -> None:
-    """Hide ``THIRD_PARTY_NOISE`` (warnings and Lightning's log records) and the progress bars ``datasets`` draws
-    while it converts and caches data; idempotent."""
+    """Hide ``THIRD_PARTY_NOISE`` (warnings, and Lightning's and transformers' log records), the progress bars
+    ``datasets`` draws while it converts and caches data, and transformers' "Loading weights" bar; idempotent."""
     import os
     import sys
     import warnings
 
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging  # no model code: transformers imports lazily
+
+    downloads_shown = not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # its own bars: "Loading weights" at every `from_pretrained`
+    if downloads_shown:  # ... and the hub's, switched with them: a first download (minutes) keeps its bar
+        enable_progress_bars()
+    transformers_logging.get_logger()  # transformers attaches its handler now, for the filter below
     for pattern in THIRD_PARTY_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, _Hide) for f in handler.filters):
                 handler.addFilter(_Hide(THIRD_PARTY_NOISE))

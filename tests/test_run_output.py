@@ -266,3 +266,194 @@ def test_a_default_run_shows_no_third_party_noise_and_debug_shows_it(tmp_path, i
     )
     assert debug.returncode == 0, debug.stderr[-2000:]
     assert "Tip:" in debug.stderr and "not supported by the model summary" in debug.stderr
+
+
+# --- quiet in every domain: transformers' loading bar and LOAD REPORT, Lightning's tips in the benchmarks ---
+LOADING_NOISE = ("Loading weights", "LOAD REPORT", "MISSING")
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT body without a head (as all-MiniLM-L6-v2 ships) and a letters-only WordPiece
+    tokenizer, saved as ``save_pretrained`` does: a classifier built on it starts with a new head."""
+    import string
+
+    import torch
+    import transformers
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase]
+    vocab += [f"##{c}" for c in string.ascii_lowercase]
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_encoder")
+    transformers.BertModel(config).save_pretrained(folder)
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    return folder
+
+
+def shown_noise(res: subprocess.CompletedProcess) -> list[str]:
+    shown = res.stdout + res.stderr
+    return [n for n in (*NOISE, *LOADING_NOISE) if n in shown]
+
+
+def fresh_lines(res: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (res.stdout + res.stderr).splitlines() if "new (randomly initialised): " in line]
+
+
+def test_a_default_text_run_is_quiet_says_once_what_starts_fresh_and_debug_shows_the_load_report(
+    tiny_encoder, tmp_path
+):
+    from helpers import forked_cli  # a fresh process, as a user's (warning filters and log handlers start clean)
+
+    data = tmp_path / "sst2"
+    data.mkdir()
+    for split, n in (("train", 24), ("validation", 8)):
+        rows = "".join(f"{i},{'abc' if i % 2 else 'xyz'} {'q' * (i % 5 + 1)},{i % 2}\n" for i in range(n))
+        (data / f"{split}.csv").write_text("idx,sentence,label\n" + rows)
+    args = [
+        "fit",
+        "--recipe",
+        "bert_sst2",
+        "--model.model_name",
+        str(tiny_encoder),
+        "--data.dataset",
+        str(data),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "8",
+        "--data.val_fraction",
+        "0.25",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--test_after_fit",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+    ]
+    quiet = forked_cli(args)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert not shown_noise(quiet), (quiet.stdout + quiet.stderr)[-3000:]
+    # The checkpoint holds no classifier: the project says so, once, in its own words.
+    assert [line.split("new (randomly initialised): ")[1] for line in fresh_lines(quiet)] == ["model.classifier"]
+    debug = forked_cli([*args, "--debug", "true"])
+    assert debug.returncode == 0, debug.stderr[-3000:]
+    assert "LOAD REPORT" in debug.stderr and "classifier.weight" in debug.stderr and "MISSING" in debug.stderr
+
+
+def test_a_default_recommendation_run_is_quiet_and_says_once_what_starts_fresh(tiny_encoder, tmp_path):
+    from test_recsys import write_ml100k_format
+
+    from helpers import forked_cli
+
+    data = write_ml100k_format(tmp_path / "ml")  # 30 users, 40 items
+    res = forked_cli(
+        [
+            "fit",
+            "--recipe",
+            "twotower_movielens",
+            "--model.text_encoder",
+            str(tiny_encoder),
+            "--model.num_users",
+            "30",
+            "--model.num_items",
+            "40",
+            "--model.dim",
+            "8",
+            "--data.dataset",
+            str(data),
+            "--data.split",
+            "stratified",
+            "--data.val_fraction",
+            "0.2",
+            "--data.batch_size",
+            "32",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--test_after_fit",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path / "runs"),
+        ]
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not shown_noise(res), (res.stdout + res.stderr)[-3000:]
+    (line,) = fresh_lines(res)
+    fresh = set(line.split("new (randomly initialised): ")[1].split(", "))
+    # The text encoder is pretrained; the ID embeddings, biases and the projection of its features are not.
+    assert fresh == {"user_embedding", "item_bias", "item_embedding", "item_text.projection", "history_projection"}
+
+
+@pytest.mark.slow
+def test_a_benchmarks_in_process_fits_are_quiet(tmp_path):
+    from peft_lightning.registry import get_recipe
+
+    ok, why = get_recipe("effnet_fashion").availability()
+    if not ok:
+        pytest.skip(why)
+    # `adapters --smoke`: three Lightning fits built in the runner's process (tests/test_benchmarks.py runs it too).
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "adapters", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not shown_noise(res), (res.stdout + res.stderr)[-3000:]
+    assert (tmp_path / "adapters_smoke.json").is_file()
+
+
+def test_each_domain_names_the_modules_that_start_fresh_and_the_line_stays_short(tmp_path):
+    import torch
+
+    from peft_lightning.summary import fresh_line
+    from peft_lightning.tasks.recsys import Recommender
+    from peft_lightning.tasks.text import new_modules
+    from peft_lightning.tasks.vision import ImageClassifier
+
+    scratch = ImageClassifier("test_vit", num_classes=5, pretrained=False)
+    assert fresh_line(scratch) == "new (randomly initialised): model"  # no pretrained weights: all of it
+    torch.save(scratch.model.state_dict(), tmp_path / "w.pth")
+    weights = {"pretrained": False, "checkpoint_path": str(tmp_path / "w.pth")}
+    assert ImageClassifier("test_vit", num_classes=3, **weights).fresh_modules() == ["model.head"]  # re-created
+    assert ImageClassifier("test_vit", num_classes=5, **weights).fresh_modules() == []  # the file's head fits
+    mf = Recommender("mf", num_users=5, num_items=7, dim=4)
+    assert fresh_line(mf) == "new (randomly initialised): user_embedding, item_bias, item_embedding"
+    torch.save(mf.state_dict(), tmp_path / "mf.pt")
+    assert Recommender("mf", num_users=5, num_items=7, dim=4, init_from=str(tmp_path / "mf.pt")).fresh_modules() == []
+    # What transformers reports as missing, as modules: the outermost ones wholly missing, one name for a model
+    # of which nothing loaded.
+    body = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
+    assert new_modules(body, {"1.0.weight", "1.0.bias", "1.1.weight", "1.1.bias"}) == ["1"]
+    assert new_modules(body, {"1.0.weight", "1.0.bias", "1.1.weight"}) == ["1.0"]
+    assert new_modules(body, {n for n, _ in body.named_parameters()}) == [""]
+
+    class Many(torch.nn.Module):
+        def fresh_modules(self) -> list[str]:
+            return list("abcdefgh")
+
+    assert fresh_line(Many()) == "new (randomly initialised): a, b, c, d, e, f and 2 more"
+    assert fresh_line(torch.nn.Linear(1, 1)) == ""  # a model that cannot say says nothing
