@@ -202,6 +202,14 @@ class Recommender(FineTuneTask):
             return None
         return names | {n for n, _ in self.named_parameters() if not n.startswith("item_text.encoder.")}
 
+    def fresh_modules(self) -> list[str]:
+        """The modules that start from random weights: all but the pretrained text encoder (the ID embeddings, the
+        item biases, the history pooling and the projection of the text features); none after ``init_from``."""
+        if self.hparams.init_from:
+            return []
+        names = [n for n, m in self.named_children() if n != "item_text" and any(True for _ in m.parameters())]
+        return [*names, "item_text.projection"] if self.item_text is not None else names
+
     # --- weights ---
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state_dict") -> None:
         """Load every tensor of this model from ``state_dict`` (extra keys, e.g. another run's metrics, are

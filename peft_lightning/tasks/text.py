@@ -26,6 +26,19 @@ SchedulerName = get_type_hints(FineTuneTask.__init__)["scheduler"]
 _HEAD_NAMES = re.compile(r"(^|\.)(classifier|score|pooler|pre_classifier|classification_head)\.")
 
 
+def new_modules(model: nn.Module, keys: set[str]) -> list[str]:
+    """The outermost modules of ``model`` whose every parameter is in ``keys`` (the parameter names a checkpoint did
+    not hold): ``["classifier"]`` for a body without a head, RoBERTa's two-layer ``classifier`` as one name."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if any(not f or name.startswith(f"{f}.") for f in found):  # inside one found already ("": the model)
+            continue
+        params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
+        if params and all(p in keys for p in params):
+            found.append(name)
+    return found
+
+
 def hub_error(what: str, name: str, err: Exception, flag: str) -> UsageError:
     """One line for a model/tokenizer that could not be had: what was tried, why, and which flag fixes it."""
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
@@ -124,6 +137,7 @@ class TextClassifier(FineTuneTask):
         self.num_labels = num_labels
         self.label_smoothing = label_smoothing
         self.threshold = threshold
+        self._fresh: list[str] = []  # what build_model's checkpoint did not hold (fresh_modules)
         # `from_pretrained` returns the model in eval mode (dropout off); Lightning restores each module's own
         # mode after validation rather than calling train() on it, so start in train mode like any module.
         model = self.build_model().train()
@@ -150,7 +164,7 @@ class TextClassifier(FineTuneTask):
         return f"`{source}` ({where}{f', revision {hp.revision}' if hp.revision else ''})"
 
     def build_model(self) -> nn.Module:
-        """Load the checkpoint with a fresh ``num_labels`` head."""
+        """Load the checkpoint with a fresh ``num_labels`` head (``fresh_modules`` says what it did not hold)."""
         import transformers
 
         hp = self.hparams
@@ -168,11 +182,21 @@ class TextClassifier(FineTuneTask):
         except (OSError, ValueError) as err:
             raise hub_error("model", source, err, "--model.model_name") from None
         try:
-            return transformers.AutoModelForSequenceClassification.from_pretrained(
-                source, config=config, ignore_mismatched_sizes=True, **common
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+                source, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **common
             )
         except (OSError, ValueError) as err:
             raise hub_error("model weights", source, err, "--model.model_name") from None
+        # A head the checkpoint lacks (MISSING) or holds at another size (mismatched) starts from random weights.
+        fresh = set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]}
+        self._fresh = [f"model.{name}" if name else "model" for name in new_modules(model, fresh)]
+        return model
+
+    def fresh_modules(self) -> list[str]:
+        """The modules that start from random weights: those the checkpoint did not hold, or held at another size
+        (``model.classifier`` for a body without a head, or with a head of another ``num_labels``), as
+        ``from_pretrained`` reported them. Empty if a recipe's own ``build_model`` does not record them."""
+        return list(self._fresh)
 
     @property
     def backbone(self) -> nn.Module:

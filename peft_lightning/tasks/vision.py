@@ -63,8 +63,9 @@ def name_groups(groups: dict[int, list[str]], n_head: int = 1) -> LayerGroups:
     return out
 
 
-def fresh_head(model: nn.Module, num_classes: int) -> None:
-    """Give a pretrained timm model a new ``num_classes`` head through timm's own ``reset_classifier``.
+def fresh_head(model: nn.Module, num_classes: int) -> list[str]:
+    """Give a pretrained timm model a new ``num_classes`` head through timm's own ``reset_classifier``; returns the
+    names of the modules it made anew (the model's ``classifier``: ``head``, ``classifier``, ``head.fc`` ...).
 
     ``create_model(num_classes=N)`` initialises the new head with the architecture's from-scratch scheme, which
     for EfficientNets draws weights ~11x larger than ``reset_classifier``'s ``nn.Linear`` default; on
@@ -72,6 +73,8 @@ def fresh_head(model: nn.Module, num_classes: int) -> None:
     91.2% for the same run with the small head), its early gradients disturbing the pretrained blocks.
     """
     model.reset_classifier(num_classes)
+    classifier = model.pretrained_cfg.get("classifier", "head")
+    return [classifier] if isinstance(classifier, str) else list(classifier)
 
 
 class ImageClassifier(FineTuneTask):
@@ -119,6 +122,7 @@ class ImageClassifier(FineTuneTask):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._fresh: list[str] = []  # what build_model did not load from pretrained weights (fresh_modules)
         self.model = self.add_adapters(self.build_model(), base_name=model_name).to(memory_format=self.memory_format)
         self._build_metrics()
 
@@ -195,8 +199,8 @@ class ImageClassifier(FineTuneTask):
         if hp.checkpoint_path is not None:
             return self.from_weights(load_state_dict(hp.checkpoint_path))
         model = self._create(hp.pretrained)
-        if hp.pretrained:
-            fresh_head(model, self.num_classes)
+        # timm logs the head it left out of the pretrained weights at INFO (unseen); the start of fit says it.
+        self._fresh = [f"model.{n}" for n in fresh_head(model, self.num_classes)] if hp.pretrained else ["model"]
         return model
 
     def from_weights(self, weights: dict[str, torch.Tensor]) -> nn.Module:
@@ -209,9 +213,16 @@ class ImageClassifier(FineTuneTask):
         with the head size the weights have keeps timm's load strict; the head is reset after.
         """
         model = self._create(pretrained=False, weights=weights)
+        self._fresh = []
         if model.num_classes != self.num_classes:
-            fresh_head(model, self.num_classes)
+            self._fresh = [f"model.{n}" for n in fresh_head(model, self.num_classes)]
         return model
+
+    def fresh_modules(self) -> list[str]:
+        """The modules that start from random weights: the new head (``model.head``, ``model.classifier`` ...),
+        or ``model`` itself without pretrained weights (``pretrained=False``); empty when the weights held a head
+        of ``num_classes``, or when a recipe's own ``build_model`` does not record it."""
+        return list(self._fresh)
 
     def weights_source(self) -> str:
         """Where ``build_model`` takes the base weights from, in words (the exported model card says it)."""
