@@ -3,11 +3,14 @@
 ``find_last`` and ``find_resume`` find a run folder's newest ``last*.ckpt`` and SLURM's ``hpc_ckpt_N.ckpt``;
 ``resolve_ckpt_path`` turns ``--ckpt_path last`` into a file; ``read_checkpoint`` reads one with ``weights_only=True``
 and stops with one line for a damaged or hostile file (``names_code`` tells which); ``finished_reason`` says whether
-the fit saved in one has anything left to train. ``callbacks/checkpoint.py``'s ``ResumableCheckpoint`` writes them.
+the fit saved in one has anything left to train, and ``test_results`` whether the test after it ended (a fit whose
+training ended but whose test was killed is not done). ``callbacks/checkpoint.py``'s ``ResumableCheckpoint`` writes
+the checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -17,6 +20,29 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from peft_lightning.errors import UsageError
+
+TEST_RESULTS = "test_results.json"
+"""Written beside ``last.ckpt`` when the test after ``fit`` has ended: the checkpoint it tested and its metrics."""
+
+
+def write_test_results(folder: str | os.PathLike, tested: str, metrics: dict[str, float]) -> Path:
+    """Record that the test after ``fit`` ended (``TEST_RESULTS`` in ``folder``, the checkpoints' folder), written
+    whole or not at all."""
+    path = Path(folder) / TEST_RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".json.part")
+    part.write_text(json.dumps({"tested": tested, "metrics": metrics}, indent=1))
+    os.replace(part, path)
+    return path
+
+
+def test_results(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """What ``write_test_results`` recorded in ``folder``, or None when the test after fit has not ended there."""
+    path = Path(folder) / TEST_RESULTS
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def find_last(root: str | os.PathLike, dirpath: str | None = None) -> Path | None:

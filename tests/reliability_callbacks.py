@@ -18,7 +18,8 @@ from recipes.vit_cifar import VitCifar
 
 class KillAt(Callback):
     """Send ``signum`` (default SIGKILL) to this process at global step ``step``: ``where="optimizer_step"`` in
-    the middle of that step (gradients computed, weights not yet updated), ``"batch_end"`` after it."""
+    the middle of that step (gradients computed, weights not yet updated), ``"batch_end"`` after it. In the test
+    after fit: ``"test"`` before its test batch number ``step``, ``"test_end"`` once its metrics are computed."""
 
     def __init__(self, step: int, where: str = "optimizer_step", signum: int = int(signal.SIGKILL)) -> None:
         self.step = step
@@ -48,6 +49,16 @@ class KillAt(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._maybe(trainer, "epoch_end")  # after the validation-end save, before the epoch-end one
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.where == "test" and batch_idx == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        if self.where == "test_end" and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
 
 
 class RecordMetrics(Callback):

@@ -5,8 +5,11 @@ PeftModel.from_pretrained and merges without changing outputs, and fit/export/pr
 from __future__ import annotations
 
 import csv
+import re
 import string
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
@@ -256,10 +259,28 @@ def test_cli_fit_export_and_predict_from_checkpoint_adapter_and_merged(tiny_bert
     )
     assert code == 0, err[-3000:]
     predict = ["predict", *common, "--trainer.default_root_dir", str(tmp_path / "p")]
+    # New, unlabelled data: a csv of sentences only (its own column name), the label names from the checkpoint.
+    new = tmp_path / "new.csv"
+    new.write_text("review\nthe movie was good q\nthe movie was bad r\nthe movie was good s\n")
+    written = []
     for args in (
         ["--model.model_name", tiny_bert, "--ckpt_path", str(ckpt)],  # the adapters come from the ckpt
         ["--model.model_name", tiny_bert, "--peft.adapter_path", str(tmp_path / "x")],
         ["--model.model_name", str(tmp_path / "x" / "merged")],
+        ["--model.model_name", tiny_bert, "--ckpt_path", str(ckpt), "--data.predict_data", str(new)],
     ):
         code, out, err = cli(*predict, *args)
         assert code == 0, (args, err[-3000:])
+        path = Path(re.search(r"^predictions: (\S+) \(", out, re.M).group(1))
+        written.append(pq.read_table(path).to_pylist())
+    test_split = written[0]  # the recipe tests on validation (SST-2's test has no labels): its 16 rows, in order
+    assert [r["id"] for r in test_split] == [str(i) for i in range(16)] and all(
+        r["text"].startswith("the movie was") for r in test_split
+    )
+    assert {r["label"] for r in test_split} <= {"0", "1"} and {r["prediction"] for r in test_split} <= {"0", "1"}
+    for other in written[1:3]:  # the adapter folder and the merged model predict what the checkpoint does
+        assert [r["prediction"] for r in other] == [r["prediction"] for r in test_split]
+        assert [r["probability"] for r in other] == pytest.approx([r["probability"] for r in test_split], abs=1e-4)
+    unlabelled = written[3]
+    assert [r["text"] for r in unlabelled] == ["the movie was good q", "the movie was bad r", "the movie was good s"]
+    assert [r["id"] for r in unlabelled] == ["0", "1", "2"] and "label" not in unlabelled[0]

@@ -491,6 +491,32 @@ def test_cli_fit_bpr_movielens_small_budget_prints_the_summary(tmp_path):
     ndcg = float(summary[0].split("test/ndcg@10 ")[1].split()[0])
     assert 0.05 < ndcg < 1  # 10 BPR steps already beat random ranking (~0.01) on all 943 users
     assert "best checkpoint" in summary[0] and list(tmp_path.rglob("last.ckpt"))
+    # predict: each test user's top-k items by the data's own ids, with titles and scores, and the held-out items
+    best = summary[0].split("best checkpoint ")[1].rstrip(")")
+    res = run_cli(
+        "predict",
+        "--recipe",
+        "bpr_movielens",
+        "--ckpt_path",
+        best,
+        "--trainer.default_root_dir",
+        str(tmp_path / "p"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--predictions.top_k",
+        "3",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    path = res.stdout.split("predictions: ")[1].split(" (")[0]
+    rows = pq.read_table(path).to_pylist()
+    assert len(rows) > 900 and len({r["user"] for r in rows}) == len(rows)  # every test user once
+    first = rows[0]
+    assert set(first) == {"user", "items", "titles", "scores", "held_out"} and len(first["items"]) == 3
+    assert first["scores"] == sorted(first["scores"], reverse=True) and first["held_out"]
+    assert all(1 <= i <= 1682 for i in first["items"]) and "(19" in " ".join(first["titles"])  # ml-100k's ids
 
 
 def test_cli_missing_data_folder_is_one_line():

@@ -462,7 +462,7 @@ def test_a_resumed_run_keeps_its_best_checkpoint_and_a_finished_run_is_not_train
     res = forked_cli(args(*kill_args(5)))
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     best = next(tmp_path.glob("vit_cifar/*/checkpoints/best-epoch00-step4.ckpt"))
-    res = forked_cli(args("--ckpt_path", "last"))
+    res = res_fit = forked_cli(args("--ckpt_path", "last"))
     assert res.returncode == 0, res.stderr[-3000:]
     tested = re.search(r"\(best checkpoint (\S+)\)", res.stdout)
     shown = re.search(r"best validation\s*│\s*epoch ([\d.]+) \(epoch (\d+), step (\d+)\)", res.stdout)
@@ -473,11 +473,46 @@ def test_a_resumed_run_keeps_its_best_checkpoint_and_a_finished_run_is_not_train
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     res = forked_cli(args("--ckpt_path", "last"))
     assert res.returncode == 0, res.stderr[-3000:]
+    shown = result_line(res_fit.stdout)
     assert res.stdout.strip().splitlines() == [
-        f"fit: the run in {last} has finished (its re-tuning rounds are done); nothing to train. Test it with "
-        f"`test --recipe vit_cifar --ckpt_path {best}` or start a new run without --ckpt_path"
+        f"fit: the run in {last} has finished (its re-tuning rounds are done) and was tested ({shown}, {best}); "
+        "nothing to do. Start a new run without --ckpt_path"
     ], res.stdout[-3000:]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def result_line(out: str) -> str:
+    """The test metrics of the result line a fit prints (``RECIPE: test/acc ...  wall ...``)."""
+    found = re.search(r"^vit_cifar: (test/.*?)  wall ", out, re.M)
+    assert found, out[-3000:]
+    return found[1]
+
+
+@pytest.mark.slow
+def test_a_kill_in_the_test_after_fit_resumes_to_that_test(tmp_path, folder):
+    """The test after fit is part of what `fit` promised: killed before its second batch, and then (resumed) once
+    its metrics were computed, each resume tests the run's best checkpoint again; the third prints the result line
+    of the uninterrupted run. Only then does a resume say that nothing is left to do."""
+
+    def args(root: Path, *extra: str) -> list[str]:
+        return run_args(folder, root, "--test_after_fit", "true", "--data.eval_batch_size", "2", *extra, epochs=1)
+
+    res = forked_cli(args(tmp_path / "reference"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected = result_line(res.stdout)
+    run = tmp_path / "run"
+    for where, batch in (("test", 1), ("test_end", 0)):
+        res = forked_cli(args(run, "--ckpt_path", "last", *kill_args(batch, where)))
+        assert res.returncode == -signal.SIGKILL, f"killed at {where}: {res.stdout[-2000:]}{res.stderr[-2000:]}"
+        assert "nothing" not in res.stdout and not list(run.rglob("test_results.json")), where
+    best = next(run.glob("vit_cifar/*/checkpoints/best-*.ckpt"))
+    res = forked_cli(args(run, "--ckpt_path", "last"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert result_line(res.stdout) == expected and f"(best checkpoint {best})" in res.stdout, res.stdout[-3000:]
+    assert json.loads(next(run.rglob("test_results.json")).read_text())["tested"] == str(best)
+    res = forked_cli(args(run, "--ckpt_path", "last"))
+    assert res.returncode == 0 and "and was tested (test/acc" in res.stdout, res.stdout[-3000:]
+    assert res.stdout.rstrip().endswith("nothing to do. Start a new run without --ckpt_path"), res.stdout[-3000:]
 
 
 @pytest.fixture(scope="module")

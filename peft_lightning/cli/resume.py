@@ -22,8 +22,11 @@ class Done(SystemExit):
         super().__init__(0)
 
 
-def config_from_checkpoint(parser: Any, config: Any, *, recipe_name: str, run_key: str | None) -> Any:
-    """``config`` with ``ckpt_path`` resolved and the checkpoint's arguments filled in.
+def config_from_checkpoint(
+    parser: Any, config: Any, *, recipe_name: str, run_key: str | None
+) -> tuple[Any, str | None]:
+    """``config`` with ``ckpt_path`` resolved and the checkpoint's arguments filled in, and the checkpoint a ``fit``
+    has left to test (None: none).
 
     ``last`` is the newest ``last.ckpt`` of this recipe's runs (each run has its own folder: Lightning's own "last"
     looks only in the new run's empty one), or a fresh start when there is none. A restarted ``fit`` under a
@@ -31,28 +34,35 @@ def config_from_checkpoint(parser: Any, config: Any, *, recipe_name: str, run_ke
     Lightning's ``hpc_ckpt_N.ckpt`` and ``last.ckpt``, whatever ``--ckpt_path`` says: that flag named where the
     first start began. The checkpoint's hyperparameters fill in the model's arguments, its adapter options the
     ``--peft.*`` group when that was left off. A ``fit`` of a run that has finished prints one line and raises
-    ``Done``.
+    ``Done``; one whose training ended but whose test after fit did not (killed while it tested) returns the
+    checkpoint that test was to use (the run's best; its final weights when it kept none): ``fit`` then tests it,
+    what the first command promised.
     """
     subcommand = config.get("subcommand")
     if not subcommand:
-        return config
+        return config, None
     ckpt_path = resolve(config[subcommand], subcommand=subcommand, recipe_name=recipe_name, run_key=run_key)
     config[subcommand].ckpt_path = ckpt_path
     if not ckpt_path or not Path(ckpt_path).is_file():
-        return config
+        return config, None
     from peft_lightning.checkpoint_files import read_checkpoint
 
     ckpt = read_checkpoint(ckpt_path)  # weights_only=True: one line for a corrupt or hostile file
     config = _fill_arguments(parser, config, ckpt, ckpt_path=ckpt_path, recipe_name=recipe_name)
     if subcommand == "fit":
-        note = finished_note(ckpt, ckpt_path, trainer=config[subcommand].get("trainer") or {}, recipe_name=recipe_name)
+        from peft_lightning.checkpoint_files import test_results
+
+        trainer = config[subcommand].get("trainer") or {}
+        note = finished_note(ckpt, ckpt_path, trainer=trainer, recipe_name=recipe_name)
         if note is not None:
+            if config[subcommand].get("test_after_fit", True) and test_results(Path(ckpt_path).parent) is None:
+                return config, tested_checkpoint(ckpt, ckpt_path)
             from lightning.pytorch.utilities import rank_zero_only
 
             if rank_zero_only.rank == 0:
                 print(note)
             raise Done
-    return config
+    return config, None
 
 
 def resolve(config: Any, *, subcommand: str, recipe_name: str, run_key: str | None) -> str | None:
@@ -110,16 +120,30 @@ def finished_note(ckpt: dict[str, Any], ckpt_path: str, *, trainer: Any, recipe_
     """The line a ``fit`` prints instead of training again a run that has finished (retune's rounds done, early
     stopped, ``max_epochs`` or ``max_steps`` reached), or None: a job script that always passes ``--ckpt_path last``
     ends with exit 0, not an error."""
-    from peft_lightning.callbacks.checkpoint import ResumableCheckpoint
-    from peft_lightning.checkpoint_files import finished_reason
+    from peft_lightning.checkpoint_files import finished_reason, test_results
 
     why = finished_reason(ckpt, trainer.get("max_epochs"), trainer.get("max_steps"))
     if why is None:
         return None
-    state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith(ResumableCheckpoint.__name__)), {})
-    best = state.get("best_model_path") or ""
-    tested = best if best and Path(best).is_file() else ckpt_path
+    done = test_results(Path(ckpt_path).parent)
+    if done is not None:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(done["metrics"].items()) if not k.endswith("loss"))
+        return (
+            f"fit: the run in {ckpt_path} has finished ({why}) and was tested ({shown or 'no metrics'}, "
+            f"{done['tested']}); nothing to do. Start a new run without --ckpt_path"
+        )
+    tested = tested_checkpoint(ckpt, ckpt_path)
     return (
         f"fit: the run in {ckpt_path} has finished ({why}); nothing to train. Test it with `test "
         f"--recipe {recipe_name} --ckpt_path {tested}` or start a new run without --ckpt_path"
     )
+
+
+def tested_checkpoint(ckpt: dict[str, Any], ckpt_path: str) -> str:
+    """The checkpoint the test after a finished fit uses: its best one (what ``ckpt_path="best"`` tested in the run
+    itself), else ``ckpt_path`` (the final weights: last.ckpt is written again when a fit ends)."""
+    from peft_lightning.callbacks.checkpoint import ResumableCheckpoint
+
+    state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith(ResumableCheckpoint.__name__)), {})
+    best = state.get("best_model_path") or ""
+    return best if best and Path(best).is_file() else ckpt_path

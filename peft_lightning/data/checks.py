@@ -86,6 +86,11 @@ class DataSpec:
     """Most tokens an example has (text, after truncation): the padded width of the prefix cache's rows."""
     item_text: list[str] | None = None
     """One text per item id, for a recommender's text item tower (recsys)."""
+    ids: dict[str, list[Any]] = field(default_factory=dict)
+    """The data's own ids by the model's index, for whoever reads its predictions: ``{"user": [...], "item":
+    [...]}`` (recsys)."""
+    item_titles: list[str] | None = None
+    """One title per item id, for whoever reads a recommender's predictions."""
 
 
 def data_spec(datamodule: object) -> DataSpec:

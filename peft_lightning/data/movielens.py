@@ -173,7 +173,10 @@ class MovieLensDataModule(LightningDataModule):
         if self.data is None:
             return DataSpec()
         return DataSpec(
-            {"num_users": self.data.num_users, "num_items": self.data.num_items}, item_text=self.data.item_text
+            {"num_users": self.data.num_users, "num_items": self.data.num_items},
+            item_text=self.data.item_text,
+            ids={"user": self.data.raw_user_ids.tolist(), "item": self.data.raw_item_ids.tolist()},
+            item_titles=self.data.item_titles or None,
         )
 
     # --- loaders ---

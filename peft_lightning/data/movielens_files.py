@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,8 @@ class Interactions:
     raw_user_ids: np.ndarray
     raw_item_ids: np.ndarray
     source: str = ""
+    item_titles: list[str] = field(default_factory=list)
+    """One title per item id, ``"Title (year)"``: what a prediction row names."""
 
     @property
     def num_users(self) -> int:
@@ -84,7 +86,8 @@ class Interactions:
         """Index raw ids (items: those with ratings, in id order) and build each item's text."""
         raw_users, u = np.unique(user, return_inverse=True)
         raw_items, i = np.unique(item, return_inverse=True)
-        texts = [item_text(*titles.get(int(r), (f"Movie {r}", "", []))) for r in raw_items]
+        known = [titles.get(int(r), (f"Movie {r}", "", [])) for r in raw_items]
+        texts = [item_text(*t) for t in known]
         return cls(
             u.astype(np.int64),
             i.astype(np.int64),
@@ -94,6 +97,7 @@ class Interactions:
             raw_users,
             raw_items,
             source,
+            [f"{title} ({year})" if year else title for title, year, _ in known],
         )
 
 

@@ -103,6 +103,20 @@ def load_source(
     return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
 
 
+def load_predict_table(dataset: str, split: str, cache_dir: str | None, what: str) -> datasets.Dataset:
+    """The one table ``--data.predict_data`` names, read by the rule above: a file, a folder, a hub name. Several
+    splits: ``split`` (the test split's name), else a one-line error naming them."""
+    ds = load_source(dataset, None, cache_dir, what)
+    if len(ds) == 1:
+        return next(iter(ds.values()))
+    if split in ds:
+        return ds[split]
+    raise UsageError(
+        f"--data.predict_data {dataset!r} has several splits ({', '.join(ds)}) and none is {split!r}: "
+        "point it at one file or folder"
+    )
+
+
 def _load_local(path: Path, config_name: str | None, cache_dir: str | None) -> Any:
     import datasets
 

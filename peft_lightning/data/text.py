@@ -66,6 +66,38 @@ def encode(
     return dict(out)
 
 
+def encode_for_predict(
+    batch: dict[str, list],
+    indices: list[int],
+    tokenizer: Any,
+    text: str,
+    pair: str | None,
+    max_length: int,
+    target: Any,
+) -> dict[str, list]:
+    """Tokens plus what a prediction row shows: the row (``id``), the text and, when ``target`` reads one, the true
+    label (a class id, a name, or a list of names for multi-label)."""
+    texts = [t or "" for t in batch[text]]
+    out = dict(
+        tokenizer(texts, [t or "" for t in batch[pair]] if pair else None, truncation=True, max_length=max_length)
+    )
+    out["id"] = [str(i) for i in indices]
+    out["text"] = texts if pair is None else [f"{a} [SEP] {b or ''}" for a, b in zip(texts, batch[pair])]
+    if target is not None:
+        out["target"] = target(batch)
+    return out
+
+
+def with_strings(collate: Any, keys: tuple[str, ...] = ("id", "text", "target")) -> Any:
+    """``collate`` for rows that also carry strings (``keys``): those come out as lists beside the padded tensors."""
+
+    def apply(features: list[dict[str, Any]]) -> dict[str, Any]:
+        extra = {k: [f.pop(k) for f in features] for k in keys if features and k in features[0]}
+        return {**collate(features), **extra}
+
+    return apply
+
+
 class TextDataModule(LightningDataModule):
     """Train/val/test text-classification data, tokenized for the model being tuned.
 
@@ -108,6 +140,9 @@ class TextDataModule(LightningDataModule):
         max_test_samples: cap on test examples (seeded random subset).
         seed: seed of the carved splits and subsets, and of the training order (epoch e: seed + e).
         cache_dir: ``datasets`` cache folder (default: ``HF_DATASETS_CACHE``).
+        predict_data: what ``predict`` runs on: a csv/tsv/json/jsonl/parquet/arrow file or folder, or a hub name,
+            with the text column(s) and optionally labels; default: the test split. The label names come from the
+            checkpoint, so the training data need not be here.
     """
 
     def __init__(
@@ -137,6 +172,7 @@ class TextDataModule(LightningDataModule):
         max_test_samples: int | None = None,
         seed: int = 42,
         cache_dir: str | None = None,
+        predict_data: str | None = None,
     ) -> None:
         super().__init__()
         # max_length >= 4: room for the special tokens of a pair and some text.
@@ -159,6 +195,8 @@ class TextDataModule(LightningDataModule):
         self.lengths: dict[str, list[int]] = {}
         self.label_names: list[str] = []
         self.tokenizer: Any = None
+        self.predict_set: Any = None
+        self._predict_source: tuple[Any, str, str | None, Any] | None = None  # the test split as read, its columns
 
     @property
     def deterministic_train(self) -> bool:
@@ -202,10 +240,14 @@ class TextDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         # Loads, carves and tokenizes on one process per node; `setup` on the other ranks then reads the caches.
+        if self.hparams.predict_data and self.trainer is not None and self.trainer.predicting:
+            return  # predict on new data: the training data is not needed
         self._build()
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.splits:
+        if stage == "predict" and self.hparams.predict_data:  # new data: the training splits are not needed
+            self.predict_set = self.predict_set or self._new_predict_set(self.hparams.predict_data)
+        elif not self.splits:
             self._build()
 
     def _build(self) -> None:
@@ -250,6 +292,11 @@ class TextDataModule(LightningDataModule):
             hp.test_split: hp.max_test_samples,
         }
         splits, lengths = {}, {}
+        if hp.multi_label:  # a prediction row's true labels, by name
+            names = self.label_names
+            predict_target: Any = lambda b: [[names[i] for i, on in enumerate(r) if on] for r in label_fn(b)]  # noqa: E731
+        else:
+            predict_target = class_ids(labels[0])
         for split, cap in caps.items():
             d = ds[split]
             if len(d) == 0:
@@ -258,10 +305,50 @@ class TextDataModule(LightningDataModule):
                 check_label_range(d, split, labels[0], len(self.label_names))
             if cap is not None and cap < len(d):
                 d = d.shuffle(seed=hp.seed).select(range(cap))
+            if split == hp.test_split:  # what predict runs on by default, with its texts and label names
+                self._predict_source = (d, text, pair, predict_target)
             d = self._tokenize(d, tokenizer, text, pair, label_fn, spec)
             lengths[split] = list(d["length"])
             splits[split] = d.remove_columns("length")
         self.tokenizer, self.lengths, self.splits = tokenizer, lengths, splits
+
+    def _new_predict_set(self, source: str) -> Any:
+        """The texts ``predict_data`` names, with their rows and, for single-label data, their true labels."""
+        import datasets
+
+        from peft_lightning.data.source import load_predict_table
+
+        hp = self.hparams
+        what = "csv/json/parquet files with a header, or a save_to_disk folder"
+        table = load_predict_table(source, hp.test_split, hp.cache_dir, what)
+        text, pair = text_columns(table.features, hp.text_column, hp.text_pair_column)
+        named = hp.label_column if isinstance(hp.label_column, str) and hp.label_column in table.features else None
+        label = named or next((k for k, v in table.features.items() if isinstance(v, datasets.ClassLabel)), None)
+        label = label or next((k for k in ("label", "labels") if k in table.features), None)
+        target = None
+        if label is not None and not hp.multi_label:  # names as written, class ids as ids (the task names them)
+            feature = table.features[label]
+            names = list(feature.names) if hasattr(feature, "names") else None
+            target = lambda b: [names[v] if names is not None and v is not None else v for v in b[label]]  # noqa: E731
+        self.tokenizer = self.tokenizer or self.resolve_tokenizer()
+        return self._encode_predict(table, text, pair, target)
+
+    def _encode_predict(self, table: Any, text: str, pair: str | None, target: Any) -> Any:
+        return table.map(
+            encode_for_predict,
+            batched=True,
+            with_indices=True,
+            remove_columns=table.column_names,
+            keep_in_memory=True,  # tokenized again at each predict: no cache file to go stale
+            desc="Tokenizing",
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "text": text,
+                "pair": pair,
+                "max_length": self.hparams.max_length,
+                "target": target,
+            },
+        )
 
     # --- tokenization ---
     def _tokenize(
@@ -323,4 +410,15 @@ class TextDataModule(LightningDataModule):
         return self._loader(self.hparams.test_split, ordered=True)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.test_split)  # in dataset order, so predictions line up with rows
+        hp = self.hparams
+        if self.predict_set is None:
+            self.setup("predict")
+        if self.predict_set is None:  # the test split, encoded with its texts and label names
+            self.predict_set = self._encode_predict(*self._predict_source)
+        return DataLoader(  # in input order: the writer's rows line up with the data's
+            self.predict_set,
+            batch_size=hp.eval_batch_size or 2 * hp.batch_size,
+            collate_fn=with_strings(self.collate_fn()),
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+        )

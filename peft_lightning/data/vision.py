@@ -111,6 +111,9 @@ class ImageDataModule(LightningDataModule):
         max_test_samples: cap on test images.
         seed: seed of the splits and subsets, and of the training order (epoch e: seed + e).
         cache_dir: ``datasets`` cache folder (default: ``HF_DATASETS_CACHE``).
+        predict_data: what ``predict`` runs on: an image file, a folder of images (class subfolders, if any, give
+            the true labels), or a parquet/arrow file or folder with an image column; default: the test split.
+            The class names come from the checkpoint, so the training data need not be here.
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class ImageDataModule(LightningDataModule):
         max_test_samples: int | None = None,
         seed: int = 42,
         cache_dir: str | None = None,
+        predict_data: str | None = None,
     ) -> None:
         super().__init__()
         # Checked here: a bad value would otherwise fail later, inside a DataLoader worker.
@@ -163,6 +167,7 @@ class ImageDataModule(LightningDataModule):
         self.splits: dict[str, Any] = {}
         self.class_names: list[str] = []
         self.data_config: dict[str, Any] | None = None
+        self.predict_set: Any = None
 
     # --- loading ---
     def load_splits(self) -> datasets.DatasetDict:
@@ -175,9 +180,15 @@ class ImageDataModule(LightningDataModule):
         )
 
     def prepare_data(self) -> None:
+        if self.hparams.predict_data and self.trainer is not None and self.trainer.predicting:
+            return  # predict on new data: the training data is not needed
         self.load_splits()  # downloads once, on one process; `setup` then reads the cache
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.hparams.predict_data:  # new data: the training splits are not needed
+            self.data_config = self.data_config or self.resolve_data_config()
+            self.predict_set = self.predict_set or self._new_predict_set(self.hparams.predict_data)
+            return
         if self.splits:
             return
         import datasets
@@ -213,6 +224,8 @@ class ImageDataModule(LightningDataModule):
             if cap is not None and cap < len(d):
                 d = d.shuffle(seed=hp.seed).select(range(cap))
             self.splits[split] = d.with_transform(self._transform(split == hp.train_split, image_col, label_col))
+            if split == hp.test_split:  # predict on the test split: ids and the true class names beside each image
+                self.predict_set = d.with_transform(self._predict_transform(image_col, label_col, self.class_names))
 
     @property
     def deterministic_train(self) -> bool:
@@ -268,6 +281,48 @@ class ImageDataModule(LightningDataModule):
 
         return apply
 
+    def _new_predict_set(self, source: str) -> Any:
+        """The images ``predict_data`` names, with their ids (file paths) and true labels when it has them."""
+        import datasets
+        from PIL import Image
+
+        from peft_lightning.data.source import load_predict_table, local_path
+
+        path = local_path(source)
+        if path is not None and path.is_file() and path.suffix.lower() in Image.registered_extensions():
+            table = datasets.Dataset.from_dict({"image": [str(path)]}).cast_column("image", datasets.Image())
+        else:
+            what = "an image file, a folder of images, or parquet/arrow files with an image column"
+            table = load_predict_table(source, self.hparams.test_split, self.hparams.cache_dir, what)
+        features = table.features
+        image_col = find_column(features, self.hparams.image_column, "image", is_image, "images")
+        label_col = self.hparams.label_column if self.hparams.label_column in features else None
+        label_col = label_col or next((k for k, v in features.items() if isinstance(v, datasets.ClassLabel)), None)
+        label_col = label_col or next((k for k in ("label", "labels") if k in features), None)
+        if label_col is not None and hasattr(features[label_col], "names"):
+            names = list(features[label_col].names)
+        else:
+            names = None  # labels written as names already (or no labels)
+        table = table.select_columns([c for c in (image_col, label_col) if c])
+        if isinstance(table.features[image_col], datasets.Image):
+            table = table.cast_column(image_col, datasets.Image(decode=False))
+        return table.with_transform(self._predict_transform(image_col, label_col, names))
+
+    def _predict_transform(self, image_col: str, label_col: str | None, names: list[str] | None):
+        """Eval preprocessing plus each image's ``id`` (its file path; empty for an embedded image) and ``target``
+        (the true class name) when there is a label column."""
+        evaluate = self._transform(False, image_col, label_col or image_col)
+
+        def apply(batch: dict[str, list]) -> dict[str, Any]:
+            out = {"pixel_values": evaluate(batch)["pixel_values"]}
+            # An embedded image has no path: its id is left empty, and the writer fills in its row.
+            out["id"] = [str(cell.get("path") or "") if isinstance(cell, dict) else "" for cell in batch[image_col]]
+            if label_col is not None:
+                out["target"] = [str(names[v] if names is not None and v is not None else v) for v in batch[label_col]]
+            return out
+
+        return apply
+
     # --- loaders ---
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         hp = self.hparams
@@ -295,4 +350,13 @@ class ImageDataModule(LightningDataModule):
         return self._loader(self.hparams.test_split)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.test_split)
+        hp = self.hparams
+        if self.predict_set is None:
+            self.setup("predict")
+        workers = hp.num_workers
+        return DataLoader(
+            self.predict_set,
+            batch_size=hp.eval_batch_size or 2 * hp.batch_size,
+            num_workers=workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+        )

@@ -160,6 +160,7 @@ class FineTuneTask(LightningModule):
         self.lr_scales = LRScales()  # read live by the LR schedule at every step
         self.schedule_epochs: int | None = None  # schedule length; None: the whole run (retune: one round)
         self.prefix_cache: PrefixCache | None = None  # while FineTuning caches the frozen prefix's output
+        self.class_names: list[str] = []  # the head's classes by name: from the data at setup, or the checkpoint
 
     def prefix_split(self, group: str) -> Split | None:
         """Where the training forward pass can start from cached rows: a ``prefix.Split`` at the input of layer
@@ -168,6 +169,14 @@ class FineTuneTask(LightningModule):
         return None
 
     # --- what each domain supplies ---
+    def prediction_rows(self, prediction: Any, batch: Any, top_k: int = 5) -> list[dict[str, Any]]:
+        """One row per input of a ``predict`` batch, from what ``predict_step`` returned for it and the batch
+        (its ``id`` and, when the data has labels, ``target``): what ``predict`` writes
+        (``callbacks/predictions.py``). Override per domain; this default writes each returned tensor's values."""
+        columns = {k: v.tolist() if isinstance(v, torch.Tensor) else list(v) for k, v in dict(prediction).items()}
+        n = len(next(iter(columns.values()), []))
+        return [{k: v[j] for k, v in columns.items()} for j in range(n)]
+
     def layer_groups(self) -> LayerGroups:
         """Ordered (name, parameter names) pairs from the input side to the head; override per domain."""
         return [("all", [n for n, _ in self.named_parameters()])]
@@ -296,6 +305,8 @@ class FineTuneTask(LightningModule):
         from peft_lightning.errors import UsageError
 
         self._saved_rng = checkpoint.get("rng_states")
+        if checkpoint.get("class_names"):  # predict on new data names the classes the model was trained on
+            self.class_names = [str(n) for n in checkpoint["class_names"]]
         info = checkpoint.get("adapter_only")
         if info is None:
             return

@@ -37,6 +37,9 @@ from peft_lightning.tasks.metrics import per_stage
 
 log = logging.getLogger(__name__)
 
+PREDICTED_ITEMS = 100
+"""Items ``predict_step`` ranks per user: the most ``predict`` can list (``--predictions.top_k``)."""
+
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from our own Lightning checkpoint (its ``state_dict``) or a safetensors / torch state_dict file,
@@ -142,6 +145,8 @@ class Recommender(FineTuneTask):
         self.temperature = temperature
         self.l2 = l2
         self.top_k = top_k
+        self.data_ids: dict[str, list[Any]] = {}  # the data's user and item ids, titles: a prediction row's names
+        self.item_titles: list[str] | None = None
         self._build_towers(dim, user_history, item_ids, text_encoder, max_text_length, text_batch_size)
         self._build_metrics()
         if init_from:
@@ -268,6 +273,7 @@ class Recommender(FineTuneTask):
     def setup(self, stage: str) -> None:
         spec = data_spec(self.trainer.datamodule)
         check_sizes(spec, num_users=self.num_users, num_items=self.num_items)
+        self.data_ids, self.item_titles = spec.ids, spec.item_titles  # a prediction row's names
         if self.item_text is not None and self.item_text.num_texts == 0 and spec.item_text is not None:
             self.set_item_text(spec.item_text)
 
@@ -374,8 +380,26 @@ class Recommender(FineTuneTask):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """The top-k items (ids) and their scores for each user of the batch, known items excluded."""
         scores = self.scores(batch["users"], batch["history"]).float().masked_fill(batch["history"], float("-inf"))
-        top = scores.topk(min(self.top_k, scores.shape[1]), dim=1)
+        top = scores.topk(min(PREDICTED_ITEMS, scores.shape[1]), dim=1)
         return {"users": batch["users"], "items": top.indices, "scores": top.values}
+
+    def prediction_rows(self, prediction: dict[str, torch.Tensor], batch: Any, top_k: int = 10) -> list[dict]:
+        """Each user's top-k items (the data's ids), their titles and scores, and the held-out items the test
+        split knows for the user (what the ranking metrics score the list against)."""
+        users, items, titles = self.data_ids.get("user"), self.data_ids.get("item"), self.item_titles
+        target = batch.get("target")
+        rows = []
+        for j, user in enumerate(prediction["users"].tolist()):
+            top = prediction["items"][j, :top_k].tolist()
+            row = {"user": users[user] if users else user, "items": [items[i] if items else i for i in top]}
+            if titles:
+                row["titles"] = [titles[i] for i in top]
+            row["scores"] = prediction["scores"][j, :top_k].float().tolist()
+            if target is not None:
+                held = target[j].nonzero().flatten().tolist()
+                row["held_out"] = [items[i] if items else i for i in held]
+            rows.append(row)
+        return rows
 
     def onnx_spec(self, model: nn.Module, data: dict[str, Any]) -> Any:
         """Refuses ``export --onnx`` with one line: a recommender's scores are no one-input-to-logits graph."""

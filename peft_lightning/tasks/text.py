@@ -18,6 +18,7 @@ from peft_lightning.onnx_export import ByName, OnnxSpec
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
 from peft_lightning.tasks.metrics import classification_metrics, per_stage
+from peft_lightning.tasks.rows import class_names_or_ids, class_rows, multi_label_rows
 
 ProblemType = Literal["single_label_classification", "multi_label_classification"]
 # The base's scheduler names, so text recipes can default to another one without copying the list.
@@ -355,8 +356,26 @@ class TextClassifier(FineTuneTask):
         if self.multi_label:
             probs = logits.sigmoid()
             return {"pred": (probs > self.threshold).long(), "probs": probs}
-        conf, pred = logits.softmax(-1).max(-1)
-        return {"pred": pred, "confidence": conf}
+        probs = logits.float().softmax(-1)
+        conf, pred = probs.max(-1)
+        return {"pred": pred, "confidence": conf, "probs": probs}
+
+    def prediction_rows(self, prediction: dict[str, torch.Tensor], batch: Any, top_k: int = 5) -> list[dict]:
+        """The text's row and text, the predicted label(s) with probabilities, the top-k and the true label(s)."""
+        probs = prediction["probs"]
+        names = self.class_names
+        if len(names) != probs.shape[1]:  # a model trained before, or outside, this project: its config's names
+            id2label = getattr(self.backbone.config, "id2label", None) or {}
+            names = [str(id2label.get(i, i)) for i in range(probs.shape[1])]
+        names = class_names_or_ids(names, probs.shape[1])
+        if self.multi_label:
+            rows = multi_label_rows(probs, names, self.threshold, top_k, batch)
+        else:
+            rows = class_rows(probs, names, top_k, batch)
+        texts = batch.get("text") or [None] * len(rows)
+        return [
+            {"id": row.pop("id"), "text": text, **row} if text is not None else row for row, text in zip(rows, texts)
+        ]
 
     def setup(self, stage: str) -> None:
         spec = data_spec(self.trainer.datamodule)
@@ -368,7 +387,8 @@ class TextClassifier(FineTuneTask):
                 f"pass --model.problem_type {kind}"
             )
         names = spec.class_names
-        if names and len(names) == self.num_labels:  # saved with the model, for whoever reads its predictions
+        if names and len(names) == self.num_labels:
+            self.class_names = list(names)  # saved with the model, for whoever reads its predictions
             self.backbone.config.id2label = dict(enumerate(names))
             self.backbone.config.label2id = {v: k for k, v in enumerate(names)}
 

@@ -18,6 +18,7 @@ from peft_lightning.onnx_export import OnnxSpec
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups
 from peft_lightning.tasks.metrics import classification_metrics, per_stage
+from peft_lightning.tasks.rows import class_names_or_ids, class_rows
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -339,10 +340,18 @@ class ImageClassifier(FineTuneTask):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         probs = self(batch["pixel_values"]).float().softmax(-1)
         conf, pred = probs.max(-1)
-        return {"pred": pred, "confidence": conf}
+        return {"pred": pred, "confidence": conf, "probs": probs}
+
+    def prediction_rows(self, prediction: dict[str, torch.Tensor], batch: Any, top_k: int = 5) -> list[dict]:
+        """The image's id (its file), the predicted class, its probability, the top-k and the true class."""
+        names = class_names_or_ids(self.class_names, prediction["probs"].shape[1])
+        return class_rows(prediction["probs"], names, top_k, batch)
 
     def setup(self, stage: str) -> None:
-        check_sizes(data_spec(self.trainer.datamodule), num_classes=self.num_classes)
+        spec = data_spec(self.trainer.datamodule)
+        check_sizes(spec, num_classes=self.num_classes)
+        if len(spec.class_names) == self.num_classes:
+            self.class_names = list(spec.class_names)
 
     def onnx_spec(self, model: nn.Module, data: dict[str, Any]) -> OnnxSpec:
         """``export --onnx``: ``pixel_values`` [batch, 3, H, W] in, logits out. H, W and the card's preprocessing
