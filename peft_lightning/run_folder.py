@@ -1,7 +1,8 @@
 """A run's folder and what logs into it: ``<root>/<recipe>/<YYYYmmdd-HHMMSS>`` (under a launcher that restarts
 jobs, ``<root>/<recipe>/slurm-<job>-<hash>``, continued by the restart), holding the resolved ``config.yaml``
 (LightningCLI's SaveConfigCallback), ``metrics.csv`` (CSVLogger), ``tensorboard/`` (when tensorboard is installed),
-``checkpoints/`` (ModelCheckpoint resolves its folder from the first logger) and ``curves.png``.
+``checkpoints/`` (ModelCheckpoint resolves its folder from the first logger) and ``curves.png``. The user's own
+experiment trackers (``--trainer.logger MLFlowLogger``, W&B, Comet ...) log beside these, after them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import csv
 import importlib.util
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from lightning.pytorch import Trainer
@@ -69,17 +71,32 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
-def run_loggers(folder: str | Path) -> list[Logger]:
+def run_loggers(folder: str | Path, trackers: Iterable[Logger] = ()) -> list[Logger]:
     """CSV metrics in ``folder/metrics.csv`` and, when tensorboard is installed, TensorBoard events in
-    ``folder/tensorboard``. The CSV logger comes first: ``trainer.log_dir`` and the checkpoints resolve to
-    ``folder`` itself (empty name and version: no ``version_N`` level). A folder used again (a requeued job)
-    continues both: rows appended to ``metrics.csv``, a new events file beside the old ones."""
+    ``folder/tensorboard``, then ``trackers`` (the user's: see ``user_trackers``). The CSV logger comes first:
+    ``trainer.log_dir``, ``config.yaml`` and the checkpoints resolve to ``folder`` itself (empty name and version: no
+    ``version_N`` level) whatever trackers follow, and ``curves.png``, ``plot``, the run summary and ``card`` read its
+    ``metrics.csv``. A folder used again (a requeued job) continues both: rows appended to ``metrics.csv``, a new
+    events file beside the old ones."""
     loggers: list[Logger] = [RunCSVLogger(save_dir=str(folder), name="", version="")]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(
             TensorBoardLogger(save_dir=str(folder), name="", version="", sub_dir="tensorboard", default_hp_metric=False)
         )
-    return loggers
+    return [*loggers, *trackers]
+
+
+def user_trackers(logger: bool | Logger | Iterable[Logger] | None) -> list[Logger]:
+    """The loggers ``--trainer.logger`` gives (one, or a list), which log beside the run folder's own; none for
+    ``true``, ``false`` or unset (``false``: no logger at all, the folder still holds the checkpoints).
+
+    Example:
+        >>> user_trackers(True), user_trackers(None)
+        ([], [])
+    """
+    if logger is None or isinstance(logger, bool):
+        return []
+    return [logger] if isinstance(logger, Logger) else list(logger)
 
 
 def log_dir(trainer: Trainer) -> str | None:
