@@ -25,11 +25,12 @@ from peft_lightning import launch, precision, strategy, summary
 from peft_lightning.adapters import AdapterConfig
 from peft_lightning.callbacks.checkpoint import ResumableCheckpoint
 from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.callbacks.predictions import PredictionWriter
 from peft_lightning.cli.args import run_key
 from peft_lightning.cli.resume import Done, config_from_checkpoint
 from peft_lightning.errors import UsageError
 from peft_lightning.report import PhaseProgressBar, RunReport  # imported before parsing: --help lists them
-from peft_lightning.run_folder import run_dir, run_loggers
+from peft_lightning.run_folder import run_dir, run_loggers, user_trackers
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -94,7 +95,7 @@ class PeftLightningCLI(LightningCLI):
         # Lightning's private step between parse_arguments and before_instantiate_classes, replaced: no public hook
         # runs there, and Lightning's version would parse the checkpoint's `peft` into the model's linked argument
         # (an error) and cannot resolve `last` across run folders.
-        self.config = config_from_checkpoint(
+        self.config, self.untested = config_from_checkpoint(
             self.parser, self.config, recipe_name=self.recipe_name, run_key=self.run_key
         )
 
@@ -122,6 +123,8 @@ class PeftLightningCLI(LightningCLI):
         parser.add_lightning_class_args(FineTuning, "finetuning")
         # ModelCheckpoint plus a recent, whole, finite last.ckpt and graceful SIGTERM/SIGINT (docs/reliability.md)
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+        # What `predict` writes: predictions.parquet (and .csv) in the run folder, one row per input.
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         # Adapters are a model init argument (so checkpoints carry them) shown at top level as --peft.*.
         parser.add_class_arguments(AdapterConfig, "peft")
         parser.link_arguments("peft", "model.peft", compute_fn=adapter_config)
@@ -136,17 +139,26 @@ class PeftLightningCLI(LightningCLI):
             # --help and --print_config the recipe's "auto".
             self.run_summary.precision_note = precision.resolve_auto_precision(trainer, precision.detect_hardware())
         launch.check_launch(trainer or {}, config.get("model") or {}, os.environ)
+        if self.subcommand == "predict" and config.get("return_predictions") is None:
+            config.return_predictions = False  # the writer has them on disk; a large set would fill memory twice
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # The run folder, its loggers and the progress bar (peft_lightning/report.py). A logger or progress bar the
-        # user configured is kept as given; `--trainer.logger false` keeps the folder for checkpoints.
+        # The run folder, its loggers and the progress bar (peft_lightning/report.py). A progress bar the user
+        # configured is kept as given; a logger (`--trainer.logger MLFlowLogger ...`: a tracker) logs after the run
+        # folder's own, not instead; `--trainer.logger false` keeps the folder for checkpoints.
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = config.get("trainer", {})
         self.run_dir = run_dir(trainer.get("default_root_dir") or "runs", self.recipe_name, key=self.run_key)
-        kwargs.setdefault("default_root_dir", str(self.run_dir))
-        if trainer.get("logger") in (None, True):
-            kwargs.setdefault("logger", run_loggers(self.run_dir))
+        folder = kwargs.setdefault("default_root_dir", str(self.run_dir))  # a tune trial's is its own
+        trackers = user_trackers(trainer.get("logger"))
+        if trainer.get("logger") is not False:
+            kwargs.setdefault("logger", run_loggers(folder, trackers))
         callbacks = list(trainer.get("callbacks") or [])
+        if trackers:
+            # Imported here: not a callback to configure, so not among the ones --help lists.
+            from peft_lightning.callbacks.trackers import Trackers
+
+            callbacks.append(Trackers(trackers))  # the config, the run folder and the best checkpoint's path
         self.report = RunReport()
         callbacks.append(self.report)
         if config.get("quiet", False):
@@ -159,7 +171,10 @@ class PeftLightningCLI(LightningCLI):
         kwargs.setdefault("callbacks", callbacks)
         # --trainer.strategy fsdp -> FSDPStrategy over the task's blocks; 16-mixed on a CPU stays float16.
         kwargs.update(strategy.trainer_overrides(trainer, self.model))
-        return super().instantiate_trainer(**kwargs)
+        built = super().instantiate_trainer(**kwargs)
+        if not built.loggers:  # `--trainer.logger false`: our LearningRateMonitor (trainer_defaults) would stop fit
+            built.callbacks = [c for c in built.callbacks if not isinstance(c, LearningRateMonitor)]
+        return built
 
     def before_fit(self) -> None:
         # --finetuning.show_groups: the table of layer groups instead of a run (exit 0, nothing trained).
@@ -167,18 +182,31 @@ class PeftLightningCLI(LightningCLI):
         if callback is not None and callback.show_groups:
             callback.print_groups(self.model, epochs=self.trainer.max_epochs or 1)
             raise Done
+        if self.untested:  # the run's training ended, the test after it did not (killed): that test, then done
+            self._test_after_fit(self.untested, Path(self.config[self.subcommand].ckpt_path).parent)
+            raise Done
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
         checkpoint = self.trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None else ""
-        metrics: dict[str, float] = {}
         if not self.trainer.interrupted and config.get("test_after_fit", True):
-            results = self.trainer.test(
-                self.model, datamodule=self.datamodule, ckpt_path="best" if best else None, verbose=False
-            )
-            metrics = results[0] if results else {}
-        self._summary(metrics, best)
+            folder = checkpoint.dirpath if checkpoint is not None else None
+            self._test_after_fit(best, folder)
+        else:
+            self._summary({}, best)
+
+    def _test_after_fit(self, tested: str, folder: str | Path | None) -> None:
+        """Test ``tested`` (a checkpoint; "": the weights in memory), print the result line and the summary, and
+        record in ``folder`` (the checkpoints') that the fit's test ended: a resume after a kill in this test
+        tests again; one after it has nothing left to do (``resume.config_from_checkpoint``)."""
+        from peft_lightning.checkpoint_files import write_test_results
+
+        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=tested or None, verbose=False)
+        metrics = results[0] if results else {}
+        if folder is not None and self.trainer.is_global_zero and not self.trainer.interrupted:
+            write_test_results(folder, tested or "final weights", {k: float(v) for k, v in metrics.items()})
+        self._summary(metrics, tested)
 
     def _summary(self, metrics: dict[str, float], best: str) -> None:
         from peft_lightning.summary import best_validation, format_wall, print_summary, summary_rows
