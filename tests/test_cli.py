@@ -210,6 +210,15 @@ def test_errors_become_one_line_and_an_exit_status_by_class():
     assert one_line(ModuleNotFoundError("No module named 'transformer_engine'"))[1] == 2
     message, code = one_line(RuntimeError("boom\nsecond line"))
     assert code == 1 and message == "RuntimeError: boom (set PEFT_LIGHTNING_DEBUG=1 for the traceback)"
+    # A class the user named (--trainer.logger MLFlowLogger) that raised in __init__: its own reason, not the Union's.
+    union = ValueError(
+        "Does not validate against any of the Union subtypes\nSubtypes: [...]\nErrors:\n"
+        "  - The filesystem tracking backend is in maintenance mode\n  - Not a valid bool\nGiven value type: <class 'dict'>"
+    )
+    assert one_line(union) == (
+        "a class given on the command line could not be built: The filesystem tracking backend is in maintenance mode",
+        2,
+    )
 
 
 def test_recipe_arg_reads_the_flag_or_the_config_file(tmp_path):

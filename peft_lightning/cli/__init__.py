@@ -127,7 +127,13 @@ def one_line(err: Exception) -> tuple[str, int]:
     if _is_misconfiguration(err):  # Lightning's word for a Trainer flag it cannot honour
         flat = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         return f"{flat[:400]} (see --trainer.* in `fit --recipe NAME --help`)", 2
-    first = (str(err).strip().splitlines() or [""])[0][:300]
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Does not validate against any of the Union subtypes"):
+        # jsonargparse's words when a class given by the user (`--trainer.logger MLFlowLogger`) raised in its
+        # __init__: the class's own reason is listed under "Errors:".
+        reasons = [line[2:] for line in lines if line.startswith("- ")]
+        return f"a class given on the command line could not be built: {(reasons or lines)[0][:300]}", 2
+    first = (lines or [""])[0][:300]
     if isinstance(err, ModuleNotFoundError):  # a flag whose backend is an optional package (transformer-engine)
         return f"{first}: install it, or choose a setting that does not need it", 2
     return f"{type(err).__name__}: {first} (set PEFT_LIGHTNING_DEBUG=1 for the traceback)", 1

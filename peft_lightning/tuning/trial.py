@@ -30,7 +30,6 @@ class _Parsed(Exception):
 def _cli_classes() -> tuple[type, type]:
     """(ParseOnly, Trial) subclasses of the ``fit`` command's LightningCLI class."""
     from peft_lightning.cli.lightning_cli import PeftLightningCLI
-    from peft_lightning.run_folder import run_loggers
 
     class FitOnly(PeftLightningCLI):
         @staticmethod
@@ -53,12 +52,9 @@ def _cli_classes() -> tuple[type, type]:
             super().__init__(*args, **kwargs)
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
-            # The base names a timestamped folder under --trainer.default_root_dir; a trial's is its own. The base
-            # only sets these when unset, and leaves a logger the user configured alone, as here.
-            trainer = self.config_init[self.subcommand].get("trainer", {})
+            # The base names a timestamped folder under --trainer.default_root_dir; a trial's is its own, where the
+            # base puts the run's loggers (and a tracker the user added after them).
             kwargs.setdefault("default_root_dir", str(self.trial_folder))
-            if trainer.get("logger") in (None, True):
-                kwargs.setdefault("logger", run_loggers(self.trial_folder))
             built = super().instantiate_trainer(**kwargs)
             # After construction: passing `callbacks` would replace the base's (RunReport, the progress bar). First,
             # so a pruned epoch stops before ModelCheckpoint saves it.
