@@ -35,7 +35,7 @@ SECTIONS = [
         "(`python -m peft_lightning list`; takes no options).",
     ),
     ("tune", ["tune", "--help"], "Hyperparameter search with Optuna, each trial a `fit` (docs/tune.md)."),
-    ("export", ["export", "--help"], "A checkpoint's adapters in the standard peft format."),
+    ("export", ["export", "--help"], "A checkpoint's adapters in the standard peft format, the merged model (--merge) and ONNX (--onnx)."),
     ("plot", ["plot", "--help"], "Training curves of run folders: one run, or several overlaid."),
 ]
 
