@@ -7,6 +7,10 @@ with ``PeftModel.from_pretrained``; a fingerprint of the frozen base weights (an
 sense on the base it was trained on). Writing the standard ``peft`` format and a merged model is ``export.py``'s.
 See docs/adapters.md.
 
+The methods are one table, ``ADAPTER_METHODS``, as ``peft.PEFT_TYPE_TO_CONFIG_MAPPING`` is peft's: a row per
+``--peft.method`` value with its peft type (hence its config class), its options and the module types it wraps;
+adding a method is adding a row (docs/contributing.md).
+
 ``peft`` is imported inside the functions: importing this module (the task base does) stays cheap.
 
 Example:
@@ -20,6 +24,7 @@ import hashlib
 import logging
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,9 +36,99 @@ from peft_lightning.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-Method = Literal["none", "lora", "dora", "ia3", "loha", "lokr"]
-METHODS: tuple[str, ...] = ("none", "lora", "dora", "ia3", "loha", "lokr")
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr"}  # peft's names; DoRA is LORA + use_dora
+
+# --- the methods: one row each, in the manner of peft's PEFT_TYPE_TO_CONFIG_MAPPING ---
+def _hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # transformers' GPT-2-style linear
+
+
+def _plain_conv(module: nn.Module) -> bool:
+    """A convolution whose adapter branch gives the layer's output size: torch's own classes, or a subclass that
+    pads in its own forward (timm's Conv2dSame, TF "same" padding) with a 1x1 kernel. Another kernel there gives a
+    LoRA/LoHa/LoKr branch, which convolves with the layer's static padding, another output size."""
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return isinstance(module, conv) and (type(module) in conv or all(k == 1 for k in module.kernel_size))
+
+
+def _lora_wraps(module: nn.Module) -> bool:
+    """LoRA and DoRA: linears, embeddings and convolutions, not grouped (e.g. depthwise) ones."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return _plain_conv(module) and module.groups == 1
+    return isinstance(module, (nn.Linear, nn.Embedding)) or _hf_conv1d(module)
+
+
+def _ia3_wraps(module: nn.Module) -> bool:
+    """IA3 rescales the layer's output (or input): any padding and grouping is fine."""
+    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)) or _hf_conv1d(module)
+
+
+def _hadamard_kronecker_wraps(module: nn.Module) -> bool:
+    """LoHa and LoKr: linears and 1-D/2-D convolutions, grouped ones included."""
+    return isinstance(module, nn.Linear) or _plain_conv(module) and isinstance(module, (nn.Conv1d, nn.Conv2d))
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    """One adapter method (a ``--peft.method`` value) and what ``peft`` makes of it.
+
+    Attributes:
+        title: how the model card names it (``LoRA``).
+        peft_type: peft's ``PeftType``, the key of ``peft.PEFT_TYPE_TO_CONFIG_MAPPING`` (its config class) and the
+            ``peft_type`` of a saved ``adapter_config.json``.
+        options: our options (``AdapterConfig``) as that config class's arguments.
+        wraps: whether peft's layer for the method can wrap a module (peft 0.22).
+        ranked: ``r``, ``alpha`` and ``dropout`` apply (the model card lists them).
+        variant: the ``adapter_config.json`` field that tells this method from the plain one of its ``peft_type``
+            (DoRA is LORA with ``use_dora``).
+    """
+
+    title: str
+    peft_type: str
+    options: Callable[[AdapterConfig], dict[str, Any]]
+    wraps: Callable[[nn.Module], bool]
+    ranked: bool = True
+    variant: str | None = None
+
+
+ADAPTER_METHODS: dict[str, AdapterMethod] = {
+    "lora": AdapterMethod(
+        "LoRA", "LORA", lambda c: {"r": c.r, "lora_alpha": c.alpha, "lora_dropout": c.dropout}, _lora_wraps
+    ),
+    "dora": AdapterMethod(
+        "DoRA",
+        "LORA",
+        lambda c: {"r": c.r, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_dora": True},
+        _lora_wraps,
+        variant="use_dora",
+    ),
+    # Outputs rescaled everywhere: no IA3 feed-forward input mode.
+    "ia3": AdapterMethod("IA3", "IA3", lambda c: {"feedforward_modules": []}, _ia3_wraps, ranked=False),
+    "loha": AdapterMethod(
+        "LoHa", "LOHA", lambda c: {"r": c.r, "alpha": c.alpha, "module_dropout": c.dropout}, _hadamard_kronecker_wraps
+    ),
+    "lokr": AdapterMethod(
+        "LoKr", "LOKR", lambda c: {"r": c.r, "alpha": c.alpha, "module_dropout": c.dropout}, _hadamard_kronecker_wraps
+    ),
+}
+METHODS: tuple[str, ...] = ("none", *ADAPTER_METHODS)
+# The choices of --peft.method (jsonargparse reads the Literal at run time): the table's, written once.
+Method = Literal[METHODS]  # type: ignore[valid-type]
+
+
+def supports(method: str, module: nn.Module) -> bool:
+    """Whether ``peft``'s ``method`` can wrap ``module`` (the table's ``wraps``; False for ``none``)."""
+    row = ADAPTER_METHODS.get(method)
+    return row is not None and row.wraps(module)
+
+
+def saved_method(saved: dict[str, Any]) -> str | None:
+    """The method of a saved ``adapter_config.json`` (its ``peft_type``, and a variant's field), None if not ours."""
+    rows = [
+        name
+        for name, row in ADAPTER_METHODS.items()
+        if row.peft_type == saved.get("peft_type") and (row.variant is None or saved.get(row.variant))
+    ]
+    return max(rows, key=lambda name: ADAPTER_METHODS[name].variant is not None, default=None)  # DoRA over LoRA
 
 
 @dataclass
@@ -85,26 +180,6 @@ def as_config(value: AdapterConfig | dict[str, Any] | None) -> AdapterConfig | N
     if isinstance(value, dict):
         value = AdapterConfig(**value)
     return value if value is not None and value.enabled else None
-
-
-# --- which modules a method can adapt (peft 0.21) ---
-def supports(method: str, module: nn.Module) -> bool:
-    """Whether ``peft``'s ``method`` can wrap ``module``. LoRA and DoRA refuse grouped (e.g. depthwise)
-    convolutions; IA3, LoHa and LoKr take them."""
-    conv1d_hf = type(module).__name__ == "Conv1D"  # transformers' GPT-2-style linear
-    conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    # A conv subclass that pads in its own forward (timm's Conv2dSame, TF "same" padding) gives a LoRA/LoHa/LoKr
-    # branch, which convolves with the layer's static padding, another output size, unless the kernel is 1x1.
-    plain_conv = conv and (type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or all(k == 1 for k in module.kernel_size))
-    if method in ("lora", "dora"):
-        if conv:
-            return plain_conv and module.groups == 1
-        return isinstance(module, (nn.Linear, nn.Embedding)) or conv1d_hf
-    if method == "ia3":  # rescales the layer's output (or input): any padding is fine
-        return isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)) or conv1d_hf
-    if method in ("loha", "lokr"):
-        return isinstance(module, nn.Linear) or plain_conv and isinstance(module, (nn.Conv1d, nn.Conv2d))
-    return False
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -181,23 +256,14 @@ def peft_config(
     config: AdapterConfig, targets: list[str], modules_to_save: list[str], task_type: str | None = None
 ) -> Any:
     """The ``peft`` config for ``config`` with explicit target module names (``task_type``: peft's, e.g. ``SEQ_CLS``
-    for a transformers classifier, so ``PeftModel.from_pretrained`` gives the matching model class)."""
-    import peft
+    for a transformers classifier, so ``PeftModel.from_pretrained`` gives the matching model class): the config
+    class ``peft.PEFT_TYPE_TO_CONFIG_MAPPING`` holds for the method's ``peft_type``, with the method's options."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    common: dict[str, Any] = {
-        "target_modules": targets,
-        "modules_to_save": modules_to_save or None,
-        "task_type": task_type,
-    }
-    if config.method in ("lora", "dora"):
-        return peft.LoraConfig(
-            r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, use_dora=config.method == "dora", **common
-        )
-    if config.method == "ia3":
-        return peft.IA3Config(feedforward_modules=[], **common)  # rescale outputs everywhere: no IA3 FFN input mode
-    if config.method == "loha":
-        return peft.LoHaConfig(r=config.r, alpha=config.alpha, module_dropout=config.dropout, **common)
-    return peft.LoKrConfig(r=config.r, alpha=config.alpha, module_dropout=config.dropout, **common)
+    method = ADAPTER_METHODS[config.method]
+    return PEFT_TYPE_TO_CONFIG_MAPPING[method.peft_type](
+        target_modules=targets, modules_to_save=modules_to_save or None, task_type=task_type, **method.options(config)
+    )
 
 
 def wrap(
@@ -258,9 +324,7 @@ def load_adapter(model: nn.Module, config: AdapterConfig, head: list[str]) -> nn
     import peft
 
     saved = read_adapter_config(config.adapter_path)
-    method = PEFT_TYPES.get(str(saved.get("peft_type")))
-    if method == "lora" and saved.get("use_dora"):
-        method = "dora"
+    method = saved_method(saved)
     if method is None:
         raise UsageError(
             f"--peft.adapter_path {config.adapter_path!r} holds a {saved.get('peft_type')} adapter: "

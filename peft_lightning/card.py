@@ -6,7 +6,9 @@ Every field comes from something recorded: the task's hyper-parameters and adapt
 step, class names and callback states (``ModelCheckpoint``'s monitor and best score, ``RunReport``'s best
 validation), the datamodule's hyper-parameters, and the test metrics the run logged to its ``metrics.csv``. What is
 not recorded is left out, not guessed. One function writes each section; the "How to load" section's code snippets
-are ``card_snippets.py``'s.
+are ``card_snippets.py``'s. What belongs to a domain (the model's library, where its weights came from, its hub id)
+the task says (``FineTuneTask.library``, ``weights_source``, ``hub_base_model``); this module asks no task which
+domain it is.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from peft_lightning.adapters import ADAPTER_METHODS, find
+from peft_lightning.card_snippets import load_snippets
+
 if TYPE_CHECKING:
     from peft_lightning.adapters import AdapterConfig
     from peft_lightning.onnx_export import OnnxWritten
     from peft_lightning.tasks.base import FineTuneTask
-
-METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr"}
 
 
 def _hparams(obj: Any) -> dict[str, Any]:
@@ -33,28 +36,6 @@ def _hparams(obj: Any) -> dict[str, Any]:
 
 def _code(value: Any) -> str:
     return f"`{value}`"
-
-
-def _library(task: FineTuneTask) -> str:
-    """The library the task's model comes from: ``timm`` (ImageClassifier), ``transformers`` (TextClassifier) or
-    ``""`` (the recommender's own model)."""
-    from peft_lightning.tasks.text import TextClassifier
-    from peft_lightning.tasks.vision import ImageClassifier
-
-    return "timm" if isinstance(task, ImageClassifier) else "transformers" if isinstance(task, TextClassifier) else ""
-
-
-def weights_source(task: FineTuneTask) -> str:
-    """Where the base weights came from: the task's ``weights_source()`` (timm and transformers tasks), else its
-    arguments."""
-    if _library(task):
-        return str(task.weights_source())  # type: ignore[attr-defined]
-    hp = _hparams(task)
-    if hp.get("init_from"):
-        return f"the checkpoint {_code(hp['init_from'])} (`init_from`)"
-    if hp.get("text_encoder"):
-        return f"the text encoder {_code(hp['text_encoder'])}"
-    return "the recipe's defaults"
 
 
 def _metric_rows(path: Path) -> list[dict[str, str]]:
@@ -161,15 +142,16 @@ def adapter_rows(
 ) -> list[tuple[str, str]]:
     """(option, value) rows of the adapter: the method's own options and the modules peft actually wrapped."""
     method = config.method if config is not None else "none"
+    row = ADAPTER_METHODS.get(method)
     rows = [
         (
             "method",
-            f"{METHOD_NAMES[method]} ({_code('peft')} {method})"
-            if method in METHOD_NAMES
+            f"{row.title} ({_code('peft')} {method})"
+            if row is not None
             else "none: the weights themselves were fine-tuned, no adapters",
         )
     ]
-    if method in ("lora", "dora", "loha", "lokr"):
+    if row is not None and row.ranked:
         rows += [
             ("r", str(config.r)),
             ("alpha", f"{config.alpha:g} (updates scaled by alpha / r = {config.alpha / config.r:g})"),
@@ -225,7 +207,7 @@ def _front(task: FineTuneTask, name: str, peft_model: nn.Module | None, onnx: bo
     method = config.method if config is not None else "none"
     model_name = _model_name(task)
     title = (
-        f"{name}: {METHOD_NAMES.get(method, method)} adapter for {model_name}"
+        f"{name}: {ADAPTER_METHODS[method].title if method in ADAPTER_METHODS else method} adapter for {model_name}"
         if peft_model is not None
         else f"{name}: fine-tuned {model_name}"
     )
@@ -240,8 +222,9 @@ def _front(task: FineTuneTask, name: str, peft_model: nn.Module | None, onnx: bo
         meta.append(f"- {method}")
     if onnx:
         meta.append("- onnx")
-    if _library(task) == "transformers" and "/" in model_name and not Path(model_name).exists():
-        meta.append(f"base_model: {model_name}")  # a transformers hub id: the hub links the card to its base
+    hub_id = task.hub_base_model()
+    if hub_id:
+        meta.append(f"base_model: {hub_id}")  # the hub links the card to its base
     meta.append("---")
     description = cls.description
     return [
@@ -258,11 +241,11 @@ def _front(task: FineTuneTask, name: str, peft_model: nn.Module | None, onnx: bo
 
 def _base_section(task: FineTuneTask, class_names: list[str]) -> list[str]:
     """Markdown lines: the base model, where its weights came from, and the new head."""
-    library = _library(task)
+    library = task.library
     lines = [
         "## Base model",
         "",
-        f"- {library + ' ' if library else ''}{_code(_model_name(task))}, weights from {weights_source(task)}",
+        f"- {library + ' ' if library else ''}{_code(_model_name(task))}, weights from {task.weights_source()}",
     ]
     n_out = _outputs(task)
     if n_out:
@@ -341,21 +324,20 @@ def model_card(
     recipe: str | None = None,
     ckpt: Mapping[str, Any] | None = None,
     ckpt_path: Path | None = None,
+    merged: Path | None = None,
     whole_task: bool = False,
     onnx: OnnxWritten | None = None,
 ) -> str:
-    """The Markdown model card of an export of ``task`` (written to ``files`` in ``out``; ``whole_task`` and
-    ``onnx``, the ``model.onnx`` written if any: see ``load_snippets``), from the checkpoint ``ckpt`` read from
-    ``ckpt_path`` when there is one."""
-    from peft_lightning.adapters import find
-    from peft_lightning.card_snippets import load_snippets  # not at the top: it imports this module's helpers
-
+    """The Markdown model card of an export of ``task`` (written to ``files`` in ``out``; ``merged``,
+    ``whole_task`` and ``onnx``, the ``model.onnx`` written if any: see ``load_snippets``), from the checkpoint
+    ``ckpt`` read from ``ckpt_path`` when there is one."""
     ckpt = ckpt or {}
     found = find(task)
     peft_model = found[1] if found is not None else None
     class_names = _class_names(ckpt)
+    name = _recipe_name(task, recipe)
     lines = [
-        *_front(task, _recipe_name(task, recipe), peft_model, onnx is not None),
+        *_front(task, name, peft_model, onnx is not None),
         *_base_section(task, class_names),
         *_data_section(task, ckpt, class_names),
         *_adapter_section(task, peft_model, ckpt),
@@ -363,6 +345,6 @@ def model_card(
         *_evaluation_section(task, ckpt, ckpt_path),
         "## How to load",
         "",
-        *load_snippets(task, out, files, recipe, whole_task, onnx),
+        *load_snippets(task, out, files, name, merged=merged, whole_task=whole_task, onnx=onnx),
     ]
     return "\n".join(lines).rstrip() + "\n"

@@ -2,10 +2,10 @@
 
 The adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) is what ``PeftModel.from_pretrained``
 loads; ``merge`` also writes the model with the adapters folded into its weights (``merge_and_unload``), loadable
-without ``peft``; ``onnx`` writes that merged model as ``model.onnx`` (``onnx_export.py``); ``README.md`` is the model
-card of ``card.py``. ``load_task`` restores a recipe's task from a
-checkpoint to export it (the ``export`` command). The adapters themselves are ``adapters.py``'s. See
-docs/adapters.md.
+without ``peft``, in its library's format (the task's ``export_merged``); ``onnx`` writes that merged model as
+``model.onnx`` (``onnx_export.py``, the task's ``onnx_spec``); ``README.md`` is the model card of ``card.py``.
+``load_task`` restores a recipe's task from a checkpoint to export it (the ``export`` command). The adapters
+themselves are ``adapters.py``'s. See docs/adapters.md.
 
 Example:
     >>> task = load_task(get_recipe("vit_cifar"), "runs/.../best.ckpt")  # doctest: +SKIP
@@ -17,15 +17,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from peft_lightning.adapters import find
+from peft_lightning.card import model_card
+from peft_lightning.checkpoint_files import read_checkpoint
 from peft_lightning.errors import UsageError
-
-if TYPE_CHECKING:
-    from peft_lightning.onnx_export import OnnxSpec, OnnxWritten
+from peft_lightning.onnx_export import OnnxSpec, require_onnx, write_onnx
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -76,8 +76,8 @@ def export(
 ) -> list[Path]:
     """Write the task's adapter in the standard ``peft`` format (``adapter_config.json`` and
     ``adapter_model.safetensors``, which ``PeftModel.from_pretrained(base, out)`` loads) and, with ``merge``, the
-    merged full model: ``merged/`` with ``save_pretrained`` (and the tokenizer) for transformers models, else a
-    safetensors state_dict (``model.safetensors``). A task without adapters can only be exported merged (its plain
+    merged full model as the task's ``export_merged`` writes it (``merged/`` with ``save_pretrained`` and the
+    tokenizer for a transformers task, else a safetensors state_dict, ``model.safetensors``). A task without adapters can only be exported merged (its plain
     weights). Where weights outside the adapted module train too (a recommender's ID embeddings and towers), the
     adapter folder alone is not the model: ``merge`` is required and ``model.safetensors`` holds the whole task
     (what ``--model.init_from`` loads).
@@ -93,8 +93,6 @@ def export(
     out = Path(out)
     ckpt = None
     if ckpt_path is not None:
-        from peft_lightning.checkpoint_files import read_checkpoint
-
         ckpt = read_checkpoint(ckpt_path)
     found = find(task)
     merged = _merged(task, found) if onnx else None
@@ -106,21 +104,30 @@ def export(
     written: list[Path] = []
     onnx_written = None
     if spec is not None:  # first: an exporter's refusal leaves nothing half-written
-        from peft_lightning.onnx_export import write_onnx
-
         onnx_written = write_onnx(spec, out / "model.onnx")
     if found is not None:
         found[1].save_pretrained(str(out))
         written += [out / "adapter_config.json", out / "adapter_model.safetensors"]
+    merged_path = None
     if merge and merged is not None:
         prefix = found[0] if found is not None else "model."
-        written.append(_write_merged(task, merged, prefix, out, whole=bool(outside)))
+        merged_path = _write_merged(task, merged, prefix, out, whole=bool(outside))
+        written.append(merged_path)
     if onnx_written is not None:
         written.append(onnx_written.path)
     # After the weights: peft's save_pretrained wrote its template card, which this one replaces.
-    _write_card(
-        task, out, written, recipe=recipe, ckpt=ckpt, ckpt_path=ckpt_path, whole_task=bool(outside), onnx=onnx_written
+    card = model_card(
+        task,
+        out,
+        written,
+        recipe=recipe,
+        ckpt=ckpt,
+        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
+        merged=merged_path,
+        whole_task=bool(outside),
+        onnx=onnx_written,
     )
+    (out / "README.md").write_text(card)
     return [*written, out / "README.md"]
 
 
@@ -133,8 +140,6 @@ def _onnx_spec(task: nn.Module, merged: nn.Module, ckpt: Mapping[str, Any] | Non
     """The task's ONNX spec of ``merged`` (see ``FineTuneTask.onnx_spec``) in eval mode and fp32 (a copy of it
     with ``copy_model``: the weights ``merge`` writes keep their dtype); stops with one line when the task cannot
     be exported or the ``onnx`` packages are missing."""
-    from peft_lightning.onnx_export import require_onnx
-
     if not hasattr(task, "onnx_spec"):
         raise UsageError(f"{type(task).__name__} cannot be exported to ONNX: export without --onnx")
     data = dict((ckpt or {}).get("datamodule_hyper_parameters") or {})
@@ -143,50 +148,17 @@ def _onnx_spec(task: nn.Module, merged: nn.Module, ckpt: Mapping[str, Any] | Non
     return spec
 
 
-def _write_card(
-    task: nn.Module,
-    out: Path,
-    written: list[Path],
-    *,
-    recipe: str | None,
-    ckpt: Mapping[str, Any] | None,
-    ckpt_path: str | Path | None,
-    whole_task: bool,
-    onnx: OnnxWritten | None,
-) -> None:
-    """Write ``README.md``, the model card of what ``export`` wrote (see ``card.model_card``)."""
-    from peft_lightning.card import model_card
-
-    card = model_card(
-        task,
-        out,
-        written,
-        recipe=recipe,
-        ckpt=ckpt,
-        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        whole_task=whole_task,
-        onnx=onnx,
-    )
-    (out / "README.md").write_text(card)
-
-
 def _write_merged(task: nn.Module, merged: nn.Module, prefix: str, out: Path, whole: bool) -> Path:
-    """Write the merged model (see ``export``) and return its path."""
+    """Write the merged model (see ``export``) and return its path: the whole task (``whole``) with the adapted
+    module merged in place, which the task itself loads (its ``merged_option``), else as the task writes its own
+    model (``export_merged``)."""
+    if not whole:
+        return task.export_merged(merged, out)
     from safetensors.torch import save_file
 
-    if whole:  # the whole task, with the adapted module merged in place: loadable by the task itself
-        state = {k: v for k, v in task.state_dict().items() if not k.startswith(prefix)}
-        state.update({prefix + k: v for k, v in merged.state_dict().items()})
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-        return out / "model.safetensors"
-    if hasattr(merged, "save_pretrained"):  # transformers: config + safetensors, loadable by from_pretrained
-        merged.save_pretrained(str(out / "merged"))
-        from peft_lightning.tasks.text import TextClassifier
-
-        if isinstance(task, TextClassifier):  # a folder that --model.model_name can point at
-            task.load_tokenizer().save_pretrained(str(out / "merged"))
-        return out / "merged"
-    save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, str(out / "model.safetensors"))
+    state = {k: v for k, v in task.state_dict().items() if not k.startswith(prefix)}
+    state.update({prefix + k: v for k, v in merged.state_dict().items()})
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     return out / "model.safetensors"
 
 

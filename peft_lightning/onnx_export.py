@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,8 @@ class OnnxSpec:
         imports: the import lines ``snippet`` needs.
         snippet: Python lines for the card that set ``feeds`` (input name -> numpy array) from example data; the
             tests run them as written.
+        output_axes: the dynamic axes of the output ``logits``, whose last axis is the classes: ``{0: "batch"}``
+            for one row of logits per input, ``{0: "batch", 1: "sequence"}`` for one per token.
     """
 
     module: nn.Module
@@ -54,6 +56,7 @@ class OnnxSpec:
     preprocessing: str
     imports: list[str]
     snippet: list[str]
+    output_axes: dict[int, str] = field(default_factory=lambda: {0: "batch"})
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class OnnxWritten:
     spec: OnnxSpec
     exporter: str
     outputs: int
+
+    @property
+    def output_shape(self) -> str:
+        """The logits' shape in words, e.g. ``[batch, 3]``."""
+        return f"[{', '.join([*self.spec.output_axes.values(), str(self.outputs)])}]"
 
 
 class ByName(nn.Module):
@@ -114,8 +122,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def write_onnx(spec: OnnxSpec, path: str | Path) -> OnnxWritten:
-    """Write ``spec.module`` to ``path`` as ONNX (fp32, the spec's dynamic axes, one output ``logits`` with a
-    dynamic batch axis): with the dynamo exporter, else (where it fails) the TorchScript exporter; neither: one
+    """Write ``spec.module`` to ``path`` as ONNX (fp32, the spec's dynamic axes, one output ``logits`` with the
+    spec's ``output_axes``): with the dynamo exporter, else (where it fails) the TorchScript exporter; neither: one
     line saying why. The weights go into the file unless they pass ONNX's 2 GB limit (then beside it)."""
     path = Path(path)
     module = _Positional(spec.module).eval().float()
@@ -156,7 +164,7 @@ def write_onnx(spec: OnnxSpec, path: str | Path) -> OnnxWritten:
                 dynamo=False,
                 input_names=names,
                 output_names=[OUTPUT],
-                dynamic_axes={**spec.dynamic, OUTPUT: {0: "batch"}},
+                dynamic_axes={**spec.dynamic, OUTPUT: spec.output_axes},
             )
             return OnnxWritten(path, spec, "torchscript", outputs)
         except Exception as err:

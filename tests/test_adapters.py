@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from peft_lightning.adapters import AdapterConfig
+from peft_lightning.adapters import ADAPTER_METHODS, AdapterConfig
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.errors import UsageError
 from peft_lightning.export import export
@@ -18,7 +18,7 @@ from peft_lightning.tasks.vision import ImageClassifier
 from conftest import make_image_folder, run_cli
 from helpers import PhaseRecorder, StopAfterEpoch, run_card_snippets, tiny_cli_args, tiny_data, train
 
-METHODS = ["lora", "dora", "ia3", "loha", "lokr"]
+METHODS = list(ADAPTER_METHODS)  # every row of the table: lora, dora, ia3, loha, lokr
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +275,28 @@ def test_bad_targets_stop_with_one_line(peft, match):
     with pytest.raises(UsageError, match=match) as err:
         ImageClassifier(name, num_classes=3, pretrained=False, peft=peft)
     assert "\n" not in str(err.value)
+
+
+def test_each_method_is_one_row_peft_builds_and_reads_back(tmp_path):
+    """A row of ADAPTER_METHODS gives peft's config class for its peft_type (PEFT_TYPE_TO_CONFIG_MAPPING) with the
+    method's options; the adapter_config.json peft writes from it reads back as the same method (DoRA: LORA with
+    use_dora); and the row says which module types the method wraps."""
+    import peft
+    from torch import nn
+
+    from peft_lightning.adapters import peft_config, read_adapter_config, saved_method, supports
+
+    for method in METHODS:
+        config = peft_config(AdapterConfig(method, r=4, alpha=8.0, dropout=0.1), ["fc"], ["head"])
+        assert isinstance(config, peft.PEFT_TYPE_TO_CONFIG_MAPPING[ADAPTER_METHODS[method].peft_type])
+        assert (getattr(config, "r", None) == 4) == ADAPTER_METHODS[method].ranked
+        config.save_pretrained(str(tmp_path / method))
+        assert saved_method(read_adapter_config(tmp_path / method)) == method
+    assert saved_method({"peft_type": "PREFIX_TUNING"}) is None
+    depthwise, linear = nn.Conv2d(4, 4, 3, groups=4), nn.Linear(4, 4)
+    assert [supports(m, depthwise) for m in METHODS] == [False, False, True, True, True]  # lora dora ia3 loha lokr
+    assert all(supports(m, linear) for m in METHODS) and not supports("none", linear)
+    assert not any(supports(m, nn.LayerNorm(4)) for m in METHODS)
 
 
 def test_cli_export_and_predict_from_an_adapter_checkpoint_of_a_recipe(tmp_path, capsys):

@@ -16,7 +16,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from peft_lightning.adapters import AdapterConfig
+from peft_lightning.adapters import ADAPTER_METHODS, AdapterConfig
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.errors import UsageError
 from peft_lightning.export import export
@@ -24,7 +24,7 @@ from peft_lightning.tasks.text import TextClassifier
 
 from helpers import PhaseRecorder, StopAfterEpoch, run_card_snippets
 
-METHODS = ["lora", "dora", "ia3", "loha", "lokr"]
+METHODS = list(ADAPTER_METHODS)  # every row of the table: lora, dora, ia3, loha, lokr
 WORDS = ["the", "a", "movie", "was", "good", "bad", "fine"]
 
 

@@ -172,6 +172,8 @@ def test_samples_in_counts_every_batch_format_of_the_domains():
 
 
 def test_final_line_is_the_line_the_cli_printed():
+    """The result line's format; that the CLI prints this very line is test_run_output's
+    test_the_summary_prints_every_field_and_the_run_folder."""
     from peft_lightning.summary import final_line
 
     line = final_line("vit_cifar", {"test/acc": 0.5, "test/loss": 1.0}, None, 61, "runs/x/best.ckpt")

@@ -17,7 +17,7 @@ import yaml
 
 from peft_lightning.cli import main
 from peft_lightning.run_folder import run_dir
-from peft_lightning.summary import format_wall
+from peft_lightning.summary import final_line, format_wall
 
 from conftest import ROOT, make_image_folder
 
@@ -126,6 +126,12 @@ def test_the_summary_prints_every_field_and_the_run_folder(runs):
     out, run = runs["gradual"], runs["folders"][0]
     headline = next(line for line in out.splitlines() if line.startswith("vit_cifar: test/acc"))
     assert "wall " in headline
+    # The printed line is summary.final_line's, field for field (the CLI builds no copy of it).
+    shown, _, rest = headline.removeprefix("vit_cifar: ").partition("  wall ")
+    wall, _, checkpoint = rest.partition("  (best checkpoint ")
+    minutes, seconds = wall.removesuffix("s").split("m")
+    metrics = {k: float(v) for k, v in (pair.split(" ") for pair in shown.split("  "))}
+    assert headline == final_line("vit_cifar", metrics, None, 60 * int(minutes) + int(seconds), checkpoint[:-1])
     for field in (
         "recipe",
         "model",

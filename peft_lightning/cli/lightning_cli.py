@@ -209,21 +209,14 @@ class PeftLightningCLI(LightningCLI):
         self._summary(metrics, tested)
 
     def _summary(self, metrics: dict[str, float], best: str) -> None:
-        from peft_lightning.summary import best_validation, format_wall, print_summary, summary_rows
+        from peft_lightning.summary import best_validation, final_line, print_summary, summary_rows
 
         wall = time.perf_counter() - self.started
         if not self.trainer.is_global_zero:
             return
         # One grep-able line first (CI logs, tests), then the table.
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.endswith("loss"))
         best_seen = best_validation(self.trainer, self.report)
-        if not shown and best_seen is not None:
-            shown = f"best {best_seen['metric']} {best_seen['value']:.4f}"
-        stopped = "  (interrupted)" if self.trainer.interrupted else ""
-        print(
-            f"\n{self.recipe_name}: {shown}  wall {format_wall(wall)}"
-            f"  ({'best checkpoint ' + best if best else 'final weights'}){stopped}"
-        )
+        print("\n" + final_line(self.recipe_name, metrics, best_seen, wall, best, self.trainer.interrupted))
         rows = summary_rows(
             self.trainer,
             self.model,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -24,6 +24,8 @@ from peft_lightning.data.checks import data_spec
 from peft_lightning.tasks.schedules import GroupLambdaLR, GroupPlateau, warmup_cosine
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from peft_lightning.callbacks.prefix_cache import PrefixCache
     from peft_lightning.onnx_export import OnnxSpec
     from peft_lightning.prefix import Split
@@ -44,6 +46,14 @@ def _init_with_defaults(cls: type) -> Any:
 
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     return __init__
+
+
+class Snippet(NamedTuple):
+    """Python for the exported model card's "How to load" section: the import lines it needs (the card merges and
+    sorts them with its own) and the code, which sets the names the card's text uses (``base``, ``merged``)."""
+
+    imports: list[str]
+    code: list[str]
 
 
 class FineTuneTask(LightningModule):
@@ -232,9 +242,9 @@ class FineTuneTask(LightningModule):
         return check(cls.assets)
 
     # --- adapters (peft): the domain builds its backbone and passes it through `add_adapters` ---
-    def add_adapters(self, model: nn.Module, base_name: str | None = None, task_type: str | None = None) -> nn.Module:
-        """``model`` wrapped with the configured adapters (and ``adapter_head`` trained in full), or unchanged.
-        ``task_type``: peft's task type (``SEQ_CLS`` for a transformers classifier), written to the export."""
+    def add_adapters(self, model: nn.Module, base_name: str | None = None) -> nn.Module:
+        """``model`` wrapped with the configured adapters (and ``adapter_head`` trained in full), or unchanged; of
+        the domain's ``peft_task_type``."""
         if self.adapter_config is None:
             return model
         from peft_lightning.adapters import wrap
@@ -245,7 +255,7 @@ class FineTuneTask(LightningModule):
             default_targets=self.default_adapter_targets,
             head=self.adapter_head(model),
             base_name=base_name,
-            task_type=task_type,
+            task_type=self.peft_task_type,
         )
 
     def trainable_parameter_names(self) -> set[str] | None:
@@ -409,7 +419,54 @@ class FineTuneTask(LightningModule):
     def _group_lambda(self, shape: Any, name: str) -> Any:
         return lambda step: shape(step) * self.lr_scales.factor(name)
 
-    # --- export ---
+    # --- export and its model card: what `export` and `card` ask of a domain (each overrides what differs) ---
+    library: ClassVar[str] = ""
+    """The library the base model comes from, as the model card names it (``timm``, ``transformers``); "" for a model
+    the task builds itself."""
+    peft_task_type: ClassVar[str | None] = None
+    """peft's task type of the adapters (``SEQ_CLS`` ...), saved in ``adapter_config.json`` so that
+    ``PeftModel.from_pretrained`` returns the matching class; None: a plain ``PeftModel``."""
+
+    def weights_source(self) -> str:
+        """Where the base weights come from, in words (the model card's "Base model")."""
+        return "the recipe's defaults"
+
+    def hub_base_model(self) -> str | None:
+        """The Hugging Face hub id of the base model, which the card's metadata links to; None: not a hub model."""
+        return None
+
+    def export_merged(self, merged: nn.Module, out: Path) -> Path:
+        """Write ``merged`` (the task's model, adapters merged in: see ``export``) into the folder ``out`` in its
+        library's format, and return its path. Here: its state_dict as ``model.safetensors``."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, str(out / "model.safetensors"))
+        return out / "model.safetensors"
+
+    def merged_option(self, whole_task: bool = False) -> str:
+        """The ``predict`` option that loads what ``export_merged`` wrote, or with ``whole_task`` the whole task's
+        weights (what ``export`` writes where more than the adapted model trained). Here: ``--model.init_from``."""
+        return "--model.init_from"
+
+    def base_snippet(self) -> Snippet:
+        """The card's Python that sets ``base``, the model without adapters as training built it, onto which
+        ``PeftModel.from_pretrained`` loads the export. Here: the recipe class builds it (its own ``build_model``)."""
+        cls, hp = type(self), dict(self.hparams)
+        names = ("model_name", "num_classes", "num_labels", "pretrained", "checkpoint_path")
+        keep = {k: hp[k] for k in names if k in hp}
+        return Snippet(
+            [f"from {cls.__module__} import {cls.__qualname__}"],
+            [
+                f"base = {cls.__qualname__}({', '.join(f'{k}={v!r}' for k, v in keep.items())}).model"
+                "  # the recipe's base model, without adapters"
+            ],
+        )
+
+    def merged_snippet(self, path: Path) -> Snippet | None:
+        """The card's Python that sets ``merged``: what ``export_merged`` wrote at ``path``, loaded with its library
+        alone; None: only the recipe loads it (``merged_option``)."""
+        return None
+
     def onnx_spec(self, model: nn.Module, data: dict[str, Any]) -> OnnxSpec:
         """What ``export --onnx`` writes of ``model`` (this task's model, adapters merged, in eval mode): the module,
         named example inputs with their dynamic axes, and the model card's lines for onnxruntime

@@ -216,6 +216,14 @@ class Recommender(FineTuneTask):
         return [*names, "item_text.projection"] if self.item_text is not None else names
 
     # --- weights ---
+    def weights_source(self) -> str:
+        """``init_from``'s checkpoint, else the text encoder (``two_tower``), else the recipe's defaults."""
+        if self.hparams.init_from:
+            return f"the checkpoint `{self.hparams.init_from}` (`init_from`)"
+        if self.hparams.text_encoder:
+            return f"the text encoder `{self.hparams.text_encoder}`"
+        return super().weights_source()
+
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state_dict") -> None:
         """Load every tensor of this model from ``state_dict`` (extra keys, e.g. another run's metrics, are
         ignored); stops with one line if anything is missing or of another shape."""

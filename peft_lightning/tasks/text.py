@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_type_hints
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +16,11 @@ from peft_lightning.data.checks import check_sizes, data_spec
 from peft_lightning.errors import UsageError
 from peft_lightning.onnx_export import ByName, OnnxSpec
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
-from peft_lightning.tasks.base import FineTuneTask, LayerGroups
+from peft_lightning.tasks.base import FineTuneTask, LayerGroups, Snippet
 from peft_lightning.tasks.metrics import classification_metrics, per_stage
 from peft_lightning.tasks.rows import class_names_or_ids, class_rows, multi_label_rows
 
 ProblemType = Literal["single_label_classification", "multi_label_classification"]
-# The base's scheduler names, so text recipes can default to another one without copying the list.
-SchedulerName = get_type_hints(FineTuneTask.__init__)["scheduler"]
 
 _HEAD_NAMES = re.compile(r"(^|\.)(classifier|score|pooler|pre_classifier|classification_head)\.")
 
@@ -107,6 +105,10 @@ class TextClassifier(FineTuneTask):
     """
 
     domain = "text"
+    library = "transformers"
+    peft_task_type = "SEQ_CLS"
+    auto_class: ClassVar[str] = "AutoModelForSequenceClassification"
+    """The transformers auto class that builds the model (``build_model``) and loads its export (the model card)."""
     # Adapters on every module of the numbered blocks the method supports: for BERT-like encoders the attention's
     # query/key/value and the attention-output, intermediate and output `dense` linears. The embeddings get none
     # (half of a small model's weights, and the vocabulary is not what a task changes); the head trains in full.
@@ -149,7 +151,7 @@ class TextClassifier(FineTuneTask):
                     "drop --model.gradient_checkpointing"
                 )
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = self.add_adapters(model, base_name=model_name, task_type="SEQ_CLS")
+        self.model = self.add_adapters(model, base_name=model_name)
         self._build_metrics()
 
     # --- model and tokenizer ---
@@ -183,7 +185,7 @@ class TextClassifier(FineTuneTask):
         except (OSError, ValueError) as err:
             raise hub_error("model", source, err, "--model.model_name") from None
         try:
-            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            model, info = getattr(transformers, self.auto_class).from_pretrained(
                 source, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **common
             )
         except (OSError, ValueError) as err:
@@ -192,6 +194,46 @@ class TextClassifier(FineTuneTask):
         fresh = set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]}
         self._fresh = [f"model.{name}" if name else "model" for name in new_modules(model, fresh)]
         return model
+
+    def hub_base_model(self) -> str | None:
+        """``model_name`` when it is a hub id (``org/name``), not a local folder."""
+        name = self.hparams.model_name
+        return name if "/" in name and not Path(name).exists() else None
+
+    def export_merged(self, merged: nn.Module, out: Path) -> Path:
+        """A ``save_pretrained`` folder ``merged/`` with the tokenizer: what ``--model.model_name`` points at."""
+        merged.save_pretrained(str(out / "merged"))
+        self.load_tokenizer().save_pretrained(str(out / "merged"))
+        return out / "merged"
+
+    def merged_option(self, whole_task: bool = False) -> str:
+        return super().merged_option(whole_task) if whole_task else "--model.model_name"
+
+    def base_snippet(self) -> Snippet:
+        """The auto class and the tokenizer, from where the task loaded them; a recipe's own ``build_model``: the
+        recipe builds it."""
+        if type(self).build_model is not TextClassifier.build_model:
+            return super().base_snippet()
+        source, hp = self.model_source(), self.hparams
+        extra = f", revision={hp.revision!r}" if hp.revision else ""
+        if hp.problem_type != "single_label_classification":
+            extra += f", problem_type={hp.problem_type!r}"
+        return Snippet(
+            [f"from transformers import {self.auto_class}, AutoTokenizer"],
+            [
+                f"base = {self.auto_class}.from_pretrained({source!r}, num_labels={hp.num_labels}{extra})",
+                f"tokenizer = AutoTokenizer.from_pretrained({source!r})",
+            ],
+        )
+
+    def merged_snippet(self, path: Path) -> Snippet:
+        return Snippet(
+            [f"from transformers import {self.auto_class}, AutoTokenizer"],
+            [
+                f"merged = {self.auto_class}.from_pretrained({str(path)!r})",
+                f"tokenizer = AutoTokenizer.from_pretrained({str(path)!r})",
+            ],
+        )
 
     def fresh_modules(self) -> list[str]:
         """The modules that start from random weights: those the checkpoint did not hold, or held at another size

@@ -16,7 +16,7 @@ from peft_lightning.data.checks import check_sizes, data_spec
 from peft_lightning.errors import UsageError
 from peft_lightning.onnx_export import OnnxSpec
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
-from peft_lightning.tasks.base import FineTuneTask, LayerGroups
+from peft_lightning.tasks.base import FineTuneTask, LayerGroups, Snippet
 from peft_lightning.tasks.metrics import classification_metrics, per_stage
 from peft_lightning.tasks.rows import class_names_or_ids, class_rows
 
@@ -99,6 +99,7 @@ class ImageClassifier(FineTuneTask):
     """
 
     domain = "vision"
+    library = "timm"
     # Adapters go on the numbered blocks' linears and convolutions (a ViT's qkv/proj/fc1/fc2, an EfficientNet's
     # conv_pw/conv_pwl, a ResNet's conv1-3) and on a convnet's conv_head; the method keeps the types it supports
     # (LoRA/DoRA skip depthwise convolutions). The stem and the classifier get none: the classifier trains in full.
@@ -233,6 +234,45 @@ class ImageClassifier(FineTuneTask):
         if not hp.pretrained:
             return "nowhere: randomly initialised (`pretrained=False`)"
         return f"timm's pretrained `{hp.model_name}` (Hugging Face hub / timm's URL)"
+
+    def base_snippet(self) -> Snippet:
+        """timm's model as ``build_model`` creates it, a file's weights loaded but a head of another size skipped (the
+        adapter folder holds the trained head); a recipe's own ``build_model``: the recipe builds it."""
+        if type(self).build_model is not ImageClassifier.build_model:
+            return super().base_snippet()
+        hp = self.hparams
+        path = str(hp.checkpoint_path or "")
+        code = [
+            f"base = timm.create_model({hp.model_name!r}, pretrained={bool(hp.pretrained) and not path}, "
+            f"num_classes={hp.num_classes})"
+        ]
+        if not path:
+            return Snippet(["import timm"], code)
+        safetensors = path.endswith(".safetensors")
+        read = f"load_file({path!r})" if safetensors else f"torch.load({path!r}, map_location='cpu', weights_only=True)"
+        return Snippet(
+            ["import timm", "from safetensors.torch import load_file" if safetensors else "import torch"],
+            [
+                *code,
+                f"weights = {read}  # the base the adapter was trained on",
+                "own = base.state_dict()",
+                "base.load_state_dict({k: v for k, v in weights.items() if v.shape == own[k].shape}, strict=False)",
+            ],
+        )
+
+    def merged_option(self, whole_task: bool = False) -> str:
+        """``--model.checkpoint_path``: ``model.safetensors`` is a timm state_dict."""
+        return super().merged_option(whole_task) if whole_task else "--model.checkpoint_path"
+
+    def merged_snippet(self, path: Path) -> Snippet:
+        return Snippet(
+            ["import timm", "from safetensors.torch import load_file"],
+            [
+                f"merged = timm.create_model({self.hparams.model_name!r}, pretrained=False, "
+                f"num_classes={self.hparams.num_classes})",
+                f"merged.load_state_dict(load_file({str(path)!r}))",
+            ],
+        )
 
     def adapter_head(self, model: nn.Module) -> list[str]:
         classifier = model.pretrained_cfg.get("classifier", "head")
