@@ -115,6 +115,7 @@ def one_run(model: str, contender: str, samples: int, epochs: int, root: str, va
                 "batch_size": 32,
             }
         )
+    data.connect(**task.data_needs())  # the model's preprocessing or tokenizer, as the CLI hands it over
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
 
     class Steps(Callback):

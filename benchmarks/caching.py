@@ -67,7 +67,9 @@ def scenario(name: str, samples: int) -> tuple[Any, Any, dict[str, Any]]:
         data = {**Recipe.data_defaults, "max_train_samples": samples}
         groups = dict(Recipe.finetuning_defaults)
         model = Recipe()
-    return model, Recipe.datamodule_class(**data), groups
+    datamodule = Recipe.datamodule_class(**data)
+    datamodule.connect(**model.data_needs())  # the model's preprocessing or tokenizer, as the CLI hands it over
+    return model, datamodule, groups
 
 
 def one_run(name: str, cache: bool, samples: int, epochs: int) -> dict[str, Any]:

@@ -153,13 +153,9 @@ def _effnet_setup() -> dict[str, Any]:
     model = model.to(memory_format=torch.channels_last).train()
     hp = EffnetFashion.data_defaults
     data = EffnetFashion.datamodule_class(**hp)
-    # The model's own preprocessing (mean/std, interpolation) at the recipe's size, as the framework resolves it.
-    config = {
-        **timm.data.resolve_model_data_config(model),
-        "input_size": (3, hp["image_size"], hp["image_size"]),
-        "crop_pct": hp["crop_pct"],
-    }
-    data.resolve_data_config = lambda: config
+    # The model's own preprocessing (mean/std, interpolation), as the CLI hands it over; the data module applies the
+    # recipe's image_size and crop_pct to it.
+    data.connect(data_config=timm.data.resolve_model_data_config(model))
     data.setup("fit")
     loader = torch.utils.data.DataLoader(
         data.splits["train"], batch_size=hp["batch_size"], shuffle=True, num_workers=hp["num_workers"]

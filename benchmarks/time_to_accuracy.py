@@ -295,9 +295,8 @@ def plain(budget: dict[str, Any], root: str) -> dict[str, Any]:
     if budget["vision_test"]:
         hp["max_test_samples"] = budget["vision_test"]
     data = EffnetFashion.datamodule_class(**hp)
-    # The model's own preprocessing at the recipe's size, as the data module resolves it from an attached model.
-    size = hp["image_size"]
-    data.resolve_data_config = lambda: {**task.data_config(), "input_size": (3, size, size), "crop_pct": hp["crop_pct"]}
+    # The model's own preprocessing at the recipe's size (image_size, crop_pct), as the CLI hands it over.
+    data.connect(**task.data_needs())
     data.setup("fit")
     loader, test = data.train_dataloader(), data.test_dataloader()  # the epoch-seeded order ours draws
     init = {**defaults(FineTuneTask), **defaults(EffnetFashion)}

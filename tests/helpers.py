@@ -20,9 +20,20 @@ def tiny_model(**kw) -> ImageClassifier:
     return ImageClassifier("test_vit", num_classes=3, pretrained=False, **{"lr": 1e-2, **kw})
 
 
-def tiny_data(folder: Path, **kw) -> ImageDataModule:
+def tiny_data(folder: Path, model: ImageClassifier | None = None, **kw) -> ImageDataModule:
+    """The image folder, connected to ``model``'s preprocessing as the CLI connects them (default: tiny_model's
+    test_vit, read from timm's config without building a model, which would draw random numbers)."""
     # augment=False: training batches are deterministic, so runs can be compared weight for weight.
-    return ImageDataModule(str(folder), **{"batch_size": 8, "num_workers": 0, "augment": False, "seed": SEED, **kw})
+    data = ImageDataModule(str(folder), **{"batch_size": 8, "num_workers": 0, "augment": False, "seed": SEED, **kw})
+    data.connect(**(model.data_needs() if model is not None else {"data_config": tiny_vit_config()}))
+    return data
+
+
+def tiny_vit_config() -> dict:
+    """timm's data config of ``test_vit`` (what ``tiny_model().data_config()`` gives)."""
+    import timm
+
+    return timm.data.resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg("test_vit").to_dict())
 
 
 class PhaseRecorder(Callback):

@@ -65,7 +65,7 @@ def test_only_adapters_and_head_change(image_folder, model_name, method):
         enable_model_summary=False,
         callbacks=[FineTuning("full")],
     )
-    trainer.fit(model, tiny_data(image_folder, image_size=32 if model_name != "test_vit" else None))
+    trainer.fit(model, tiny_data(image_folder, model, image_size=32 if model_name != "test_vit" else None))
     after = snapshot(model)
     changed = {n for n in after if not torch.equal(after[n], before[n])}
     assert changed and changed <= trainable, sorted(changed - trainable)[:5]
@@ -314,7 +314,7 @@ def test_cli_export_and_predict_from_an_adapter_checkpoint_of_a_recipe(tmp_path,
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
-    data = tiny_data(folder, image_size=32, val_fraction=0.4)
+    data = tiny_data(folder, model, image_size=32, val_fraction=0.4)
     trainer.fit(model, data)
     ckpt = tmp_path / "adapter.ckpt"
     trainer.save_checkpoint(ckpt)

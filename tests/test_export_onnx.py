@@ -9,7 +9,6 @@ from __future__ import annotations
 import string
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -88,7 +87,7 @@ def test_cli_exports_a_lora_vision_run_whose_onnx_matches_pytorch(tmp_path, cli)
     task = load_task(VitCifar, best)
     recorded = read_checkpoint(best)["datamodule_hyper_parameters"]
     data = ImageDataModule(**{k: v for k, v in recorded.items() if not k.startswith("_")})  # not _instantiator
-    data.trainer = SimpleNamespace(lightning_module=task)  # what resolve_data_config reads the timm config from
+    data.connect(**task.data_needs())  # the model's timm config, as the CLI hands it over
     data.setup("predict")
     pixels = next(iter(data.predict_dataloader()))["pixel_values"]
     raw = data.splits["test"].with_format(None)  # the same images, undecoded: the card's transform on them

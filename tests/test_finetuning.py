@@ -27,6 +27,7 @@ def changed(before, model):
 def fit(image_folder, callback, epochs=1, **trainer_kw):
     model = ImageClassifier("test_vit", num_classes=3, pretrained=False, lr=1e-2)
     dm = ImageDataModule(str(image_folder), batch_size=8, num_workers=0)
+    dm.connect(**model.data_needs())
     before = snapshot(model)
     trainer = Trainer(
         max_epochs=epochs,
@@ -81,6 +82,7 @@ def test_layer_wise_lr_decay_names_each_group(image_folder, tmp_path):
     monitor = LearningRateMonitor()
     model = ImageClassifier("test_vit", num_classes=3, pretrained=False, lr=1e-2, scheduler="constant")
     dm = ImageDataModule(str(image_folder), batch_size=8, num_workers=0)
+    dm.connect(**model.data_needs())
     trainer = Trainer(
         max_epochs=1,
         limit_train_batches=1,
@@ -100,6 +102,7 @@ def test_layer_wise_lr_decay_names_each_group(image_folder, tmp_path):
 def test_frozen_batchnorm_stays_in_eval_mode(image_folder):
     model = ImageClassifier("resnet10t", num_classes=3, pretrained=False)
     dm = ImageDataModule(str(image_folder), image_size=32, batch_size=8, num_workers=0)
+    dm.connect(**model.data_needs())
     stem_bn = model.model.bn1
     running = stem_bn.running_mean.clone()
     trainer = Trainer(
@@ -120,6 +123,7 @@ def test_batchnorm_of_an_unfrozen_group_updates_its_statistics_again(image_folde
     the epochs) and updates them once its group trains (epoch 1), as a run resumed at epoch 1 would."""
     model = ImageClassifier("resnet10t", num_classes=3, pretrained=False)
     dm = ImageDataModule(str(image_folder), image_size=32, batch_size=8, num_workers=0)
+    dm.connect(**model.data_needs())
     stem_bn = model.model.bn1
     seen: list[bool] = []
 

@@ -162,7 +162,7 @@ def fit_tiny(model, folder, callback, epochs=1, **kw):
         callbacks=[callback],
         **kw,
     )
-    trainer.fit(model, tiny_data(folder, image_size=32))
+    trainer.fit(model, tiny_data(folder, model, image_size=32))
     return trainer
 
 
@@ -445,7 +445,7 @@ def test_auto_can_probe_after_the_head_has_trained_a_few_steps(image_folder, one
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=[ft, Trains()],
-    ).fit(model, tiny_data(image_folder, image_size=32))
+    ).fit(model, tiny_data(image_folder, model, image_size=32))
     assert seen[0] == ["head"] and len(seen[1]) == 2 and seen[1][-1] == "head"  # step 0 the head, then the probe's
     assert ft.probe is not None
 
@@ -490,7 +490,7 @@ def test_auto_depth_probes_after_its_linear_probe_and_says_what_it_chose(image_f
         enable_model_summary=False,
         callbacks=[ft, Trains()],
     )
-    trainer.fit(model, tiny_data(image_folder, image_size=32))
+    trainer.fit(model, tiny_data(image_folder, model, image_size=32))
     signal, chosen = ft.probe["signal"], ft.probe["chosen"]
     assert ft.probe["step"] == 2 and all(0.0 <= v <= 1.0 for v in signal.values())
     assert chosen == Auto().cut(signal, [g for g, _ in model.layer_groups()])

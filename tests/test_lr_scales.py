@@ -91,7 +91,7 @@ def test_each_groups_lr_in_the_optimizer_is_what_the_run_prints_and_logs(
         num_sanity_val_steps=0,
         callbacks=[recorder, ft, LearningRateMonitor(logging_interval="step")],  # the recorder sees the LRs in use
     )
-    trainer.fit(model, tiny_data(image_folder, image_size=32))
+    trainer.fit(model, tiny_data(image_folder, model, image_size=32))
     assert len(recorder.steps) >= 4
     for record in recorder.steps:
         lrs = record["lrs"]

@@ -106,6 +106,7 @@ def fit(model, dm, **trainer_kw) -> Trainer:
         **trainer_kw,
     }
     trainer = Trainer(**kw)
+    dm.connect(**model.data_needs())  # the model's tokenizer, as the CLI hands it over (`tokenizer` wins if given)
     trainer.fit(model, dm)
     return trainer
 

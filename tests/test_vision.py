@@ -113,6 +113,7 @@ def test_carved_splits_are_disjoint(image_folder):
 def test_num_classes_mismatch_is_reported(image_folder):
     model = tiny(num_classes=5)
     dm = ImageDataModule(str(image_folder), image_size=160, batch_size=4, num_workers=0)
+    dm.connect(**model.data_needs())
     trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(UsageError, match="--model.num_classes 3"):
         trainer.fit(model, dm)
@@ -121,6 +122,7 @@ def test_num_classes_mismatch_is_reported(image_folder):
 def test_one_training_step_changes_weights_and_logs_metrics(image_folder):
     model = tiny(lr=1e-2)
     dm = ImageDataModule(str(image_folder), batch_size=8, num_workers=0)
+    dm.connect(**model.data_needs())
     before = model.model.head.weight.detach().clone()
     trainer = Trainer(
         max_epochs=1,

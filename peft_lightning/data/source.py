@@ -8,7 +8,8 @@
 - anything else is a Hugging Face hub name (``owner/name``).
 
 Relative paths are local: ``./m.parquet``, and ``m.parquet`` when it exists. The column helpers give the same
-one-line error in every module when the column a task needs is not there or holds something else.
+one-line error in every module when the column a task needs is not there or holds something else, and
+``hub_error`` the one line for a model or tokenizer that a local directory or the hub could not give.
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ def local_path(dataset: str) -> Path | None:
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
         raise UsageError(f"--data.dataset {dataset!r} does not exist{where}: pass an existing file or folder")
     return None
+
+
+def hub_error(what: str, name: str, err: Exception, flag: str) -> UsageError:
+    """One line for a model or tokenizer (``what``) that could not be had from ``name``, a local directory or a hub
+    name: what was tried, why, and which flag fixes it."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return UsageError(
+            f"cannot load the {what} from local directory {name!r} ({type(err).__name__}: {reason}): "
+            f"it needs the files `save_pretrained` writes; pass another directory with {flag}"
+        )
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return UsageError(f"{what} directory {name!r} does not exist: pass an existing directory with {flag}")
+    from huggingface_hub import constants
+
+    return UsageError(
+        f"could not load the {what} {name!r} from the Hugging Face hub ({type(err).__name__}; offline "
+        f"and not in the cache {constants.HF_HUB_CACHE}?): download it once with network, or point "
+        f"{flag} at a local copy (a directory written by `save_pretrained`)"
+    )
 
 
 def load_source(

@@ -11,14 +11,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
-
-from peft_lightning.data.checks import NON_NEGATIVE, POSITIVE, DataSpec, at_least, check_options, within
-from peft_lightning.data.sampling import RowNumbers, cache_aware, train_loader
-from peft_lightning.data.source import load_source
-from peft_lightning.data.splits import carve
+from peft_lightning.data.base import Collate, FineTuneDataModule
+from peft_lightning.data.checks import DataSpec, at_least, check_options
+from peft_lightning.data.source import hub_error
 from peft_lightning.data.text_columns import (
     check_label_range,
     class_ids,
@@ -35,6 +30,18 @@ if TYPE_CHECKING:
 
 # Bump when the encoding below changes: it is part of the cache fingerprint.
 ENCODING_VERSION = 1
+
+
+def load_tokenizer(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, flag: str = "--data.tokenizer"
+) -> Any:
+    """``AutoTokenizer.from_pretrained`` that stops with one line naming ``flag`` when the tokenizer cannot be had."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise hub_error("tokenizer", name, err, flag) from None
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -88,33 +95,17 @@ def encode_for_predict(
     return out
 
 
-def with_strings(collate: Any, keys: tuple[str, ...] = ("id", "text", "target")) -> Any:
-    """``collate`` for rows that also carry strings (``keys``): those come out as lists beside the padded tensors."""
-
-    def apply(features: list[dict[str, Any]]) -> dict[str, Any]:
-        extra = {k: [f.pop(k) for f in features] for k in keys if features and k in features[0]}
-        return {**collate(features), **extra}
-
-    return apply
-
-
-class TextDataModule(LightningDataModule):
+class TextDataModule(FineTuneDataModule):
     """Train/val/test text-classification data, tokenized for the model being tuned.
 
-    The tokenizer is the attached model's (``TextClassifier.load_tokenizer()``, the same checkpoint as the
-    weights), the way ``ImageDataModule`` takes its preprocessing from the model; pass ``tokenizer`` to use
-    another or to use this module on its own.
+    The tokenizer is the model's (``TextClassifier.load_tokenizer()``, the same checkpoint as the weights), handed
+    over by ``connect(tokenizer=...)`` (the CLI does), the way ``ImageDataModule`` takes its preprocessing from the
+    model; pass ``tokenizer`` to use another, or to use this module without a model.
 
     Args:
         dataset: a hub name (``nyu-mll/glue``), a csv/tsv/json/jsonl/parquet/arrow file (read as the train
             split), a folder of such files named by split (``train.csv``, ``validation.csv``, ``test.csv``), or a
             ``save_to_disk`` folder; relative paths are local (``data/source.py``).
-        config_name: the hub dataset's configuration (``sst2`` for GLUE SST-2).
-        train_split: name of the training split.
-        val_split: name of the validation split; when the dataset has none, ``val_fraction`` of train is carved
-            out, stratified by label and seeded.
-        test_split: name of the test split; carved from train like ``val_split`` when missing.
-        val_fraction: fraction of train used for a missing val (and test) split.
         text_column: column with the text (default: ``text``, ``sentence``, ... or the first string column).
         text_pair_column: second text of a pair (NLI, paraphrase); default: detected for the usual pairs
             (``sentence1``/``sentence2``, ``question``/``sentence``, ``premise``/``hypothesis``) when
@@ -126,33 +117,26 @@ class TextDataModule(LightningDataModule):
         multi_label: each row has a set of labels: a list of ids or names, a string of names joined by
             ``label_separator``, or one 0/1 column per label. Batches then carry multi-hot float labels.
         label_separator: separator of names in a multi-label string column (csv files).
-        tokenizer: hub name or local directory of the tokenizer; default: the attached model's.
+        tokenizer: hub name or local directory of the tokenizer; default: the connected model's.
         max_length: tokens kept per example (longer ones are truncated).
         group_by_length: batch examples of similar length together (fewer pad tokens, faster on CPUs): training
             batches come from length-sorted chunks of 50 batches, shuffled; val/test run in length order.
-        batch_size: per-device batch size.
-        eval_batch_size: per-device batch size for val/test/predict (default: 2 × batch_size).
-        num_workers: DataLoader worker processes (padding is cheap: 0 is fine on small machines).
-        pin_memory: pin host memory (speeds up copies to a GPU).
-        persistent_workers: keep workers alive between epochs.
-        max_train_samples: use a seeded random subset of this many training examples.
-        max_val_samples: cap on validation examples (seeded random subset).
-        max_test_samples: cap on test examples (seeded random subset).
-        seed: seed of the carved splits and subsets, and of the training order (epoch e: seed + e).
-        cache_dir: ``datasets`` cache folder (default: ``HF_DATASETS_CACHE``).
         predict_data: what ``predict`` runs on: a csv/tsv/json/jsonl/parquet/arrow file or folder, or a hub name,
             with the text column(s) and optionally labels; default: the test split. The label names come from the
             checkpoint, so the training data need not be here.
+        **kwargs: the options every data module has (splits, caps, batch sizes, workers, seed ...:
+            ``FineTuneDataModule``); padding is cheap, so ``num_workers`` 0 is fine on small machines.
+
+    Example:
+        >>> dm = TextDataModule("reviews.csv", max_length=64)  # doctest: +SKIP
+        >>> dm.connect(tokenizer=model.load_tokenizer())  # doctest: +SKIP
     """
+
+    source_kinds = "csv/json/parquet files with a header, or a save_to_disk folder"
 
     def __init__(
         self,
         dataset: str = "",
-        config_name: str | None = None,
-        train_split: str = "train",
-        val_split: str = "validation",
-        test_split: str = "test",
-        val_fraction: float = 0.1,
         text_column: str | None = None,
         text_pair_column: str | None = None,
         label_column: str | list[str] | None = None,
@@ -162,41 +146,25 @@ class TextDataModule(LightningDataModule):
         tokenizer: str | None = None,
         max_length: int = 128,
         group_by_length: bool = False,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        max_train_samples: int | None = None,
-        max_val_samples: int | None = None,
-        max_test_samples: int | None = None,
-        seed: int = 42,
-        cache_dir: str | None = None,
         predict_data: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         # max_length >= 4: room for the special tokens of a pair and some text.
-        check_options(
-            val_fraction=(val_fraction, within(0, 0.5)),
-            max_length=(max_length, at_least(4)),
-            batch_size=(batch_size, POSITIVE),
-            eval_batch_size=(eval_batch_size, POSITIVE),
-            num_workers=(num_workers, NON_NEGATIVE),
-            max_train_samples=(max_train_samples, POSITIVE),
-            max_val_samples=(max_val_samples, POSITIVE),
-            max_test_samples=(max_test_samples, POSITIVE),
-            seed=(seed, NON_NEGATIVE),
-        )
+        check_options(max_length=(max_length, at_least(4)))
         if isinstance(label_column, list) and not multi_label:
             raise UsageError("several label columns make a multi-label task: pass --data.multi_label true")
-        self.save_hyperparameters()
+        super().__init__(dataset, predict_data=predict_data, **kwargs)
         self.multi_label = multi_label
-        self.splits: dict[str, datasets.Dataset] = {}
         self.lengths: dict[str, list[int]] = {}
         self.label_names: list[str] = []
-        self.tokenizer: Any = None
-        self.predict_set: Any = None
+        self.tokenizer: Any = None  # the one in use, once the data is set up
+        self.model_tokenizer: Any = None  # what `connect` was given
         self._predict_source: tuple[Any, str, str | None, Any] | None = None  # the test split as read, its columns
+
+    def connect(self, tokenizer: Any = None) -> None:
+        """Take the tokenizer of the model this data feeds (``TextClassifier.load_tokenizer()``); the ``tokenizer``
+        option, when given, is used instead. Call it before the data is set up; the CLI does."""
+        self.model_tokenizer = tokenizer
 
     @property
     def deterministic_train(self) -> bool:
@@ -217,110 +185,100 @@ class TextDataModule(LightningDataModule):
             max_length=self.hparams.max_length,
         )
 
-    # --- loading ---
-    def load_splits(self) -> datasets.DatasetDict:
-        """Return the raw splits. Subclasses override this for sources ``datasets`` cannot read."""
-        return load_source(
-            self.hparams.dataset,
-            self.hparams.config_name,
-            self.hparams.cache_dir,
-            "csv/json/parquet files with a header, or a save_to_disk folder",
-        )
-
     def resolve_tokenizer(self) -> Any:
-        """``tokenizer`` if given, else the attached model's ``load_tokenizer()``."""
-        from peft_lightning.tasks.text import TextClassifier, load_tokenizer
-
+        """``tokenizer`` if given, else the connected model's."""
         if self.hparams.tokenizer:
             return load_tokenizer(self.hparams.tokenizer, flag="--data.tokenizer")
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if isinstance(module, TextClassifier):
-            return module.load_tokenizer()
-        raise UsageError("no tokenizer: pass --data.tokenizer NAME_OR_DIR, or train with a TextClassifier")
+        if self.model_tokenizer is not None:
+            return self.model_tokenizer
+        raise UsageError(
+            "no tokenizer: pass --data.tokenizer NAME_OR_DIR, or connect the model's: "
+            "data.connect(**model.data_needs())"
+        )
 
     def prepare_data(self) -> None:
         # Loads, carves and tokenizes on one process per node; `setup` on the other ranks then reads the caches.
-        if self.hparams.predict_data and self.trainer is not None and self.trainer.predicting:
-            return  # predict on new data: the training data is not needed
-        self._build()
+        if not self._predicting_new_data():
+            self.setup()
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.hparams.predict_data:  # new data: the training splits are not needed
-            self.predict_set = self.predict_set or self._new_predict_set(self.hparams.predict_data)
-        elif not self.splits:
-            self._build()
-
-    def _build(self) -> None:
-        if self.splits:
-            return
+    # --- the splits (FineTuneDataModule.build) ---
+    def find_columns(self, ds: datasets.DatasetDict) -> tuple[datasets.DatasetDict, str | None]:
         hp = self.hparams
-        ds = self.load_splits()
-        if hp.train_split not in ds:
-            raise UsageError(
-                f"the dataset has no split {hp.train_split!r} (splits: {', '.join(ds)}): pass --data.train_split NAME"
-            )
-        text, pair = text_columns(ds[hp.train_split].features, hp.text_column, hp.text_pair_column)
-        labels = label_columns(ds[hp.train_split].features, hp.label_column)
-        if not hp.multi_label:
-            ds, self.label_names = to_class_labels(ds, hp.train_split, labels[0], hp.label_names)
-            # Before carving, which stratifies by these ids.
-            check_label_range(ds[hp.train_split], hp.train_split, labels[0], len(self.label_names))
-        for split in (hp.test_split, hp.val_split):  # test first, so val never overlaps it
-            if split not in ds:
-                carve(ds, hp.train_split, split, hp.val_fraction, hp.seed, None if hp.multi_label else labels[0])
+        features = ds[hp.train_split].features
+        self._text, self._pair = text_columns(features, hp.text_column, hp.text_pair_column)
+        self._labels = labels = label_columns(features, hp.label_column)
         if hp.multi_label:
-            label_fn, self.label_names = multi_hot_encoder(
+            return ds, None  # multi-hot labels: a plain seeded carve
+        ds, self.label_names = to_class_labels(ds, hp.train_split, labels[0], hp.label_names)
+        # Before carving, which stratifies by these ids.
+        check_label_range(ds[hp.train_split], hp.train_split, labels[0], len(self.label_names))
+        return ds, labels[0]
+
+    def read_labels(self, ds: datasets.DatasetDict) -> None:
+        hp, labels = self.hparams, self._labels
+        if hp.multi_label:
+            self._label_fn, self.label_names = multi_hot_encoder(
                 ds[hp.train_split], labels, hp.label_names, hp.label_separator
             )
+            names = self.label_names  # a prediction row's true labels, by name
+            self._target: Any = lambda b: [[names[i] for i, on in enumerate(r) if on] for r in self._label_fn(b)]
         else:
-            label_fn = class_ids(labels[0])
-        tokenizer = self.resolve_tokenizer()
-        spec = [
+            for split in (hp.train_split, hp.val_split, hp.test_split):
+                check_label_range(ds[split], split, labels[0], len(self.label_names))
+            self._label_fn = self._target = class_ids(labels[0])
+        # Looked for once the splits are carved: a missing tokenizer is reported after what the carve warns of.
+        self.tokenizer = self.resolve_tokenizer()
+        self._fingerprint = [
             ENCODING_VERSION,
-            tokenizer_fingerprint(tokenizer),
-            text,
-            pair,
+            tokenizer_fingerprint(self.tokenizer),
+            self._text,
+            self._pair,
             hp.max_length,
             labels,
             hp.multi_label,
             self.label_names,
             hp.label_separator,
         ]
-        caps = {
-            hp.train_split: hp.max_train_samples,
-            hp.val_split: hp.max_val_samples,
-            hp.test_split: hp.max_test_samples,
-        }
-        splits, lengths = {}, {}
-        if hp.multi_label:  # a prediction row's true labels, by name
-            names = self.label_names
-            predict_target: Any = lambda b: [[names[i] for i, on in enumerate(r) if on] for r in label_fn(b)]  # noqa: E731
-        else:
-            predict_target = class_ids(labels[0])
-        for split, cap in caps.items():
-            d = ds[split]
-            if len(d) == 0:
-                raise UsageError(f"split {split!r} is empty: check --data.dataset and the split names")
-            if not hp.multi_label:
-                check_label_range(d, split, labels[0], len(self.label_names))
-            if cap is not None and cap < len(d):
-                d = d.shuffle(seed=hp.seed).select(range(cap))
-            if split == hp.test_split:  # what predict runs on by default, with its texts and label names
-                self._predict_source = (d, text, pair, predict_target)
-            d = self._tokenize(d, tokenizer, text, pair, label_fn, spec)
-            lengths[split] = list(d["length"])
-            splits[split] = d.remove_columns("length")
-        self.tokenizer, self.lengths, self.splits = tokenizer, lengths, splits
+        self.lengths = {}
 
-    def _new_predict_set(self, source: str) -> Any:
+    def encode(self, split: str, rows: datasets.Dataset) -> Any:
+        from datasets.fingerprint import Hasher
+
+        if split == self.hparams.test_split:  # what predict runs on by default, with its texts and label names
+            self._predict_source = (rows, self._text, self._pair, self._target)
+        # An explicit fingerprint: hashing the tokenizer object itself is unreliable (its state changes when
+        # used), and the cache must hit across processes and runs. Datasets held only in memory have no cache
+        # folder, so they are tokenized on every run.
+        tokens = rows.map(
+            encode,
+            batched=True,
+            remove_columns=rows.column_names,
+            desc="Tokenizing",
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "text": self._text,
+                "pair": self._pair,
+                "max_length": self.hparams.max_length,
+                "labels": self._label_fn,
+            },
+            new_fingerprint=Hasher.hash([dataset_fingerprint(rows), *self._fingerprint]),
+        )
+        self.lengths[split] = list(tokens["length"])
+        return tokens.remove_columns("length")
+
+    # --- what predict runs on ---
+    def test_predict_set(self) -> Any:
+        """The test split, encoded with its rows, texts and label names."""
+        return self._encode_predict(*self._predict_source)
+
+    def new_predict_set(self, source: str) -> Any:
         """The texts ``predict_data`` names, with their rows and, for single-label data, their true labels."""
         import datasets
 
         from peft_lightning.data.source import load_predict_table
 
         hp = self.hparams
-        what = "csv/json/parquet files with a header, or a save_to_disk folder"
-        table = load_predict_table(source, hp.test_split, hp.cache_dir, what)
+        table = load_predict_table(source, hp.test_split, hp.cache_dir, self.source_kinds)
         text, pair = text_columns(table.features, hp.text_column, hp.text_pair_column)
         named = hp.label_column if isinstance(hp.label_column, str) and hp.label_column in table.features else None
         label = named or next((k for k, v in table.features.items() if isinstance(v, datasets.ClassLabel)), None)
@@ -350,75 +308,11 @@ class TextDataModule(LightningDataModule):
             },
         )
 
-    # --- tokenization ---
-    def _tokenize(
-        self, d: datasets.Dataset, tokenizer: Any, text: str, pair: str | None, labels: Any, spec: list
-    ) -> datasets.Dataset:
-        from datasets.fingerprint import Hasher
-
-        # An explicit fingerprint: hashing the tokenizer object itself is unreliable (its state changes when
-        # used), and the cache must hit across processes and runs. Datasets held only in memory have no cache
-        # folder, so they are tokenized on every run.
-        return d.map(
-            encode,
-            batched=True,
-            remove_columns=d.column_names,
-            desc="Tokenizing",
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "text": text,
-                "pair": pair,
-                "max_length": self.hparams.max_length,
-                "labels": labels,
-            },
-            new_fingerprint=Hasher.hash([dataset_fingerprint(d), *spec]),
-        )
-
-    # --- loaders ---
-    def collate_fn(self) -> Any:
+    # --- batches ---
+    def collate_fn(self) -> Collate:
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(self.tokenizer)
 
-    def _loader(self, split: str, train: bool = False, ordered: bool = False) -> DataLoader:
-        hp = self.hparams
-        if not self.splits:
-            self.setup()
-        lengths = self.lengths[split] if hp.group_by_length else None
-        kwargs = {
-            "collate_fn": self.collate_fn(),
-            "num_workers": hp.num_workers,
-            "pin_memory": hp.pin_memory and torch.cuda.is_available(),
-            "persistent_workers": hp.persistent_workers and hp.num_workers > 0,
-        }
-        if train:  # an epoch-seeded order grouped by length, resumed mid-epoch where it stopped (data/sampling.py)
-            kwargs["collate_fn"] = cache_aware(kwargs["collate_fn"])
-            return train_loader(self, RowNumbers(self.splits[split]), hp.batch_size, hp.seed, lengths=lengths, **kwargs)
-        # Evaluation order does not change metrics; sorted by length, batches pad less.
-        sampler = sorted(range(len(lengths)), key=lengths.__getitem__) if lengths is not None and ordered else None
-        return DataLoader(
-            self.splits[split], batch_size=hp.eval_batch_size or 2 * hp.batch_size, sampler=sampler, **kwargs
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.train_split, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.val_split, ordered=True)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.test_split, ordered=True)
-
-    def predict_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        if self.predict_set is None:
-            self.setup("predict")
-        if self.predict_set is None:  # the test split, encoded with its texts and label names
-            self.predict_set = self._encode_predict(*self._predict_source)
-        return DataLoader(  # in input order: the writer's rows line up with the data's
-            self.predict_set,
-            batch_size=hp.eval_batch_size or 2 * hp.batch_size,
-            collate_fn=with_strings(self.collate_fn()),
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-        )
+    def row_lengths(self, split: str) -> list[int] | None:
+        return self.lengths[split] if self.hparams.group_by_length else None

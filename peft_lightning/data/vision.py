@@ -4,22 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
-
-from peft_lightning.data.checks import (
-    NON_NEGATIVE,
-    POSITIVE,
-    PROBABILITY,
-    DataSpec,
-    check_options,
-    increasing_pair,
-    within,
-)
-from peft_lightning.data.sampling import RowNumbers, train_loader
-from peft_lightning.data.source import find_column, load_source
-from peft_lightning.data.splits import carve
+from peft_lightning.data.base import FineTuneDataModule
+from peft_lightning.data.checks import POSITIVE, PROBABILITY, DataSpec, check_options, increasing_pair, within
+from peft_lightning.data.source import find_column
 from peft_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -33,6 +20,7 @@ IMAGENET_DEFAULT = {
     "crop_pct": 0.875,
     "crop_mode": "center",
 }
+"""timm's defaults (``timm.data.constants``): the preprocessing of data connected to no model's config."""
 
 
 def is_image(feature: Any) -> bool:
@@ -43,7 +31,7 @@ def is_image(feature: Any) -> bool:
     return isinstance(feature, datasets.Image) or (isinstance(feature, dict) and "bytes" in feature)
 
 
-def find_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+def image_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str]:
     """The image and label columns: the named ones, else the first image column and the first ``ClassLabel``
     (else ``label``/``labels``)."""
     import datasets
@@ -76,19 +64,17 @@ def open_image(value: Any) -> Any:
     return image
 
 
-class ImageDataModule(LightningDataModule):
+class ImageDataModule(FineTuneDataModule):
     """Train/val/test image data with timm preprocessing for the model being tuned.
+
+    The preprocessing (input size, mean/std, interpolation, crop) is the model's: ``connect(data_config=...)``
+    hands it over (the CLI does, from ``ImageClassifier.data_config()``); ``image_size``, ``crop_pct`` and
+    ``interpolation`` change it.
 
     Args:
         dataset: a hub name (``uoft-cs/cifar10``), a local image folder (class subfolders, optionally under
             ``train/`` ``validation/`` ``test/``), a parquet/arrow file (the train split) or a folder of them, or a
             ``save_to_disk`` folder; relative paths are local (``data/source.py``).
-        config_name: the hub dataset's configuration, if it has several.
-        train_split: name of the training split.
-        val_split: name of the validation split; when the dataset has none, ``val_fraction`` of train is carved
-            out, stratified by label and seeded.
-        test_split: name of the test split; carved from train like ``val_split`` when missing.
-        val_fraction: fraction of train used for a missing val (and test) split.
         image_column: column holding images (default: the first ``Image`` feature).
         label_column: column holding labels (default: the first ``ClassLabel``, else ``label``).
         image_size: square input side; default: the model's pretrained input size.
@@ -102,28 +88,21 @@ class ImageDataModule(LightningDataModule):
         augment: random crops/flips in training; False preprocesses training images like eval images
             (deterministic: what frozen-feature caching and exact-resume tests need).
         batch_size: per-device batch size.
-        eval_batch_size: per-device batch size for val/test/predict (default: 2 × batch_size).
-        num_workers: DataLoader worker processes.
-        pin_memory: pin host memory (speeds up copies to a GPU).
-        persistent_workers: keep workers alive between epochs.
-        max_train_samples: use a seeded random subset of this many training images.
-        max_val_samples: cap on validation images.
-        max_test_samples: cap on test images.
-        seed: seed of the splits and subsets, and of the training order (epoch e: seed + e).
-        cache_dir: ``datasets`` cache folder (default: ``HF_DATASETS_CACHE``).
         predict_data: what ``predict`` runs on: an image file, a folder of images (class subfolders, if any, give
             the true labels), or a parquet/arrow file or folder with an image column; default: the test split.
             The class names come from the checkpoint, so the training data need not be here.
+        **kwargs: the options every data module has (splits, caps, workers, seed ...: ``FineTuneDataModule``).
+
+    Example:
+        >>> dm = ImageDataModule("my_images/", batch_size=32)  # doctest: +SKIP
+        >>> dm.connect(data_config=model.data_config())  # doctest: +SKIP
     """
+
+    source_kinds = "an image folder with class subfolders, parquet/arrow files or a save_to_disk folder"
 
     def __init__(
         self,
         dataset: str = "",
-        config_name: str | None = None,
-        train_split: str = "train",
-        val_split: str = "validation",
-        test_split: str = "test",
-        val_fraction: float = 0.1,
         image_column: str | None = None,
         label_column: str | None = None,
         image_size: int | None = None,
@@ -134,98 +113,29 @@ class ImageDataModule(LightningDataModule):
         hflip: float = 0.5,
         auto_augment: str | None = None,
         augment: bool = True,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        max_train_samples: int | None = None,
-        max_val_samples: int | None = None,
-        max_test_samples: int | None = None,
-        seed: int = 42,
-        cache_dir: str | None = None,
+        batch_size: int = 64,  # the base's is 32 (text); images have always been batched by 64 here
         predict_data: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        # Checked here: a bad value would otherwise fail later, inside a DataLoader worker.
         check_options(
-            val_fraction=(val_fraction, within(0, 0.5)),
             image_size=(image_size, POSITIVE),
             crop_pct=(crop_pct, within(0, 1, closed_high=True)),
             train_crop_scale=(train_crop_scale, increasing_pair(within(0, 1, closed_high=True))),
             train_crop_ratio=(train_crop_ratio, increasing_pair(within(0, float("inf")))),
             hflip=(hflip, PROBABILITY),
-            batch_size=(batch_size, POSITIVE),
-            eval_batch_size=(eval_batch_size, POSITIVE),
-            num_workers=(num_workers, NON_NEGATIVE),
-            max_train_samples=(max_train_samples, POSITIVE),
-            max_val_samples=(max_val_samples, POSITIVE),
-            max_test_samples=(max_test_samples, POSITIVE),
-            seed=(seed, NON_NEGATIVE),
         )
-        self.save_hyperparameters()
-        self.splits: dict[str, Any] = {}
+        super().__init__(dataset, batch_size=batch_size, predict_data=predict_data, **kwargs)
         self.class_names: list[str] = []
-        self.data_config: dict[str, Any] | None = None
-        self.predict_set: Any = None
+        self.model_data_config: dict[str, Any] | None = None  # what `connect` was given; None: not connected
+        self.data_config: dict[str, Any] | None = None  # the preprocessing in use (resolve_data_config)
+        self._test_rows: tuple[Any, str, str] | None = None  # the test split as read, its image and label columns
 
-    # --- loading ---
-    def load_splits(self) -> datasets.DatasetDict:
-        """Return the raw splits. Subclasses override this for sources ``datasets`` cannot read."""
-        return load_source(
-            self.hparams.dataset,
-            self.hparams.config_name,
-            self.hparams.cache_dir,
-            "an image folder with class subfolders, parquet/arrow files or a save_to_disk folder",
-        )
-
-    def prepare_data(self) -> None:
-        if self.hparams.predict_data and self.trainer is not None and self.trainer.predicting:
-            return  # predict on new data: the training data is not needed
-        self.load_splits()  # downloads once, on one process; `setup` then reads the cache
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.hparams.predict_data:  # new data: the training splits are not needed
-            self.data_config = self.data_config or self.resolve_data_config()
-            self.predict_set = self.predict_set or self._new_predict_set(self.hparams.predict_data)
-            return
-        if self.splits:
-            return
-        import datasets
-
-        hp = self.hparams
-        ds = self.load_splits()
-        if hp.train_split not in ds:
-            raise UsageError(
-                f"the dataset has no split {hp.train_split!r} (splits: {', '.join(ds)}): pass --data.train_split NAME"
-            )
-        image_col, label_col = find_columns(ds[hp.train_split].features, hp.image_column, hp.label_column)
-        for split in (hp.test_split, hp.val_split):  # carve test first so val never overlaps it
-            if split not in ds:
-                carve(ds, hp.train_split, split, hp.val_fraction, hp.seed, label_col)
-        self.label_column = label_col
-        feature = ds[hp.train_split].features[label_col]
-        if hasattr(feature, "names"):
-            self.class_names = list(feature.names)
-        else:
-            self.class_names = [str(v) for v in sorted(set(ds[hp.train_split][label_col]))]
-        caps = {
-            hp.train_split: hp.max_train_samples,
-            hp.val_split: hp.max_val_samples,
-            hp.test_split: hp.max_test_samples,
-        }
-        self.data_config = self.resolve_data_config()
-        for split, cap in caps.items():
-            d = ds[split].select_columns([image_col, label_col])
-            if isinstance(d.features[image_col], datasets.Image):  # decoded in `_transform`, naming a bad file
-                d = d.cast_column(image_col, datasets.Image(decode=False))
-            if len(d) == 0:
-                raise UsageError(f"split {split!r} is empty: check --data.dataset and the split names")
-            if cap is not None and cap < len(d):
-                d = d.shuffle(seed=hp.seed).select(range(cap))
-            self.splits[split] = d.with_transform(self._transform(split == hp.train_split, image_col, label_col))
-            if split == hp.test_split:  # predict on the test split: ids and the true class names beside each image
-                self.predict_set = d.with_transform(self._predict_transform(image_col, label_col, self.class_names))
+    def connect(self, data_config: dict[str, Any] | None = None) -> None:
+        """Take the preprocessing of the model this data feeds: timm's data config (``ImageClassifier.data_config()``:
+        input size, mean/std, interpolation, crop), to which ``image_size``, ``crop_pct`` and ``interpolation``
+        apply. None: timm's ImageNet defaults (``IMAGENET_DEFAULT``), for a model without a config of its own.
+        Call it before the data is set up; the CLI does."""
+        self.model_data_config = dict(data_config if data_config is not None else IMAGENET_DEFAULT)
 
     @property
     def deterministic_train(self) -> bool:
@@ -240,13 +150,45 @@ class ImageDataModule(LightningDataModule):
         """The class count and names, once set up: what ``ImageClassifier`` checks its head against."""
         return DataSpec({"num_classes": len(self.class_names)} if self.class_names else {}, list(self.class_names))
 
+    # --- the splits (FineTuneDataModule.build) ---
+    def find_columns(self, ds: datasets.DatasetDict) -> tuple[datasets.DatasetDict, str | None]:
+        hp = self.hparams
+        features = ds[hp.train_split].features
+        self._image_column, self.label_column = image_columns(features, hp.image_column, hp.label_column)
+        return ds, self.label_column
+
+    def read_labels(self, ds: datasets.DatasetDict) -> None:
+        train, label = ds[self.hparams.train_split], self.label_column
+        feature = train.features[label]
+        if hasattr(feature, "names"):
+            self.class_names = list(feature.names)
+        else:
+            self.class_names = [str(v) for v in sorted(set(train[label]))]
+        self.data_config = self.resolve_data_config()
+
+    def encode(self, split: str, rows: datasets.Dataset) -> Any:
+        import datasets
+
+        image_col, label_col = self._image_column, self.label_column
+        rows = rows.select_columns([image_col, label_col])
+        if isinstance(rows.features[image_col], datasets.Image):  # decoded in `_transform`, naming a bad file
+            rows = rows.cast_column(image_col, datasets.Image(decode=False))
+        if split == self.hparams.test_split:  # what predict runs on by default
+            self._test_rows = (rows, image_col, label_col)
+        return rows.with_transform(self._transform(split == self.hparams.train_split, image_col, label_col))
+
     # --- preprocessing ---
     def resolve_data_config(self) -> dict[str, Any]:
-        """timm's preprocessing of the attached model (or ImageNet defaults), with ``image_size``/``crop_pct``."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        from peft_lightning.tasks.vision import ImageClassifier
-
-        cfg = dict(module.data_config()) if isinstance(module, ImageClassifier) else dict(IMAGENET_DEFAULT)
+        """The connected model's preprocessing (``connect``) with ``image_size``/``crop_pct``/``interpolation``.
+        Data never connected: ImageNet defaults when looked at on its own, an error when it feeds a ``Trainer``
+        (the model's preprocessing, which this data cannot know, is what it should get)."""
+        if self.model_data_config is None and self.trainer is not None:
+            raise UsageError(
+                f"{type(self).__name__} was not connected to the model it feeds: call "
+                "data.connect(**model.data_needs()) before trainer.fit (the CLI does; data.connect() preprocesses "
+                "for ImageNet)"
+            )
+        cfg = dict(self.model_data_config or IMAGENET_DEFAULT)
         if self.hparams.image_size is not None:
             cfg["input_size"] = (3, self.hparams.image_size, self.hparams.image_size)
         if self.hparams.crop_pct is not None:
@@ -281,13 +223,20 @@ class ImageDataModule(LightningDataModule):
 
         return apply
 
-    def _new_predict_set(self, source: str) -> Any:
+    # --- what predict runs on ---
+    def test_predict_set(self) -> Any:
+        """The test split with ids and the true class names beside each image."""
+        rows, image_col, label_col = self._test_rows
+        return rows.with_transform(self._predict_transform(image_col, label_col, self.class_names))
+
+    def new_predict_set(self, source: str) -> Any:
         """The images ``predict_data`` names, with their ids (file paths) and true labels when it has them."""
         import datasets
         from PIL import Image
 
         from peft_lightning.data.source import load_predict_table, local_path
 
+        self.data_config = self.data_config or self.resolve_data_config()
         path = local_path(source)
         if path is not None and path.is_file() and path.suffix.lower() in Image.registered_extensions():
             table = datasets.Dataset.from_dict({"image": [str(path)]}).cast_column("image", datasets.Image())
@@ -322,41 +271,3 @@ class ImageDataModule(LightningDataModule):
             return out
 
         return apply
-
-    # --- loaders ---
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        hp = self.hparams
-        if not self.splits:
-            self.setup()
-        workers = hp.num_workers
-        kwargs = {
-            "num_workers": workers,
-            "pin_memory": hp.pin_memory and torch.cuda.is_available(),
-            "persistent_workers": hp.persistent_workers and workers > 0,
-        }
-        if train:  # an epoch-seeded order, resumed mid-epoch where it stopped (data/sampling.py)
-            return train_loader(
-                self, RowNumbers(self.splits[split], label_column=self.label_column), hp.batch_size, hp.seed, **kwargs
-            )
-        return DataLoader(self.splits[split], batch_size=hp.eval_batch_size or 2 * hp.batch_size, **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.train_split, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.val_split)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.test_split)
-
-    def predict_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        if self.predict_set is None:
-            self.setup("predict")
-        workers = hp.num_workers
-        return DataLoader(
-            self.predict_set,
-            batch_size=hp.eval_batch_size or 2 * hp.batch_size,
-            num_workers=workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-        )

@@ -179,6 +179,13 @@ class FineTuneTask(LightningModule):
         return None
 
     # --- what each domain supplies ---
+    def data_needs(self) -> dict[str, Any]:
+        """What this task's data module needs from the model, as the keyword arguments of its ``connect``
+        (``data/base.py``): ``{"data_config": ...}`` for images, ``{"tokenizer": ...}`` for text. The CLI hands
+        them over after building both; whoever builds a ``Trainer`` by hand calls
+        ``data.connect(**model.data_needs())`` before ``fit``. Here: nothing."""
+        return {}
+
     def prediction_rows(self, prediction: Any, batch: Any, top_k: int = 5) -> list[dict[str, Any]]:
         """One row per input of a ``predict`` batch, from what ``predict_step`` returned for it and the batch
         (its ``id`` and, when the data has labels, ``target``): what ``predict`` writes

@@ -13,6 +13,8 @@ from torch import nn
 from peft_lightning import adapters
 from peft_lightning.blocks import BLOCK_IN_NAME, BLOCK_MODULES
 from peft_lightning.data.checks import check_sizes, data_spec
+from peft_lightning.data.source import hub_error
+from peft_lightning.data.text import load_tokenizer
 from peft_lightning.errors import UsageError
 from peft_lightning.onnx_export import ByName, OnnxSpec
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
@@ -38,43 +40,11 @@ def new_modules(model: nn.Module, keys: set[str]) -> list[str]:
     return found
 
 
-def hub_error(what: str, name: str, err: Exception, flag: str) -> UsageError:
-    """One line for a model/tokenizer that could not be had: what was tried, why, and which flag fixes it."""
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return UsageError(
-            f"cannot load the {what} from local directory {name!r} ({type(err).__name__}: {reason}): "
-            f"it needs the files `save_pretrained` writes; pass another directory with {flag}"
-        )
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        return UsageError(f"{what} directory {name!r} does not exist: pass an existing directory with {flag}")
-    from huggingface_hub import constants
-
-    return UsageError(
-        f"could not load the {what} {name!r} from the Hugging Face hub ({type(err).__name__}; offline "
-        f"and not in the cache {constants.HF_HUB_CACHE}?): download it once with network, or point "
-        f"{flag} at a local copy (a directory written by `save_pretrained`)"
-    )
-
-
-def load_tokenizer(
-    name: str, revision: str | None = None, trust_remote_code: bool = False, flag: str = "--data.tokenizer"
-) -> Any:
-    """``AutoTokenizer.from_pretrained`` that stops with one line naming ``flag`` when the tokenizer cannot be had."""
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise hub_error("tokenizer", name, err, flag) from None
-
-
 class TextClassifier(FineTuneTask):
     """Sequence classification with a transformers model: pretrained body, new head of ``num_labels``.
 
-    The matching tokenizer comes from the same ``model_name`` (see ``load_tokenizer``); ``TextDataModule`` asks the
-    attached model for it, so a recipe names the checkpoint once.
+    The matching tokenizer comes from the same ``model_name`` (see ``load_tokenizer``); ``TextDataModule`` is handed
+    it (``data_needs``), so a recipe names the checkpoint once.
 
     Args:
         model_name: a Hugging Face hub name (``google-bert/bert-base-uncased``) or a local directory written by
@@ -261,11 +231,15 @@ class TextClassifier(FineTuneTask):
         return head
 
     def load_tokenizer(self) -> Any:
-        """The tokenizer saved with the model; ``TextDataModule`` calls this unless given its own."""
+        """The tokenizer saved with the model, which the data tokenizes with unless given its own (``data_needs``)."""
         hp = self.hparams
         return load_tokenizer(
             self.model_source(), revision=hp.revision, trust_remote_code=hp.trust_remote_code, flag="--data.tokenizer"
         )
+
+    def data_needs(self) -> dict[str, Any]:
+        """The data tokenizes with the model's tokenizer: ``TextDataModule.connect(tokenizer=...)``."""
+        return {"tokenizer": self.load_tokenizer()}
 
     def layer_groups(self) -> LayerGroups:
         """``embeddings``, one group per numbered block (``layer.0`` ... for BERT), and ``head`` (pooler,

@@ -297,6 +297,10 @@ class ImageClassifier(FineTuneTask):
 
         return timm.data.resolve_model_data_config(self.backbone)
 
+    def data_needs(self) -> dict[str, Any]:
+        """The data's preprocessing is the model's: ``ImageDataModule.connect(data_config=...)``."""
+        return {"data_config": self.data_config()}
+
     # --- steps ---
     def _build_metrics(self) -> None:
         metrics = classification_metrics(self.num_classes, mcc=False, top_k=5)
