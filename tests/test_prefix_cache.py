@@ -65,6 +65,105 @@ def test_a_cached_run_ends_with_the_weights_of_an_uncached_one_through_unfreezes
     assert cached.prefix_cache is None  # released at the end of fit
 
 
+def test_cached_epochs_are_made_in_the_main_process_with_the_batches_the_loader_made_before(image_folder):
+    # Worker processes (persistent, as the recipes run) hand over the raw first epoch; the cached epochs' batches are
+    # made in this process (never through shared memory), and the run ends with the uncached run's weights.
+    handed_over: list[bool] = []
+
+    class Where(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                handed_over.append(batch["labels"].is_shared())
+
+    def run(cache: bool) -> torch.nn.Module:
+        model = tiny_model()
+        trainer = Trainer(
+            max_epochs=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            deterministic=True,
+            callbacks=[FineTuning("head", cache_features=cache), Where()],
+        )
+        trainer.fit(model, tiny_data(image_folder, num_workers=1, persistent_workers=True))
+        return model
+
+    plain = run(False)
+    assert handed_over == [True, True, True]
+    handed_over.clear()
+    cached = run(True)
+    assert handed_over == [True, False, False]
+    assert same_weights(plain, cached) == []
+
+
+def test_a_cached_epoch_resumed_mid_epoch_continues_at_the_same_batch(image_folder):
+    from torch.utils.data import DataLoader
+
+    data = tiny_data(image_folder)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    rows = data.index_dataset()
+    assert loader.dataset is rows  # the data module hands the cache the dataset its training loader reads
+    rows.serve_cached(True)
+
+    def epoch(made_here: bool, epoch: int, resume_at: int | None = None) -> list[dict[str, torch.Tensor]]:
+        loader.sampler.set_epoch(epoch)
+        if resume_at is not None:  # a checkpoint saved after `resume_at` batches of `epoch`
+            loader.load_state_dict({"epoch": epoch, "batches": resume_at})
+        return list(iter(loader) if made_here else DataLoader.__iter__(loader))  # else torch's iterator, as before
+
+    def same(got: list[dict[str, torch.Tensor]], want: list[dict[str, torch.Tensor]]) -> bool:
+        return [b.keys() for b in got] == [b.keys() for b in want] and all(
+            a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for a, b in zip(got, want) for k in b
+        )
+
+    whole = epoch(False, 1)
+    assert len(whole) == 4 and same(epoch(True, 1), whole)
+    assert same(epoch(True, 1, resume_at=2), whole[2:])
+    assert not same(epoch(True, 2), whole)  # each epoch its own order
+
+
+def test_the_training_loss_reaches_the_loggers_as_when_it_was_logged_at_every_step(image_folder, tmp_path):
+    # The task logs `train/loss` at the steps Lightning writes (log_every_n_steps) and at each epoch's last, not at
+    # every step (a `self.log` call costs a tenth of a cached step): metrics.csv and the final value are unchanged.
+    from lightning.pytorch.loggers import CSVLogger
+
+    def fit(every_step: bool) -> tuple[str, torch.Tensor, int]:
+        model = tiny_model()
+        calls, log = [0], model.log
+
+        def counted(name, *args, **kwargs):
+            calls[0] += name == "train/loss"
+            return log(name, *args, **kwargs)
+
+        model.log = counted
+        if every_step:  # the way before
+            model.log_train_loss = lambda loss, batch_size=None: model.log(
+                "train/loss", loss, prog_bar=True, batch_size=batch_size
+            )
+        folder = tmp_path / str(every_step)
+        trainer = Trainer(
+            max_epochs=3,
+            log_every_n_steps=3,
+            logger=CSVLogger(folder, name="", version=""),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            deterministic=True,
+            callbacks=[FineTuning("head", cache_features=True)],
+        )
+        trainer.fit(model, tiny_data(image_folder))
+        return (folder / "metrics.csv").read_text(), trainer.callback_metrics["train/loss"], calls[0]
+
+    csv, last, calls = fit(every_step=False)
+    csv_before, last_before, calls_before = fit(every_step=True)
+    assert csv == csv_before and "train/loss" in csv.splitlines()[0] and torch.equal(last, last_before)
+    assert (calls, calls_before) == (6, 12)  # 4 steps an epoch: steps 3, 6, 9, 12 and each epoch's last (4, 8, 12)
+
+
 def test_a_text_run_caches_the_input_of_its_lowest_training_block(tiny_bert, sentiment_csv, tmp_path):  # noqa: F811
     def run(cache):
         seed_everything(0)

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from peft_lightning.callbacks.prefix_cache import PrefixCache, default_max_bytes
 from peft_lightning.contract import Tunable
-from peft_lightning.data.sampling import RowNumbers
+from peft_lightning.data.sampling import IndexedData, RowNumbers
 from peft_lightning.run_folder import log_dir
 
 
@@ -71,7 +71,7 @@ class PrefixCaching:
         self.notes.append(f"{when} {cache.describe()}")
         cache.release()
         pl_module.prefix_cache = None
-        rows = _row_numbers(trainer)
+        rows = _index_dataset(trainer)
         if rows is not None:
             rows.serve_cached(False)
 
@@ -91,7 +91,7 @@ class PrefixCaching:
         if cache is not None and cache.split.group != target:
             self.drop(trainer, pl_module)
             cache = None
-        rows = _row_numbers(trainer)
+        rows = _index_dataset(trainer)
         if cache is None and target is not None:
             cache = self._start(trainer, pl_module, target, lowest, rows, ready, reused)
         if rows is not None:
@@ -126,7 +126,7 @@ class PrefixCaching:
         if not explicit and not reused(epoch, lowest):
             return None  # one epoch reads it: caching would cost memory and save nothing
         if rows is None:
-            skip("the training loader's dataset gives no `index` per example (peft_lightning.data.sampling.RowNumbers)")
+            skip("the data module numbers no training rows (peft_lightning.data.sampling.IndexedData.index_dataset)")
             return None
         split = pl_module.prefix_split(target)
         if split is None:
@@ -147,14 +147,10 @@ class PrefixCaching:
         return [*self.notes, *([f"now: {cache.describe()}"] if cache is not None else [])]
 
 
-def _row_numbers(trainer: Trainer) -> RowNumbers | None:
-    """The training loader's ``RowNumbers`` dataset (which can serve cached epochs), or None."""
-    try:
-        loader = trainer.train_dataloader
-    except Exception:  # no fit loop data yet
-        return None
-    dataset = getattr(loader, "dataset", None)
-    return dataset if isinstance(dataset, RowNumbers) else None
+def _index_dataset(trainer: Trainer) -> RowNumbers | None:
+    """The training rows the data module numbers for the cache and switches to serve cached epochs, or None."""
+    dm = trainer.datamodule
+    return dm.index_dataset() if isinstance(dm, IndexedData) else None
 
 
 def _run_folder(trainer: Trainer) -> str:

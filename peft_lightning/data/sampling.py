@@ -1,11 +1,15 @@
 """A shuffling sampler that is a pure function of (seed, epoch), so a resumed run sees the same batches, and the
 training loader that saves the fit's position in every checkpoint. (The random generators a checkpoint also holds
-are ``peft_lightning/rng.py``'s; the workaround that gives the position back is ``internals.resume_loader_position``.)"""
+are ``peft_lightning/rng.py``'s; the workaround that gives the position back is ``internals.resume_loader_position``.)
+
+The prefix cache's side of the data: a data module numbers its training rows (``IndexedData.index_dataset``, a
+``RowNumbers``), the cache keys its rows by that number, and once it holds every row it switches the dataset to
+``{index, labels}``; the training loader (``RowLoader``) then makes those batches in the main process."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -80,8 +84,9 @@ class RowNumbers(torch.utils.data.Dataset):
     ``add_column`` would do the same but rewrites a shuffled subset's whole Arrow table first (~10 s for 40k
     Fashion-MNIST images, a twentieth of ``effnet_fashion``'s budget); this adds the numbers as rows are read.
     Once the prefix cache holds every row, ``serve_cached(True)`` makes rows ``{index, labels}`` only: no image is
-    decoded, no text collated. The switch is a shared-memory flag, so worker processes (persistent or not, forked or
-    spawned) see it from their next batch on.
+    decoded, no text collated, and ``RowLoader`` makes those batches in the main process (``batch``). The switch is
+    a shared-memory flag, so worker processes (persistent or not, forked or spawned) of any other loader over it see
+    it from their next batch on.
 
     Args:
         data: a ``datasets.Dataset`` (with its transform) or any map-style dataset of dicts.
@@ -123,6 +128,35 @@ class RowNumbers(torch.utils.data.Dataset):
         rows = self.data.__getitems__(keys)  # one batched read and transform, as DataLoader does for a Dataset
         return [{**row, "index": i} for row, i in zip(rows, keys)]
 
+    def batch(self, keys: list[int]) -> dict[str, torch.Tensor]:
+        """The batch of a cached epoch for ``keys``, collated: the tensors ``default_collate`` makes of
+        ``__getitems__(keys)`` (int64 ``index``; ``labels`` as read from Arrow), without a dict per row."""
+        index = torch.tensor(keys, dtype=torch.long)
+        return {"index": index, "labels": self._labels[index]}
+
+
+@runtime_checkable
+class IndexedData(Protocol):
+    """What a data module declares so that ``FineTuning`` can cache the frozen prefix (``callbacks/caching.py``).
+
+    The cache keys its rows by the ``index`` of each training example; once it holds every row it switches the
+    dataset with ``RowNumbers.serve_cached`` (and back when it is dropped), and the training loader serves cached
+    epochs from it. A data module without this method trains uncached; the run summary says why.
+
+    Example:
+        >>> from lightning.pytorch import LightningDataModule
+        >>> class Numbers(LightningDataModule):
+        ...     def index_dataset(self) -> RowNumbers | None:
+        ...         return None  # no numbered rows: nothing is cached
+        >>> isinstance(Numbers(), IndexedData)
+        True
+    """
+
+    def index_dataset(self) -> RowNumbers | None:
+        """The dataset the training loader reads, as the same ``RowNumbers`` on every call; None: the training
+        rows carry no ``index``."""
+        ...
+
 
 def cache_aware(collate: Callable[[list[dict[str, Any]]], Any]) -> Callable[[list[dict[str, Any]]], Any]:
     """``collate`` for rows with raw inputs; torch's default for the ``{index, labels}`` rows of a cached epoch."""
@@ -143,7 +177,31 @@ def train_progress(trainer: Trainer | None) -> dict[str, int]:
     return {"epoch": int(trainer.current_epoch), "batches": int(processed)}
 
 
-class ResumableLoader(DataLoader):
+class RowLoader(DataLoader):
+    """A training ``DataLoader`` that makes the batches of a cached epoch in this process.
+
+    Once the prefix cache holds every row, the dataset (``RowNumbers``) serves ``{index, labels}`` only, and handing
+    such a batch over from a worker process (two tensors pickled into shared memory) costs more than the step that
+    trains on it (~1.5 ms against ~1 ms for effnet_fashion's head). Then ``iter`` starts no worker: it reads the same
+    batch sampler in the same order (an ``EpochShuffle``'s, resumed mid-epoch where it stopped, or Lightning's
+    distributed sampler) and gathers the same tensors (``RowNumbers.batch``). Other epochs go through torch's loader.
+    """
+
+    _iterated = False  # whether torch's iterator was made (persistent workers draw their seed only then)
+
+    def __iter__(self) -> Iterator[Any]:
+        rows = self.dataset
+        if not (isinstance(rows, RowNumbers) and rows.cached):
+            self._iterated = True
+            return super().__iter__()
+        # Draw what making torch's iterator draws (its workers' base seed: from the global generator when the loader
+        # has none), so that the random draws after it (dropout) are those of the batches served by workers.
+        if not (self.persistent_workers and self.num_workers > 0 and self._iterated):
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return map(rows.batch, self.batch_sampler)
+
+
+class ResumableLoader(RowLoader):
     """A ``DataLoader`` over an ``EpochShuffle`` that a checkpoint saved mid-epoch resumes where it stopped.
 
     Lightning saves the ``state_dict`` of a loader that has one in every checkpoint and gives it back before the
@@ -174,15 +232,19 @@ def train_loader(
     In one process: an ``EpochShuffle`` order (grouped by ``lengths`` when given) in a ``ResumableLoader``, so every
     checkpoint saves the fit's position and a resume is exact. Under DDP: ``shuffle=True`` (or a
     ``LengthGroupedSampler``), for which Lightning substitutes its distributed sampler, seeded per epoch too.
-    ``kwargs`` go to the ``DataLoader`` (workers, collate_fn, pin_memory ...).
+    ``kwargs`` go to the ``DataLoader`` (workers, collate_fn, pin_memory ...). Either serves the cached epochs of a
+    ``RowNumbers`` dataset in this process (``RowLoader``); a new loader reads whole rows until the cache, full,
+    switches them (a fit that stopped with them switched leaves no trace in the next).
     """
+    if isinstance(data, RowNumbers):
+        data.serve_cached(False)
     trainer = datamodule.trainer
     if trainer is not None and trainer.world_size > 1:
         if lengths is None:
-            return DataLoader(data, batch_size=batch_size, shuffle=True, **kwargs)
+            return RowLoader(data, batch_size=batch_size, shuffle=True, **kwargs)
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
-        return DataLoader(
+        return RowLoader(
             data, batch_size=batch_size, sampler=LengthGroupedSampler(batch_size, lengths=lengths), **kwargs
         )
     return ResumableLoader(

@@ -361,7 +361,7 @@ class Recommender(FineTuneTask):
                 loss = F.cross_entropy(s / self.temperature, torch.zeros_like(pos))
             norms = vec.pow(2).sum(-1)
             reg = u.pow(2).sum(-1).mean() + norms[:, 0].mean() + norms[:, 1:].mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_loss(loss)
         return loss + self.l2 * reg if self.l2 else loss
 
     def _build_metrics(self) -> None:

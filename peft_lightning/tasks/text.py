@@ -348,7 +348,7 @@ class TextClassifier(FineTuneTask):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         _, loss = self._logits_and_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        self.log_train_loss(loss, batch_size=len(batch["labels"]))
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> None:

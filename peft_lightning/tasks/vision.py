@@ -366,7 +366,7 @@ class ImageClassifier(FineTuneTask):
         cached = self.prefix_cache is not None and "index" in batch
         logits = self.prefix_cache.logits(batch) if cached else self(batch["pixel_values"])
         loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        self.log_train_loss(loss, batch_size=len(batch["labels"]))
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> None:
