@@ -58,12 +58,19 @@ FIRST = {"vision": "[stem, blocks.0, head]", "text": "[embeddings, layer.0, head
 CONTENDERS: dict[str, Any] = {
     "full": ["--finetuning.strategy", "full"],
     "head": ["--finetuning.strategy", "head"],
-    "top1": ["--finetuning.strategy", "head", "--finetuning.groups", "2"],
-    "top2": ["--finetuning.strategy", "head", "--finetuning.groups", "3"],
-    "top3": ["--finetuning.strategy", "head", "--finetuning.groups", "4"],
+    "top1": ["--finetuning.strategy", "Head", "--finetuning.strategy.groups", "2"],
+    "top2": ["--finetuning.strategy", "Head", "--finetuning.strategy.groups", "3"],
+    "top3": ["--finetuning.strategy", "Head", "--finetuning.strategy.groups", "4"],
     "default": [],
-    "first": lambda domain: ["--finetuning.strategy", "head", "--finetuning.groups", FIRST[domain]],
-    "lpft": ["--finetuning.strategy", "auto", "--finetuning.auto_coverage", "1.0", "--finetuning.auto_floor", "0"],
+    "first": lambda domain: ["--finetuning.strategy", "Head", "--finetuning.strategy.groups", FIRST[domain]],
+    "lpft": [
+        "--finetuning.strategy",
+        "Auto",
+        "--finetuning.strategy.coverage",
+        "1.0",
+        "--finetuning.strategy.floor",
+        "0",
+    ],
     "auto": ["--finetuning.strategy", "auto"],
 }
 FIXED = [c for c in CONTENDERS if c != "auto"]

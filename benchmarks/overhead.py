@@ -31,8 +31,8 @@ from peft_lightning.internals import BatchNorm
 MODELS = ("minilm", "effnet")
 RECIPES = {"minilm": "minilm_austen", "effnet": "effnet_fashion"}
 # Each model's layer groups from the input side to the head, as parameter-name prefixes written out by hand (as a
-# plain loop would); the recipes train the top `unfreeze_groups` of them. `run` checks the result against what
-# the framework trained, so a recipe change that this list does not follow stops the benchmark.
+# plain loop would); the recipes train the top `groups` of them (FreezeUnfreeze from epoch 0). `run` checks the
+# result against what the framework trained, so a recipe change that this list does not follow stops the benchmark.
 GROUPS = {
     "minilm": [
         ("bert.embeddings.",),
@@ -50,14 +50,19 @@ GROUPS = {
 
 def trainable_prefixes(model: str) -> tuple[str, ...]:
     """The parameter-name prefixes the recipe's FineTuning defaults train from the first step."""
+    from peft_lightning.callbacks.strategies import FreezeUnfreeze, Full, build
     from peft_lightning.registry import get_recipe
 
-    ft = get_recipe(RECIPES[model]).finetuning_defaults
+    strategy = build(get_recipe(RECIPES[model]).finetuning_defaults.get("strategy", "full"))
     groups = GROUPS[model]
-    if ft.get("strategy", "full") == "full":
+    if isinstance(strategy, Full):
         k = len(groups)
-    elif ft.get("strategy") == "freeze_unfreeze" and ft.get("unfreeze_at_epoch") == 0:
-        k = ft.get("unfreeze_groups") or len(groups)
+    elif (
+        isinstance(strategy, FreezeUnfreeze)
+        and strategy.at_epoch == 0
+        and isinstance(strategy.groups, (int, type(None)))
+    ):
+        k = strategy.groups or len(groups)
     else:
         raise ValueError(f"{RECIPES[model]}: the plain loop mirrors only `full` or `freeze_unfreeze` from epoch 0")
     return tuple(prefix for group in groups[-k:] for prefix in group)

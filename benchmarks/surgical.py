@@ -42,25 +42,25 @@ SHIFTS = ("noise", "inversion", "blur", "coarse")
 CONTENDERS = {
     "full": ["--finetuning.strategy", "full"],
     "head": ["--finetuning.strategy", "head"],
-    "first": ["--finetuning.strategy", "head", "--finetuning.groups", "[stem, blocks.0, head]"],
-    "top3": ["--finetuning.strategy", "head", "--finetuning.groups", "3"],
-    "auto_select": ["--finetuning.strategy", "auto", "--finetuning.auto_mode", "select"],
-    "auto_scale": ["--finetuning.strategy", "auto", "--finetuning.auto_mode", "scale"],
+    "first": ["--finetuning.strategy", "Head", "--finetuning.strategy.groups", "[stem, blocks.0, head]"],
+    "top3": ["--finetuning.strategy", "Head", "--finetuning.strategy.groups", "3"],
+    "auto_select": ["--finetuning.strategy", "Auto", "--finetuning.strategy.mode", "select"],
+    "auto_scale": ["--finetuning.strategy", "Auto", "--finetuning.strategy.mode", "scale"],
     # the probe after 10 steps of the head alone (a new head sends noise into the body's gradients)
     "auto_select_warm": [
         "--finetuning.strategy",
-        "auto",
-        "--finetuning.auto_mode",
+        "Auto",
+        "--finetuning.strategy.mode",
         "select",
-        "--finetuning.probe_after",
+        "--finetuning.strategy.probe_after",
         "10",
     ],
     "auto_scale_warm": [
         "--finetuning.strategy",
-        "auto",
-        "--finetuning.auto_mode",
+        "Auto",
+        "--finetuning.strategy.mode",
         "scale",
-        "--finetuning.probe_after",
+        "--finetuning.strategy.probe_after",
         "10",
     ],
 }
@@ -272,7 +272,7 @@ def recipes_vs_auto(quick: bool = False, modes: tuple[str, ...] = ("select", "sc
             quick_args = list(ROWS[recipe][2]) if quick else []
             contenders = {
                 "default": [],
-                **{f"auto_{m}": ["--finetuning.strategy", "auto", "--finetuning.auto_mode", m] for m in modes},
+                **{f"auto_{m}": ["--finetuning.strategy", "Auto", "--finetuning.strategy.mode", m] for m in modes},
             }
             rows[recipe] = {}
             for name, extra in contenders.items():  # default, auto ... one after another, from the same state

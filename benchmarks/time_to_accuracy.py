@@ -133,7 +133,7 @@ class AccuracyCurve(Callback):
         from peft_lightning.callbacks.finetuning import FineTuning
 
         self.curve.point(trainer.global_step)
-        ft = next(c for c in trainer.callbacks if isinstance(c, FineTuning))
+        ft = FineTuning.find(trainer)
         cache = pl_module.prefix_cache
         result = {
             "curve": self.curve.points,
@@ -277,7 +277,7 @@ def plain(budget: dict[str, Any], root: str) -> dict[str, Any]:
     """The same vision fine-tune by hand: a loop over the recipe's data, the recipe's optimizer and schedule."""
     import torch.nn.functional as F
 
-    from peft_lightning.callbacks.finetuning import set_frozen_modes
+    from peft_lightning.callbacks.groups import set_frozen_modes
     from peft_lightning.tasks.base import FineTuneTask
     from recipes.effnet_fashion import EffnetFashion
 

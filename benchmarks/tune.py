@@ -40,7 +40,7 @@ LORA_SPACE = {
     "peft.target_modules": {"type": "categorical", "choices": [None, ["query", "value"], ["query", "key", "value"]]},
     # the recipe's other keys: fixed here (plain-weight strategy and method, LoRA with the schedule's defaults)
     "peft.method": None,
-    "finetuning.unfreeze_groups": None,
+    "finetuning.strategy.groups": None,
     "model.weight_decay": None,
     "model.warmup": None,
 }

@@ -33,8 +33,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.contract import Tunable
-from peft_lightning.summary import finetuning_callback
 
 
 def samples_in(batch: Any) -> int:
@@ -89,12 +89,12 @@ class RunReport(Callback):
         tunable = isinstance(pl_module, Tunable)  # any LightningModule may run with this report
         groups = pl_module.layer_groups() if tunable else [("all", list(params))]
         training = [name for name, names in groups if any(params[n].requires_grad for n in names if n in params)]
-        ft = finetuning_callback(trainer)
+        ft = FineTuning.find(trainer)
         return {
             "groups": len(training),
             "n_groups": len(groups),
             "names": training,
-            "round": ft.round if ft is not None and ft.uses_rounds else None,
+            "round": ft.rounds.round if ft is not None and ft.rounds is not None else None,
             "lr_scale": float(pl_module.lr_scales.phase) if tunable else 1.0,
             "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
             "total": sum(p.numel() for p in params.values()),
@@ -112,7 +112,7 @@ class RunReport(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # At each epoch's start, and within an epoch when the fine-tuning callback changed what trains (``auto``'s
         # probe after its linear probe): the groups are compared only then, not at every step.
-        ft = finetuning_callback(trainer)
+        ft = FineTuning.find(trainer)
         now = ft.trainable_groups if ft is not None else None
         changed, self._last_groups = now != self._last_groups, now
         if batch_idx != 0 and not changed:
@@ -205,8 +205,8 @@ class RunReport(Callback):
         # `trainer.test(ckpt_path="best")` after fit restores every callback's state from that checkpoint; what fit
         # saw is kept (see load_state_dict), and the round table copied before the fine-tuning callback's is.
         self._fit_done = True
-        ft = finetuning_callback(trainer)
-        self.rounds = [dict(r) for r in ft.history] if ft is not None and ft.uses_rounds else []
+        ft = FineTuning.find(trainer)
+        self.rounds = [dict(r) for r in ft.rounds.history] if ft is not None and ft.rounds is not None else []
         if not self.plot or not trainer.is_global_zero:
             return
         csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)

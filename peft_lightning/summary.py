@@ -1,13 +1,12 @@
 """Everything a run prints about itself, formatted in one place: the lines at the start of fit (``RunSummary``,
 ``fresh_line``), the end-of-run table (``summary_rows`` / ``print_summary``), the one grep-able result line
-(``final_line``), and which third-party notices are hidden (``hide_third_party_noise``). Tables other callbacks build
-(``FineTuning``'s probe, round and group tables) go out through ``show``.
+(``final_line``), and which third-party notices are hidden (``hide_third_party_noise``). ``FineTuning`` prints its own
+tables (probe, rounds, groups) when they happen; the summary reads what it kept.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -17,18 +16,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from peft_lightning.batch import global_batch
+from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.callbacks.strategies import Auto
 from peft_lightning.run_folder import log_dir
 
 if TYPE_CHECKING:
-    from peft_lightning.callbacks.strategies import Phase
     from peft_lightning.report import RunReport
-
-
-def finetuning_callback(trainer: Trainer) -> Any:
-    """The trainer's ``FineTuning`` callback, or None."""
-    from peft_lightning.callbacks.finetuning import FineTuning
-
-    return next((c for c in trainer.callbacks if isinstance(c, FineTuning)), None)
 
 
 # --- the start of fit ---
@@ -125,7 +118,7 @@ def summary_rows(
     datamodule: Any = None,
 ) -> list[tuple[str, str]]:
     """(field, value) rows describing a finished run; see ``print_summary``."""
-    ft = finetuning_callback(trainer)
+    ft = FineTuning.find(trainer)
     return [
         ("recipe", recipe),
         _model_row(model),
@@ -177,7 +170,9 @@ def _strategy_row(trainer: Trainer) -> Row:
 
 def _schedule_rows(report: RunReport | None, ft: Any) -> list[Row]:
     """One row per re-tuning round, else one per phase of the fine-tuning schedule."""
-    rounds = (report.rounds if report is not None else []) or (ft.history if ft is not None and ft.uses_rounds else [])
+    rounds = (report.rounds if report is not None else []) or (
+        ft.rounds.history if ft is not None and ft.rounds else []
+    )
     rows = []
     for r in rounds:
         best = "-" if r["best"] is None else f"{r['best']:.4f}"
@@ -194,7 +189,7 @@ def _schedule_rows(report: RunReport | None, ft: Any) -> list[Row]:
         scale = f", LR x{p['lr_scale']:g}" if p["lr_scale"] != 1.0 else ""
         rows.append(
             (
-                f"phase {i}" if ft is None else f"phase {i} ({ft.strategy})",
+                f"phase {i}" if ft is None else f"phase {i} ({ft.name})",
                 f"from epoch {p['epoch']} (step {p['step']}): {p['groups']}/{p['n_groups']} groups "
                 f"({names}), {_count(p['trainable'])} trained{scale}",
             )
@@ -205,22 +200,21 @@ def _schedule_rows(report: RunReport | None, ft: Any) -> list[Row]:
 def _probe_rows(ft: Any) -> list[Row]:
     if ft is None or not ft.probe:
         return []
-    from peft_lightning.callbacks.strategies import Auto
-
     probe = ft.probe
     groups = list(probe["rgn"])
     when = f" at step {probe['step']}" if probe.get("step") else ""
     head = f"{probe['batches']} batches{when} in {probe['seconds']:.1f} s"
     signal = probe.get("signal")
-    if signal is not None and getattr(ft.schedule, "mode", None) == "depth":
+    auto = ft.strategy if isinstance(ft.strategy, Auto) else None
+    if signal is not None and auto is not None and auto.mode == "depth":
         chosen = probe.get("chosen") or []
         ranked = ", ".join(f"{g} {signal[g]:.2f}" for g in reversed(groups[:-1]) if g in signal)
-        resolved = ft.schedule.resolves(signal, groups)
+        resolved = auto.resolves(signal, groups)
         why = (
             f"the top {len(chosen) - 1} of {len(groups) - 1} groups below the head hold "
-            f"{100 * ft.schedule.coverage:.0f}% of the signal"
-            if resolved and ft.schedule.coverage < 1
-            else f"every group (LP-FT): no signal below the head reaches {ft.schedule.floor:g}, the probe cannot "
+            f"{100 * auto.coverage:.0f}% of the signal"
+            if resolved and auto.coverage < 1
+            else f"every group (LP-FT): no signal below the head reaches {auto.floor:g}, the probe cannot "
             "tell the groups apart"
             if not resolved
             else "every group (LP-FT)"
@@ -315,55 +309,6 @@ def final_line(
     stopped = "  (interrupted)" if interrupted else ""
     weights = "best checkpoint " + best_checkpoint if best_checkpoint else "final weights"
     return f"{recipe}: {shown}  wall {format_wall(wall)}  ({weights}){stopped}"
-
-
-# --- the fine-tuning callback's tables (FineTuning prints them when they happen) ---
-def probe_table(probe: Mapping[str, Any], phase: Phase) -> str:
-    """The gradient probe's figures per group (``FineTuning.probe``) and what ``phase`` made of them."""
-    from peft_lightning.callbacks.strategies import Auto
-
-    rgn, params = probe["rgn"], probe["params"]
-    signal = probe.get("signal") or {}
-    groups = list(rgn)
-    norm = Auto.normalised(rgn, groups)
-    scales = phase.group_lr_scales
-    lines = [
-        f"gradient probe: {probe['batches']} batches forward and backward in {probe['seconds']:.1f} s"
-        " (signal: the share of a batch's gradient that is the expected gradient; rgn: relative gradient norm"
-        " ||grad|| / ||weight||, rgn/max: over the largest below the head)",
-        f"{'group':<20}{'params':>12}{'signal':>8}{'rgn':>11}{'rgn/max':>9}  {'lr scale' if scales else 'trains'}",
-    ]
-    for g, v in rgn.items():
-        chosen = f"{scales[g]:.3g}" if scales else ("yes" if g in phase.groups else "-")
-        shown = "head" if g == groups[-1] else f"{norm[g]:.3f}"
-        lines.append(f"{g:<20}{params.get(g, 0):>12,}{signal.get(g, 0.0):>8.3f}{v:>11.3g}{shown:>9}  {chosen}")
-    return "\n".join(lines)
-
-
-def round_table(history: Sequence[Mapping[str, Any]], monitor: str | None) -> str:
-    """One line per re-tuning round: groups, trainable parameters, best ``monitor``, epochs and wall time."""
-    lines = [
-        f"{'round':>5} {'groups':>6} {'trainable':>12} {'best ' + (monitor or ''):>14} {'epochs':>6} {'wall s':>7}"
-    ]
-    for r in history:
-        best = "-" if r["best"] is None or math.isnan(r["best"]) else f"{r['best']:.4f}"
-        lines.append(
-            f"{r['round']:>5} {r['groups']:>6} {r['trainable']:>12,} {best:>14} {r['epochs']:>6} {r['seconds']:>7.1f}"
-        )
-    return "\n".join(lines)
-
-
-def groups_table(
-    rows: Sequence[tuple[str, int, float]], label: str, phases: Sequence[tuple[int, set[str]]], notes: Sequence[str]
-) -> str:
-    """``--finetuning.show_groups``: each group's (name, parameter count, LR scale) and an ``x`` where it trains in
-    each of ``phases`` ((first epoch, groups) pairs; ``label``: ``epoch``, ``round 0`` or ``before probe``)."""
-    heads = [f"{label} {e}" if label == "epoch" else label for e, _ in phases]
-    lines = [f"{'group':<24}{'params':>14}  {'lr scale':>8}  " + "  ".join(heads)]
-    for name, count, scale in rows:
-        marks = "  ".join(f"{'x' if name in chosen else '.':^{len(h)}}" for h, (_, chosen) in zip(heads, phases))
-        lines.append(f"{name:<24}{count:>14,}  {scale:>8.3g}  {marks}")
-    return "\n".join([*lines, *notes])
 
 
 THIRD_PARTY_NOISE = (

@@ -105,7 +105,12 @@ class EffnetFashion(ImageClassifier):
     # The top three layer groups (blocks.5, blocks.6 with conv_head, the classifier) train from the first step; the
     # lower blocks stay frozen, which saves their backward pass. The strategies measured against it (head only,
     # gradual, retune, full) are in docs/effnet_fashion.md.
-    finetuning_defaults = {"strategy": "freeze_unfreeze", "unfreeze_at_epoch": 0, "unfreeze_groups": 3}
+    finetuning_defaults = {
+        "strategy": {
+            "class_path": "peft_lightning.callbacks.strategies.FreezeUnfreeze",
+            "init_args": {"at_epoch": 0, "groups": 3},
+        }
+    }
     # What `tune` searches (docs/tune.md): around the hand-found values above; how many of the 9 groups train trades
     # images a second against accuracy at a fixed budget (2: blocks.6 + head ... 6: blocks.2 up).
     search_space: ClassVar[dict[str, dict[str, Any]]] = {
@@ -113,7 +118,7 @@ class EffnetFashion(ImageClassifier):
         "model.weight_decay": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
         "model.warmup": {"type": "float", "low": 0.05, "high": 0.4},
         "model.label_smoothing": {"type": "float", "low": 0.0, "high": 0.1},
-        "finetuning.unfreeze_groups": {"type": "int", "low": 2, "high": 6},
+        "finetuning.strategy.groups": {"type": "int", "low": 2, "high": 6},
     }
 
     def _package_weights(self) -> bool:

@@ -165,9 +165,10 @@ class MinilmAusten(TextClassifier):
     # step ~1.4x cheaper than full fine-tuning: on 2 cores that buys more passages per minute than the lower
     # blocks add in accuracy (docs/text.md has both runs side by side).
     finetuning_defaults: ClassVar[dict[str, Any]] = {
-        "strategy": "freeze_unfreeze",
-        "unfreeze_at_epoch": 0,
-        "unfreeze_groups": 4,
+        "strategy": {
+            "class_path": "peft_lightning.callbacks.strategies.FreezeUnfreeze",
+            "init_args": {"at_epoch": 0, "groups": 4},
+        }
     }
     # What `tune` searches (docs/tune.md): the learning rate wide enough for full weights (~1e-4) and LoRA (~5e-4 and
     # up), how many of the 8 groups train, and LoRA against plain weights with its rank.
@@ -175,7 +176,7 @@ class MinilmAusten(TextClassifier):
         "model.lr": {"type": "float", "low": 2e-5, "high": 2e-3, "log": True},
         "model.weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
         "model.warmup": {"type": "float", "low": 0.0, "high": 0.2},
-        "finetuning.unfreeze_groups": {"type": "int", "low": 2, "high": 8},
+        "finetuning.strategy.groups": {"type": "int", "low": 2, "high": 8},
         "peft.method": {"type": "categorical", "choices": ["none", "lora"]},
         "peft.r": {"type": "categorical", "choices": [4, 8, 16]},
     }

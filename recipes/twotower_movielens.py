@@ -57,7 +57,9 @@ class TwotowerMovielens(Recommender):
         "eval_batch_size": 512,
     }
     trainer_defaults = {"max_epochs": 10, "precision": "32-true"}
-    finetuning_defaults = {"strategy": "head", "head_groups": 2}
+    finetuning_defaults = {
+        "strategy": {"class_path": "peft_lightning.callbacks.strategies.Head", "init_args": {"groups": 2}}
+    }
 
 
 RECIPE = TwotowerMovielens

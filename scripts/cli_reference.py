@@ -29,6 +29,16 @@ SECTIONS = [
         "groups without the fit-only ones.",
     ),
     (
+        "Fine-tuning strategies",
+        "strategies",
+        "`--finetuning.strategy` takes a built-in strategy's name (`full`, `head`, `freeze_unfreeze`, `gradual`, "
+        "`milestones`, `retune`, `auto`), which runs it with its default options, or a `Strategy` class by name or "
+        "import path, whose options follow as `--finetuning.strategy.OPTION` (`--finetuning.strategy Retune "
+        "--finetuning.strategy.round_epochs 1`; in YAML `strategy: {class_path: Retune, init_args: {round_epochs: "
+        "1}}`). A class given on the command line keeps the options it shares with the strategy it replaces (the "
+        "recipe's). Each built-in strategy's options, from `fit --recipe NAME --finetuning.strategy.help CLASS`:",
+    ),
+    (
         "list",
         None,
         "Every recipe, its domain, and whether its data and weights are on this machine now "
@@ -67,6 +77,32 @@ def help_text(args: list[str]) -> str:
     return "\n".join(lines)
 
 
+def strategy_help() -> list[tuple[str, str]]:
+    """Each built-in strategy's ``--finetuning.strategy.help CLASS``, in one process (one Lightning import)."""
+    code = (
+        "import contextlib, io\n"
+        "from peft_lightning.callbacks.strategies import BUILTIN\n"
+        "from peft_lightning.cli import main\n"
+        "for cls in BUILTIN.values():\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        f"        main(['fit', '--recipe', {RECIPE!r}, '--finetuning.strategy.help', cls.__name__])\n"
+        "    print('=== ' + cls.__name__)\n"
+        "    print(out.getvalue())\n"
+    )
+    env = {**os.environ, "COLUMNS": "110", "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise SystemExit(f"the strategies' --finetuning.strategy.help failed: {res.stderr.strip()[-500:]}")
+    found = []
+    for block in res.stdout.split("=== ")[1:]:
+        name, _, text = block.partition("\n")
+        lines = text.rstrip().splitlines()
+        start = next(i for i, line in enumerate(lines) if not line.strip())  # after jsonargparse's usage lines
+        found.append((name, "\n".join(lines[start + 1 :])))
+    return found
+
+
 def render() -> str:
     lines = [
         "# Command-line reference",
@@ -79,7 +115,11 @@ def render() -> str:
     lines.append("")
     for title, args, intro in SECTIONS:
         lines += [f"## {title}", "", intro, ""]
-        if args is not None:
+        if args == "strategies":
+            for name, text in strategy_help():
+                shown = f"fit --recipe {RECIPE} --finetuning.strategy.help {name}"
+                lines += [f"### {name}", "", f"`python -m peft_lightning {shown}`:", "", "```text", text, "```", ""]
+        elif args is not None:
             shown = " ".join(args) if args else "--help"
             lines += [
                 f"`python -m peft_lightning {shown}`:",

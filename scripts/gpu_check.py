@@ -250,6 +250,7 @@ def check_fsdp(kind: str, dry: bool) -> dict:
 
     from peft_lightning.adapters import AdapterConfig
     from peft_lightning.callbacks.finetuning import FineTuning
+    from peft_lightning.callbacks.strategies import FreezeUnfreeze
     from peft_lightning.strategy import fsdp_strategy
 
     cfg = vit_setup(dry)
@@ -259,11 +260,7 @@ def check_fsdp(kind: str, dry: bool) -> dict:
     if kind == "checkpointing":
         kw["activation_checkpointing"] = True
     model = vit_model(cfg, **kw)
-    ft = (
-        FineTuning("full")
-        if kind != "frozen"
-        else FineTuning("freeze_unfreeze", unfreeze_at_epoch=0, unfreeze_groups=4)
-    )
+    ft = FineTuning("full") if kind != "frozen" else FineTuning(FreezeUnfreeze(at_epoch=0, groups=4))
     before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     trainable = model.trainable_parameter_names() if kind == "lora" else None
     if kind == "frozen":

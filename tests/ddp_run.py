@@ -22,6 +22,7 @@ from lightning.pytorch import Callback, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peft_lightning.callbacks.finetuning import FineTuning  # noqa: E402
+from peft_lightning.callbacks.strategies import FreezeUnfreeze  # noqa: E402
 from peft_lightning.summary import RunSummary  # noqa: E402
 
 from helpers import tiny_data, tiny_model  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> None:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         deterministic=True,
-        callbacks=[FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=3), seen, summary],
+        callbacks=[FineTuning(FreezeUnfreeze(at_epoch=1, groups=3)), seen, summary],
     )
     trainer.fit(model, tiny_data(folder, batch_size=batch))
     rank = trainer.global_rank

@@ -11,6 +11,7 @@ from lightning.pytorch import Trainer
 
 from peft_lightning.adapters import ADAPTER_METHODS, AdapterConfig
 from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.callbacks.strategies import FreezeUnfreeze, Retune
 from peft_lightning.errors import UsageError
 from peft_lightning.export import export
 from peft_lightning.tasks.vision import ImageClassifier
@@ -80,7 +81,7 @@ def test_callback_schedules_adapters_by_layer_group_and_never_unfreezes_base(ima
     rec = PhaseRecorder()
     model, _ = train(
         image_folder,
-        FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=2),
+        FineTuning(FreezeUnfreeze(at_epoch=1, groups=2)),
         epochs=2,
         extra=[rec],
         model_kw=vit(vit_weights),
@@ -96,12 +97,16 @@ def test_callback_schedules_adapters_by_layer_group_and_never_unfreezes_base(ima
 
 def test_adapter_only_checkpoint_resumes_exactly(image_folder, vit_weights, tmp_path):
     # retune: a resume mid-run must bring back the round, its optimizer and the (adapter-sized) best weights
-    strategy, kw, stop_after, epochs = "retune", {"monitor": "val/loss", "mode": "min", "round_epochs": 2}, 1, 3
+    stop_after, epochs = 1, 3
     mkw = vit(vit_weights)
-    full, _ = train(image_folder, FineTuning(strategy, **kw), epochs, model_kw=mkw)
+
+    def ft() -> FineTuning:  # a fresh strategy each run: retune's keeps its rounds
+        return FineTuning(Retune(round_epochs=2), monitor="val/loss", mode="min")
+
+    full, _ = train(image_folder, ft(), epochs, model_kw=mkw)
     train(
         image_folder,
-        FineTuning(strategy, **kw),
+        ft(),
         epochs,
         root=tmp_path,
         extra=[StopAfterEpoch(stop_after)],
@@ -114,7 +119,7 @@ def test_adapter_only_checkpoint_resumes_exactly(image_folder, vit_weights, tmp_
         assert state.get("best_state") is None or set(state["best_state"]) == set(ckpt["state_dict"])
     resumed, _ = train(
         image_folder,
-        FineTuning(strategy, **kw),
+        ft(),
         epochs,
         root=tmp_path / "again",
         ckpt_path=str(tmp_path / "last.ckpt"),

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from peft_lightning.adapters import ADAPTER_METHODS, AdapterConfig
 from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.callbacks.strategies import FreezeUnfreeze, Retune
 from peft_lightning.errors import UsageError
 from peft_lightning.export import export
 from peft_lightning.tasks.text import TextClassifier
@@ -123,7 +124,7 @@ def test_layer_groups_schedule_adapters_block_by_block(tiny_bert):
     assert sorted(p for _, ps in groups for p in ps) == sorted(n for n, _ in model.named_parameters())
     assert any("lora_A" in n for n in dict(groups)["layer.1"]) and not any("lora_" in n for n in dict(groups)["head"])
     rec = PhaseRecorder()
-    train(model, [FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=2), rec], 2, val=False)
+    train(model, [FineTuning(FreezeUnfreeze(at_epoch=1, groups=2)), rec], 2, val=False)
     assert rec.changed == [["head"], ["layer.1", "head"]]  # then layer.1's adapters train too
     trainable = model.trainable_parameter_names()
     assert {n for n, p in model.named_parameters() if p.requires_grad} <= trainable
@@ -131,7 +132,7 @@ def test_layer_groups_schedule_adapters_block_by_block(tiny_bert):
 
 def test_adapter_only_checkpoint_resumes_exactly(tiny_bert, tmp_path):
     def callback():
-        return FineTuning("retune", monitor="val/loss", mode="min", round_epochs=2)
+        return FineTuning(Retune(round_epochs=2), monitor="val/loss", mode="min")
 
     full = model_for(tiny_bert)
     train(full, [callback()], 3)

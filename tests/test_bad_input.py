@@ -134,8 +134,8 @@ CASES = [
     ("bad strategy name", lambda e: tiny(e, "--finetuning.strategy", "sometimes"), "finetuning.strategy"),
     (
         "unfreeze nothing",
-        lambda e: tiny(e, "--finetuning.unfreeze_groups", "0"),
-        "unfreeze_groups must be >= 1",
+        lambda e: tiny(e, "--finetuning.strategy", "FreezeUnfreeze", "--finetuning.strategy.groups", "0"),
+        "groups must be >= 1",
     ),
     (
         "negative save interval",

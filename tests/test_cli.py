@@ -195,7 +195,11 @@ def test_recipe_defaults_are_the_parser_defaults_by_flag():
 
     defaults = recipe_defaults(EffnetFashion)
     assert defaults["model.scheduler"] == "onecycle" and defaults["data.image_size"] == 48
-    assert defaults["finetuning.strategy"] == "freeze_unfreeze" and defaults["checkpoint.monitor"] == "val/acc"
+    strategy = {
+        "class_path": "peft_lightning.callbacks.strategies.FreezeUnfreeze",
+        "init_args": {"at_epoch": 0, "groups": 3},
+    }
+    assert defaults["finetuning.strategy"] == strategy and defaults["checkpoint.monitor"] == "val/acc"
 
 
 def test_errors_become_one_line_and_an_exit_status_by_class():

@@ -8,6 +8,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.callbacks.strategies import BUILTIN, FreezeUnfreeze
 from peft_lightning.data.vision import ImageDataModule
 from peft_lightning.tasks.vision import ImageClassifier
 
@@ -48,19 +49,19 @@ def fit(image_folder, callback, epochs=1, **trainer_kw):
     [
         (0, "full", {}, 8),
         (5, "head", {}, 1),
-        (0, "freeze_unfreeze", {"unfreeze_at_epoch": 2}, 1),
-        (2, "freeze_unfreeze", {"unfreeze_at_epoch": 2}, 8),
-        (2, "freeze_unfreeze", {"unfreeze_groups": 3}, 3),
+        (0, "freeze_unfreeze", {"at_epoch": 2}, 1),
+        (2, "freeze_unfreeze", {"at_epoch": 2}, 8),
+        (2, "freeze_unfreeze", {"groups": 3}, 3),
         (0, "gradual", {}, 1),
         (1, "gradual", {}, 2),
-        (3, "gradual", {"unfreeze_every": 2}, 3),
+        (3, "gradual", {"every": 2}, 3),
         (50, "gradual", {}, 8),
-        (50, "gradual", {"unfreeze_groups": 4}, 4),
+        (50, "gradual", {"groups": 4}, 4),
     ],
 )
 def test_schedule(epoch, strategy, kw, expected):
     groups = ["stem", *[f"blocks.{i}" for i in range(6)], "head"]
-    chosen = FineTuning(strategy, **kw).phase(epoch, groups).groups
+    chosen = FineTuning(BUILTIN[strategy](**kw)).phase(epoch, groups).groups
     assert chosen == groups[-expected:]  # the top `expected` groups
 
 
@@ -70,9 +71,7 @@ def test_head_only_trains_only_the_head(image_folder):
 
 
 def test_freeze_unfreeze_trains_top_groups_after_the_unfreeze(image_folder):
-    model, before, _ = fit(
-        image_folder, FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=3), epochs=2
-    )
+    model, before, _ = fit(image_folder, FineTuning(FreezeUnfreeze(at_epoch=1, groups=3)), epochs=2)
     assert changed(before, model) == ["blocks.4", "blocks.5", "head"]
 
 
@@ -139,7 +138,7 @@ def test_batchnorm_of_an_unfrozen_group_updates_its_statistics_again(image_folde
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
-        callbacks=[FineTuning("freeze_unfreeze", unfreeze_at_epoch=1), Modes()],
+        callbacks=[FineTuning(FreezeUnfreeze(at_epoch=1)), Modes()],
     )
     trainer.fit(model, dm)
     assert seen == [False, False, True, True]

@@ -13,17 +13,18 @@ from test_recsys import synth  # noqa: F401  (fixture)
 from test_text import datamodule, sentiment_csv, tiny_bert  # noqa: F401  (fixtures)
 
 from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.callbacks.rounds import Rounds
 from peft_lightning.callbacks.strategies import (
     Auto,
     FreezeUnfreeze,
     Gradual,
+    Head,
     Milestone,
     Milestones,
     Phase,
     Retune,
     State,
     Strategy,
-    import_strategy,
     select_groups,
 )
 from peft_lightning.errors import UsageError
@@ -63,12 +64,12 @@ def phases(strategy: Strategy, epochs: int, **state) -> list[list[str]]:
 
 
 def test_builtin_strategies_work_on_sets_with_holes():
-    assert phases(FreezeUnfreeze(head="head", at_epoch=1, target=["blocks.0", "head"]), 2) == [
+    assert phases(FreezeUnfreeze(head="head", at_epoch=1, groups=["blocks.0", "head"]), 2) == [
         ["head"],
         ["blocks.0", "head"],
     ]
     # gradual adds the target's groups from the top down, skipping what is not in the target
-    assert phases(Gradual(head="head", at_epoch=1, target=["stem", "blocks.0", "blocks.6", "head"]), 5) == [
+    assert phases(Gradual(head="head", at_epoch=1, groups=["stem", "blocks.0", "blocks.6", "head"]), 5) == [
         ["head"],
         ["blocks.6", "head"],
         ["blocks.0", "blocks.6", "head"],
@@ -114,15 +115,22 @@ class FirstBlockAndHead(Strategy):
 
 
 def test_a_user_strategy_is_imported_by_path_with_its_arguments():
-    strategy = import_strategy("test_layer_selection:FirstBlockAndHead", None)
-    assert strategy.phase(State(0, GROUPS)).groups == ["blocks.0", "head"]
-    assert isinstance(import_strategy("peft_lightning.callbacks.strategies:Auto", {"mode": "scale"}), Auto)
-    with pytest.raises(UsageError, match="cannot import strategy"):
-        import_strategy("nowhere:Nothing", None)
-    with pytest.raises(UsageError, match="not a subclass"):
-        import_strategy("peft_lightning.callbacks.strategies:State", None)
-    with pytest.raises(UsageError, match="strategy_args"):
-        import_strategy("peft_lightning.callbacks.strategies:Auto", {"colour": "red"})
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)  # the parser LightningCLI builds for --finetuning.*
+    parser.add_class_arguments(FineTuning, "finetuning")
+
+    def strategy(*args: str) -> Strategy:
+        return parser.instantiate(parser.parse_args(["--finetuning.strategy", *args])).finetuning.strategy
+
+    assert strategy("test_layer_selection.FirstBlockAndHead").phase(State(0, GROUPS)).groups == ["blocks.0", "head"]
+    assert strategy("peft_lightning.callbacks.strategies.Auto", "--finetuning.strategy.mode", "scale").mode == "scale"
+    with pytest.raises(ArgumentError, match="nowhere.Nothing"):
+        strategy("nowhere.Nothing")
+    with pytest.raises(ArgumentError, match="State"):
+        strategy("peft_lightning.callbacks.strategies.State")
+    with pytest.raises(ArgumentError, match="colour"):
+        strategy("Auto", "--finetuning.strategy.colour", "red")
 
 
 # --- through training: holes in the frozen set, auto, a user strategy, every domain ---
@@ -169,14 +177,14 @@ def fit_tiny(model, folder, callback, epochs=1, **kw):
 def test_a_set_with_holes_trains_only_its_groups_and_their_batchnorm(image_folder, one_thread):
     model = tiny_effnet()
     before = snapshot(model)
-    fit_tiny(model, image_folder, FineTuning("head", groups=["blocks.0", "head"]))
+    fit_tiny(model, image_folder, FineTuning(Head(["blocks.0", "head"])))
     assert moved(before, model) == ["blocks.0", "head"]  # BatchNorm statistics of the frozen groups did not move
 
 
 def test_auto_select_probes_chooses_and_freezes_the_rest(image_folder, one_thread, capsys):
     model = tiny_effnet()
     before = snapshot(model)
-    ft = FineTuning("auto", auto_mode="select", auto_count=2, probe_batches=2)
+    ft = FineTuning(Auto("select", count=2, probe_batches=2))
     fit_tiny(model, image_folder, ft)
     rgn = ft.probe["rgn"]
     assert set(rgn) == {g for g, _ in model.layer_groups()} and all(v >= 0 for v in rgn.values())
@@ -190,7 +198,7 @@ def test_auto_select_probes_chooses_and_freezes_the_rest(image_folder, one_threa
 
 def test_auto_scale_trains_everything_at_lr_times_normalised_rgn(image_folder, one_thread):
     model = tiny_effnet(scheduler="constant")
-    ft = FineTuning("auto", auto_mode="scale", probe_batches=1, auto_every=1)
+    ft = FineTuning(Auto("scale", probe_batches=1, every=1))
     trainer = fit_tiny(model, image_folder, ft)
     scales = model.lr_scales.group
     assert scales["head"] == 1.0 and min(scales.values()) < 1.0
@@ -205,7 +213,7 @@ def test_auto_in_the_other_domains(sentiment_csv, tiny_bert, synth, tmp_path, on
     from peft_lightning.tasks.text import TextClassifier
 
     text = TextClassifier(tiny_bert, num_labels=3, lr=1e-2)
-    ft2 = FineTuning("auto", probe_batches=1)
+    ft2 = FineTuning(Auto(probe_batches=1))
     Trainer(
         max_epochs=1,
         limit_train_batches=1,
@@ -217,7 +225,7 @@ def test_auto_in_the_other_domains(sentiment_csv, tiny_bert, synth, tmp_path, on
     ).fit(text, datamodule(sentiment_csv, tiny_bert, tmp_path))
     assert set(ft2.probe["rgn"]) == {g for g, _ in text.layer_groups()}
     rec = Recommender("mf", num_users=30, num_items=40, lr=1e-2)
-    ft3 = FineTuning("auto", probe_batches=1)
+    ft3 = FineTuning(Auto(probe_batches=1))
     Trainer(
         max_epochs=1,
         limit_train_batches=1,
@@ -232,9 +240,15 @@ def test_auto_in_the_other_domains(sentiment_csv, tiny_bert, synth, tmp_path, on
 
 
 class EveryOtherRound(Strategy):
-    """A user's evaluation-driven strategy: round r trains the head and every other block from the top, r of them."""
+    """A user's evaluation-driven strategy: round r trains the head and every other block from the top, r of them.
 
-    rounds = True
+    Args:
+        round_epochs: most epochs in one round.
+        min_delta: the smallest change of the monitored metric that counts as an improvement.
+    """
+
+    def __init__(self, round_epochs: int = 3, min_delta: float = 0.0) -> None:
+        self.rounds = Rounds(round_epochs=round_epochs, min_delta=min_delta)
 
     def phase(self, state):
         blocks = [g for g in reversed(state.groups) if g.startswith("blocks.")][::2]
@@ -247,15 +261,15 @@ class EveryOtherRound(Strategy):
 def test_a_user_strategy_runs_through_the_cli_with_rounds_and_resumes(image_folder, tmp_path, cli):
     common = [
         "--finetuning.strategy",
-        "test_layer_selection:EveryOtherRound",
-        "--finetuning.round_epochs",
+        "test_layer_selection.EveryOtherRound",
+        "--finetuning.strategy.round_epochs",
         "1",
+        "--finetuning.strategy.min_delta",
+        "-1",
         "--finetuning.monitor",
         "val/loss",
         "--finetuning.mode",
         "min",
-        "--finetuning.min_delta",
-        "-1",
         "--data.augment",
         "false",
         "--trainer.deterministic",
@@ -288,7 +302,7 @@ def test_a_user_strategy_runs_through_the_cli_with_rounds_and_resumes(image_fold
 def test_a_set_with_holes_caches_below_its_lowest_group(image_folder, one_thread):
     model = tiny_effnet()
     before = snapshot(model)
-    ft = FineTuning("head", groups=["blocks.0", "head"], cache_features=True)
+    ft = FineTuning(Head(["blocks.0", "head"]), cache_features=True)
     fit_tiny(model, image_folder, ft)
     # The frozen blocks between blocks.0 and the head run in the rest of the model, in eval mode, as uncached.
     assert moved(before, model) == ["blocks.0", "head"]
@@ -303,10 +317,10 @@ def test_show_groups_marks_what_trains_in_each_phase(tmp_path, cli):
         "--finetuning.show_groups",
         "true",
         "--finetuning.strategy",
-        "gradual",
-        "--finetuning.groups",
+        "Gradual",
+        "--finetuning.strategy.groups",
         "[stem, blocks.5-6, head]",
-        "--finetuning.unfreeze_at_epoch",
+        "--finetuning.strategy.at_epoch",
         "1",
         "--trainer.max_epochs",
         "4",
@@ -325,7 +339,7 @@ def test_show_groups_marks_what_trains_in_each_phase(tmp_path, cli):
 def test_a_selector_that_names_no_group_stops_before_training(image_folder, tmp_path, cli):
     code, _, err = cli(
         *tiny_cli_args(
-            image_folder, tmp_path, "--finetuning.strategy", "head", "--finetuning.groups", "[blocks.0, neck]"
+            image_folder, tmp_path, "--finetuning.strategy", "Head", "--finetuning.strategy.groups", "[blocks.0, neck]"
         )
     )
     assert code == 2 and "'neck' matches none of the model's groups" in err and err.strip().count("\n") == 0
@@ -337,7 +351,7 @@ def test_adapters_in_a_set_with_holes_train_only_there(image_folder, one_thread)
 
     model = ImageClassifier("test_vit", num_classes=3, pretrained=False, lr=1e-2, peft=AdapterConfig("lora", r=4))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fit_tiny(model, image_folder, FineTuning("head", groups=["blocks.0", "head"]))
+    fit_tiny(model, image_folder, FineTuning(Head(["blocks.0", "head"])))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     groups = dict(model.layer_groups())
     assert changed and changed <= model.trainable_parameter_names()  # never the frozen base
@@ -360,8 +374,9 @@ import json, sys
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from lightning.pytorch import Callback, Trainer
 from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.callbacks.strategies import Auto
 from helpers import tiny_data, tiny_model
-ft = FineTuning("auto", auto_mode="select", auto_count=2, probe_batches=2)
+ft = FineTuning(Auto("select", count=2, probe_batches=2))
 trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
                   limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, num_sanity_val_steps=0, callbacks=[ft])
@@ -391,14 +406,14 @@ def test_a_resumed_auto_run_restores_its_choice_instead_of_probing_again(
 
     from helpers import StopAfterEpoch, train
 
-    kw = {"auto_mode": mode, "auto_count": 2, "probe_batches": 2, "auto_every": 2}
-    full, _ = train(image_folder, FineTuning("auto", **kw), 3)
-    train(image_folder, FineTuning("auto", **kw), 3, root=tmp_path, extra=[StopAfterEpoch(0)])
+    kw = {"mode": mode, "count": 2, "probe_batches": 2, "every": 2}
+    full, _ = train(image_folder, FineTuning(Auto(**kw)), 3)
+    train(image_folder, FineTuning(Auto(**kw)), 3, root=tmp_path, extra=[StopAfterEpoch(0)])
     calls = []
     real = probe_module.probe
     monkeypatch.setattr(probe_module, "probe", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed, _ = train(
-        image_folder, FineTuning("auto", **kw), 3, root=tmp_path / "again", ckpt_path=str(tmp_path / "last.ckpt")
+        image_folder, FineTuning(Auto(**kw)), 3, root=tmp_path / "again", ckpt_path=str(tmp_path / "last.ckpt")
     )
     assert calls == []
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -414,7 +429,7 @@ def test_the_probe_is_refused_under_fsdp_with_one_line():
 
     with pytest.raises(UsageError, match="does not run under FSDP"):
         FineTuning("auto").setup(SimpleNamespace(strategy=FSDPStrategy(), datamodule=None), tiny_model(), "fit")
-    FineTuning("head", groups=["blocks.0", "head"]).setup(
+    FineTuning(Head(["blocks.0", "head"])).setup(
         SimpleNamespace(strategy=(fsdp := FSDPStrategy()), datamodule=None), tiny_model(), "fit"
     )
     assert fsdp.kwargs["use_orig_params"] is True  # a set with holes under FSDP
@@ -434,7 +449,7 @@ def test_auto_can_probe_after_the_head_has_trained_a_few_steps(image_folder, one
                 ]
             )
 
-    ft = FineTuning("auto", auto_mode="select", probe_after=1, auto_count=1, probe_batches=1)
+    ft = FineTuning(Auto("select", probe_after=1, count=1, probe_batches=1))
     Trainer(
         max_epochs=1,
         limit_train_batches=2,
@@ -460,7 +475,7 @@ def test_auto_depth_trains_the_fewest_top_groups_that_hold_the_signal():
     before = auto.phase(State(epoch=0, groups=GROUPS))
     after = auto.phase(State(epoch=0, groups=GROUPS, probe={g: 1.0 for g in GROUPS}, signal=signal))
     assert before.groups == ["head"] and after.groups == ["blocks.5", "blocks.6", "head"]
-    with pytest.raises(UsageError, match="auto_lp"):
+    with pytest.raises(UsageError, match="lp must be in"):
         Auto(lp=1.0)
 
 
@@ -479,7 +494,7 @@ def test_auto_depth_probes_after_its_linear_probe_and_says_what_it_chose(image_f
 
     lrs: list[dict[str, float]] = []
     model = tiny_effnet(scheduler="constant")
-    ft = FineTuning("auto", probe_batches=2, auto_lp=0.5)
+    ft = FineTuning(Auto(probe_batches=2, lp=0.5))
     trainer = Trainer(
         max_epochs=1,
         limit_train_batches=4,

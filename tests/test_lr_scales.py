@@ -15,21 +15,21 @@ from lightning.pytorch.loggers import CSVLogger
 from test_layer_selection import tiny_effnet
 
 from peft_lightning.callbacks.finetuning import FineTuning
-from peft_lightning.callbacks.strategies import Auto
+from peft_lightning.callbacks.strategies import Auto, FreezeUnfreeze, Full, Gradual, Head, Milestones, Retune
 from peft_lightning.tasks.schedules import GroupPlateau
 
 from helpers import tiny_data
 
 DECAY = 0.7
-STRATEGIES = {
-    "full": {"strategy": "full"},
-    "head": {"strategy": "head", "groups": 3},
-    "freeze_unfreeze": {"strategy": "freeze_unfreeze", "unfreeze_at_epoch": 1},
-    "gradual": {"strategy": "gradual"},
-    "milestones": {"strategy": "milestones", "milestones": [{"epoch": 1, "groups": 4, "lr_scale": 0.3}]},
-    "retune": {"strategy": "retune", "retune_lr_scale": 0.3, "round_epochs": 1},
-    "auto_scale": {"strategy": "auto", "auto_mode": "scale", "probe_batches": 2, "auto_every": 1},
-    "auto_depth": {"strategy": "auto", "probe_batches": 2, "auto_lp": 0.3},
+STRATEGIES = {  # fresh strategies for each run (retune's keeps its rounds)
+    "full": lambda: Full(),
+    "head": lambda: Head(3),
+    "freeze_unfreeze": lambda: FreezeUnfreeze(at_epoch=1),
+    "gradual": lambda: Gradual(),
+    "milestones": lambda: Milestones([{"epoch": 1, "groups": 4, "lr_scale": 0.3}]),
+    "retune": lambda: Retune(lr_scale=0.3, round_epochs=1),
+    "auto_scale": lambda: Auto("scale", probe_batches=2, every=1),
+    "auto_depth": lambda: Auto(probe_batches=2, lp=0.3),
 }
 SCHEDULERS = ["cosine", "linear", "constant", "onecycle", "plateau"]
 
@@ -42,7 +42,7 @@ class Recorder(Callback):
         self.steps: list[dict] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        ft = next(c for c in trainer.callbacks if isinstance(c, FineTuning))
+        ft = FineTuning.find(trainer)
         groups = [g for g, _ in pl_module.layer_groups()]
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         sched = trainer.lr_scheduler_configs[0].scheduler
@@ -53,9 +53,9 @@ class Recorder(Callback):
                 # what the run prints: the layer-decay column of show_groups, the phase's scale (milestone, round),
                 # and auto scale's column of the probe table (RGN over the largest below the head)
                 "decay": {g: DECAY ** (len(groups) - 1 - i) for i, g in enumerate(groups)},
-                "phase": ft.schedule.phase(ft.state(trainer.current_epoch, groups)).lr_scale,
+                "phase": ft.strategy.phase(ft.state(trainer.current_epoch, groups)).lr_scale,
                 "auto": dict(Auto.normalised(ft.probe["rgn"], groups))
-                if ft.probe and ft.schedule.mode == "scale"
+                if ft.probe and ft.strategy.mode == "scale"
                 else dict(pl_module.lr_scales.group),  # depth: the body's warm-up after the linear probe
                 "plateau": sched.scale if isinstance(sched, GroupPlateau) else None,
                 "lr": pl_module.lr,
@@ -78,7 +78,7 @@ def test_each_groups_lr_in_the_optimizer_is_what_the_run_prints_and_logs(
 ):
     model = tiny_effnet(scheduler=scheduler, warmup=0.0)
     recorder = Recorder()
-    ft = FineTuning(**STRATEGIES[strategy], lr_decay=DECAY)
+    ft = FineTuning(STRATEGIES[strategy](), lr_decay=DECAY)
     trainer = Trainer(
         max_epochs=3,
         limit_train_batches=2,

@@ -10,6 +10,7 @@ from test_text import datamodule, sentiment_csv, tiny_bert  # noqa: F401  (fixtu
 
 import peft_lightning.data.vision as vision_data
 from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.callbacks.strategies import FreezeUnfreeze, Gradual
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks.text import TextClassifier
 
@@ -49,11 +50,11 @@ def test_a_cached_run_ends_with_the_weights_of_an_uncached_one_through_unfreezes
     # gradual: head (epochs 0-1), blocks.5 + head (2-3), blocks.4 up (4): three cuts, each cached, dropped, rebuilt.
     plain, _ = train(
         image_folder,
-        FineTuning("gradual", unfreeze_at_epoch=2, unfreeze_every=2, cache_features=False),
+        FineTuning(Gradual(at_epoch=2, every=2), cache_features=False),
         epochs=5,
         limit_val_batches=0,
     )
-    ft = FineTuning("gradual", unfreeze_at_epoch=2, unfreeze_every=2, cache_features=True)
+    ft = FineTuning(Gradual(at_epoch=2, every=2), cache_features=True)
     decodes = Decodes(monkeypatch)
     cached, _ = train(image_folder, ft, epochs=5, extra=[decodes], limit_val_batches=0)
     assert same_weights(plain, cached) == []
@@ -168,7 +169,7 @@ def test_a_text_run_caches_the_input_of_its_lowest_training_block(tiny_bert, sen
     def run(cache):
         seed_everything(0)
         model = TextClassifier(tiny_bert, num_labels=3, lr=1e-3)
-        ft = FineTuning("gradual", unfreeze_at_epoch=0, unfreeze_every=2, unfreeze_groups=3, cache_features=cache)
+        ft = FineTuning(Gradual(at_epoch=0, every=2, groups=3), cache_features=cache)
         trainer = Trainer(
             max_epochs=4,
             logger=False,
@@ -191,7 +192,7 @@ def test_a_text_run_caches_the_input_of_its_lowest_training_block(tiny_bert, sen
 
 
 def test_a_resumed_cached_run_equals_an_uninterrupted_one(image_folder, tmp_path):
-    ft = lambda: FineTuning("freeze_unfreeze", unfreeze_at_epoch=0, unfreeze_groups=2, cache_features=True)  # noqa: E731
+    ft = lambda: FineTuning(FreezeUnfreeze(at_epoch=0, groups=2), cache_features=True)  # noqa: E731
     whole, _ = train(image_folder, ft(), epochs=4, root=tmp_path / "a", limit_val_batches=0)
     train(image_folder, ft(), epochs=4, root=tmp_path / "b", limit_val_batches=0, extra=[StopAfterEpoch(1)])
     # The cache is not in the checkpoint: the resumed run fills it again in its first epoch.
@@ -241,7 +242,7 @@ def test_by_default_the_cache_keeps_to_memory_and_to_phases_that_reuse_it(image_
     over = FineTuning("head", cache_max_gb=1e-9)  # default: on where exact, in memory only
     model, _ = train(image_folder, over, epochs=2, limit_val_batches=0)
     assert any("memory budget" in note and "cache_features true" in note for note in over.cache_summary())
-    one = FineTuning("freeze_unfreeze", unfreeze_at_epoch=1)  # the head's phase lasts one epoch: nothing to reuse
+    one = FineTuning(FreezeUnfreeze(at_epoch=1))  # the head's phase lasts one epoch: nothing to reuse
     train(image_folder, one, epochs=2, limit_val_batches=0)
     assert one.cache_summary() == []
     reused = FineTuning("head")
@@ -299,7 +300,7 @@ def test_frozen_groups_run_in_eval_mode_unless_frozen_dropout(image_folder):
 
     train(
         image_folder,
-        FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, unfreeze_groups=2, cache_features=False),
+        FineTuning(FreezeUnfreeze(at_epoch=1, groups=2), cache_features=False),
         epochs=2,
         extra=[Modes()],
         limit_val_batches=0,

@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from peft_lightning.assets import recbole_ml100k_dir
 from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.callbacks.strategies import Head
 from peft_lightning.data import movielens_files
 from peft_lightning.data.interaction_batches import sample_negatives
 from peft_lightning.data.movielens import MovieLensDataModule
@@ -392,7 +393,7 @@ def test_frozen_text_tower_encodes_the_catalogue_once(synth, tiny_encoder, monke
     encode = model.item_text._encode
     monkeypatch.setattr(model.item_text, "_encode", lambda items: calls.append(len(items)) or encode(items))
     before = params_of(model, "item_text.encoder.")
-    trainer = fit(model, dm, epochs=2, callbacks=[FineTuning("head", head_groups=2)], limit_train_batches=4)
+    trainer = fit(model, dm, epochs=2, callbacks=[FineTuning(Head(2))], limit_train_batches=4)
     assert not changed(before, model)
     assert sum(calls) == 40  # every item once, for 8 steps and 2 validations
     assert {"val/ndcg@10", "val/map@10"} <= set(trainer.callback_metrics)

@@ -246,8 +246,8 @@ def test_sigkill_during_an_unfreeze_phase_with_adapter_only_checkpoints(tmp_path
         "--peft.r",
         "4",
         "--finetuning.strategy",
-        "freeze_unfreeze",
-        "--finetuning.unfreeze_at_epoch",
+        "FreezeUnfreeze",
+        "--finetuning.strategy.at_epoch",
         "1",
     ]
     reference = tmp_path / "reference"  # a process like the interrupted ones: same threads, same start
@@ -280,18 +280,18 @@ def test_sigint_and_sigkill_during_retune_rounds(tmp_path, folder):
     with the uninterrupted run's weights, metrics and round history."""
     extra = [
         "--finetuning.strategy",
-        "retune",
+        "Retune",
         "--finetuning.monitor",
         "val/loss",
         "--finetuning.mode",
         "min",
-        "--finetuning.round_epochs",
+        "--finetuning.strategy.round_epochs",
         "2",
-        "--finetuning.patience",
+        "--finetuning.strategy.patience",
         "1",
-        "--finetuning.retune_groups",
+        "--finetuning.strategy.per_round",
         "3",
-        "--finetuning.max_rounds",
+        "--finetuning.strategy.max_rounds",
         "3",
     ]
     reference = tmp_path / "reference"
@@ -337,15 +337,15 @@ KILL_POINTS = [
 STRATEGIES = {
     "retune": [
         "--finetuning.strategy",
-        "retune",
-        "--finetuning.round_epochs",
+        "Retune",
+        "--finetuning.strategy.round_epochs",
         "1",
         "--finetuning.monitor",
         "val/loss",
         "--finetuning.mode",
         "min",
     ],  # a round per epoch: a decision at every validation
-    "gradual": ["--finetuning.strategy", "gradual", "--finetuning.unfreeze_at_epoch", "1"],
+    "gradual": ["--finetuning.strategy", "Gradual", "--finetuning.strategy.at_epoch", "1"],
 }
 
 
@@ -444,10 +444,10 @@ def test_a_resumed_run_keeps_its_best_checkpoint_and_a_finished_run_is_not_train
             folder,
             tmp_path,
             "--finetuning.strategy",
-            "retune",
-            "--finetuning.round_epochs",
+            "Retune",
+            "--finetuning.strategy.round_epochs",
             "1",
-            "--finetuning.max_rounds",
+            "--finetuning.strategy.max_rounds",
             "2",
             "--checkpoint.monitor",
             "epoch",

@@ -77,9 +77,7 @@ def runs(tmp_path_factory):
         root,
         folder,
         "--finetuning.strategy",
-        "gradual",
-        "--finetuning.unfreeze_at_epoch",
-        "1",
+        "gradual",  # its default options: the head alone in epoch 0, one more group each epoch from epoch 1
         "--finetuning.lr_decay",
         "0.5",
     )

@@ -6,7 +6,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from peft_lightning.callbacks.finetuning import FineTuning, Milestone
+from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.callbacks.strategies import BUILTIN, FreezeUnfreeze, Milestone, Retune
 
 from helpers import PhaseRecorder, StopAfterEpoch, train
 
@@ -18,8 +19,8 @@ ALL = ["stem", *[f"blocks.{i}" for i in range(6)], "head"]
     [
         ("head", {}, [["head"], ["head"]]),
         ("full", {}, [ALL, ALL]),
-        ("freeze_unfreeze", {"unfreeze_at_epoch": 1, "unfreeze_groups": 2}, [["head"], ["blocks.5", "head"]]),
-        ("gradual", {"unfreeze_every": 1}, [["head"], ["blocks.5", "head"], ["blocks.4", "blocks.5", "head"]]),
+        ("freeze_unfreeze", {"at_epoch": 1, "groups": 2}, [["head"], ["blocks.5", "head"]]),
+        ("gradual", {"every": 1}, [["head"], ["blocks.5", "head"], ["blocks.4", "blocks.5", "head"]]),
         (
             "milestones",
             {"milestones": [Milestone(1, 3, 0.5), Milestone(2, 1)]},
@@ -29,7 +30,8 @@ ALL = ["stem", *[f"blocks.{i}" for i in range(6)], "head"]
 )
 def test_phase_by_phase(image_folder, strategy, kw, phases):
     rec = PhaseRecorder()
-    train(image_folder, FineTuning(strategy, **kw), epochs=len(phases), extra=[rec], model_kw={"scheduler": "constant"})
+    ft = FineTuning(BUILTIN[strategy](**kw))
+    train(image_folder, ft, epochs=len(phases), extra=[rec], model_kw={"scheduler": "constant"})
     assert rec.changed == phases
     if strategy == "milestones":  # the milestone's LR scale applies to every group in its phase
         assert [round(lrs["head"], 6) for lrs in rec.lrs] == [1e-2, 5e-3, 1e-2]
@@ -47,7 +49,7 @@ def test_schedulers_run_across_an_unfreeze(image_folder, scheduler):
     rec = PhaseRecorder()
     model, trainer = train(
         image_folder,
-        FineTuning("freeze_unfreeze", unfreeze_at_epoch=1, lr_decay=0.5),
+        FineTuning(FreezeUnfreeze(at_epoch=1), lr_decay=0.5),
         epochs=3,
         extra=[rec],
         model_kw={"scheduler": scheduler, "warmup": 0.2},
@@ -102,7 +104,7 @@ def _tiny_fit(image_folder, finetuning: FineTuning, scheduler: str, steps: int, 
         callbacks=[finetuning],
     )
     trainer.fit(tiny_model(scheduler=scheduler, warmup=0.1), tiny_data(image_folder))
-    assert trainer.global_step == steps * epochs or finetuning.strategy == "retune"
+    assert trainer.global_step == steps * epochs or finetuning.name == "retune"
     return trainer
 
 
@@ -119,20 +121,21 @@ def test_every_scheduler_trains_any_number_of_steps(image_folder, scheduler, ste
     "strategy, kw",
     [
         ("head", {}),
-        ("freeze_unfreeze", {"unfreeze_at_epoch": 1}),
-        ("gradual", {"unfreeze_every": 1}),
+        ("freeze_unfreeze", {"at_epoch": 1}),
+        ("gradual", {"every": 1}),
         ("milestones", {"milestones": [Milestone(1, 2, 0.5)]}),
-        ("retune", {"monitor": "val/loss", "mode": "min", "round_epochs": 1, "max_rounds": 2}),
+        ("retune", {"round_epochs": 1, "max_rounds": 2}),
     ],
 )
 def test_every_scheduler_runs_every_strategy_on_one_step_epochs(image_folder, scheduler, strategy, kw, one_thread):
     # One step per epoch, phases and rounds changing every epoch: the shortest schedules a strategy makes.
-    trainer = _tiny_fit(image_folder, FineTuning(strategy, **kw), scheduler, steps=1, epochs=3)
+    ft = FineTuning(BUILTIN[strategy](**kw), monitor="val/loss", mode="min")
+    trainer = _tiny_fit(image_folder, ft, scheduler, steps=1, epochs=3)
     assert trainer.global_step >= 2
 
 
 def test_retune_rounds_unfreeze_restore_best_and_print_a_table(image_folder, capsys):
-    ft = FineTuning("retune", monitor="val/loss", mode="min", patience=1, round_epochs=2, retune_groups=2, max_rounds=3)
+    ft = FineTuning(Retune(patience=1, round_epochs=2, per_round=2, max_rounds=3), monitor="val/loss", mode="min")
     rec = PhaseRecorder()
     optimizers = []
 
@@ -141,16 +144,16 @@ def test_retune_rounds_unfreeze_restore_best_and_print_a_table(image_folder, cap
             optimizers.append(trainer.optimizers[0])
 
     model, trainer = train(image_folder, ft, epochs=20, extra=[rec, Opt()])
-    assert 2 <= len(ft.history) <= 3
-    assert [r["groups"] for r in ft.history] == [1 + 2 * i for i in range(len(ft.history))]
+    assert 2 <= len(ft.rounds.history) <= 3
+    assert [r["groups"] for r in ft.rounds.history] == [1 + 2 * i for i in range(len(ft.rounds.history))]
     assert rec.changed[0] == ["head"]
     # Round 1 trains two more groups, with a fresh optimizer.
-    first_of_round1 = ft.history[0]["epochs"]
+    first_of_round1 = ft.rounds.history[0]["epochs"]
     assert rec.changed[first_of_round1] == ["blocks.4", "blocks.5", "head"]
     assert optimizers[first_of_round1] is not optimizers[first_of_round1 - 1]
     # The final weights are the best seen: their val loss equals the best recorded.
     val = trainer.validate(model, trainer.datamodule, verbose=False)[0]["val/loss"]
-    assert val == pytest.approx(ft.best, rel=1e-4)
+    assert val == pytest.approx(ft.rounds.best, rel=1e-4)
     table = capsys.readouterr().out
     assert "round" in table and "trainable" in table and "best val/loss" in table
 
@@ -158,22 +161,20 @@ def test_retune_rounds_unfreeze_restore_best_and_print_a_table(image_folder, cap
 @pytest.mark.parametrize(
     "strategy, kw, stop_after",
     [
-        ("freeze_unfreeze", {"unfreeze_at_epoch": 2}, 0),  # mid-phase
-        ("freeze_unfreeze", {"unfreeze_at_epoch": 2}, 2),  # just after the unfreeze
-        (
-            "retune",
-            {"monitor": "val/loss", "mode": "min", "round_epochs": 2, "patience": 1},
-            1,
-        ),  # mid-round / at a turn
+        ("freeze_unfreeze", {"at_epoch": 2}, 0),  # mid-phase
+        ("freeze_unfreeze", {"at_epoch": 2}, 2),  # just after the unfreeze
+        ("retune", {"round_epochs": 2, "patience": 1}, 1),  # mid-round / at a turn
     ],
 )
 def test_resume_matches_an_uninterrupted_run(image_folder, tmp_path, strategy, kw, stop_after):
     epochs = 4
-    full, _ = train(image_folder, FineTuning(strategy, **kw), epochs)
-    train(image_folder, FineTuning(strategy, **kw), epochs, root=tmp_path, extra=[StopAfterEpoch(stop_after)])
-    resumed, _ = train(
-        image_folder, FineTuning(strategy, **kw), epochs, root=tmp_path / "again", ckpt_path=str(tmp_path / "last.ckpt")
-    )
+
+    def ft() -> FineTuning:  # a fresh strategy each run: retune's keeps its rounds
+        return FineTuning(BUILTIN[strategy](**kw), monitor="val/loss", mode="min")
+
+    full, _ = train(image_folder, ft(), epochs)
+    train(image_folder, ft(), epochs, root=tmp_path, extra=[StopAfterEpoch(stop_after)])
+    resumed, _ = train(image_folder, ft(), epochs, root=tmp_path / "again", ckpt_path=str(tmp_path / "last.ckpt"))
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
 
@@ -202,8 +203,8 @@ def test_show_groups_prints_and_exits(tmp_path, cli):
 def test_milestones_from_yaml_via_the_cli(tmp_path, cli):
     cfg = tmp_path / "ms.yaml"
     cfg.write_text(
-        "recipe: effnet_fashion\nfinetuning:\n  strategy: milestones\n  milestones:\n"
-        "    - {epoch: 0, groups: 1}\n    - {epoch: 1, groups: 3, lr_scale: 0.3}\n"
+        "recipe: effnet_fashion\nfinetuning:\n  strategy:\n    class_path: Milestones\n    init_args:\n"
+        "      milestones:\n        - {epoch: 0, groups: 1}\n        - {epoch: 1, groups: 3, lr_scale: 0.3}\n"
     )
     code, out, err = cli("fit", "-c", str(cfg), "--print_config")
     assert code == 0, err[-2000:]
@@ -226,7 +227,7 @@ def test_fsdp_is_configured_for_frozen_groups_and_deepspeed_is_refused():
 
 
 def test_retune_cut_short_by_max_epochs_still_reports_its_round(image_folder, capsys):
-    ft = FineTuning("retune", monitor="val/loss", mode="min", round_epochs=5)
+    ft = FineTuning(Retune(round_epochs=5), monitor="val/loss", mode="min")
     train(image_folder, ft, epochs=2)
-    assert [r["epochs"] for r in ft.history] == [2]
+    assert [r["epochs"] for r in ft.rounds.history] == [2]
     assert "best val/loss" in capsys.readouterr().out

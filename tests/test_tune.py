@@ -264,6 +264,27 @@ def test_every_recipes_search_space_names_fit_flags_whose_ranges_and_choices_par
     _check_flags(_parse(parse_only, recipe, name, args), args, load_space(recipe.search_space), "space", name)
 
 
+def test_a_sampled_strategy_option_reaches_the_strategy():
+    """A space's ``finetuning.strategy.OPTION`` is an option of the strategy class given (or the recipe's): the trial's
+    flag sets it; after a built-in name, which takes no options, the space stops with one line before any trial."""
+    from peft_lightning.errors import UsageError
+    from peft_lightning.tuning.space import flag
+    from peft_lightning.tuning.trial import _check_flags, _cli_classes, _parse
+
+    recipe = peft_lightning.get_recipe("vit_cifar")
+    parse_only, _ = _cli_classes()
+    space = load_space({}, {"finetuning.strategy.groups": {"type": "int", "low": 2, "high": 3}})
+    args = ["fit", "--recipe", "vit_cifar", "--finetuning.strategy", "Head"]
+    cli = _parse(parse_only, recipe, "vit_cifar", args)
+    _check_flags(cli, args, space, "space", "vit_cifar")
+    config = cli.parser.parse_args([*args, flag("finetuning.strategy.groups", 3)])["fit"]
+    assert config["finetuning.strategy.class_path"].endswith(".Head")
+    assert config["finetuning.strategy.init_args.groups"] == 3
+    named = [*args[:-1], "head"]
+    with pytest.raises(UsageError, match="options need its class"):
+        _check_flags(_parse(parse_only, recipe, "vit_cifar", named), named, space, "space", "vit_cifar")
+
+
 def test_help_lists_tune_and_neither_help_nor_list_imports_optuna(cli):
     code, out, _ = cli("tune", "--help")
     assert code == 0 and "--n_trials" in out and "--storage" in out and "--space" in out and "--pruner" in out

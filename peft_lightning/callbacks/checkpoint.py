@@ -287,11 +287,11 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _stop_reason(self, trainer: Trainer) -> str | None:
         if not trainer.should_stop:
             return None
-        from peft_lightning.callbacks.finetuning import FineTuning  # (it imports this module)
-
         for callback in trainer.callbacks:
-            if isinstance(callback, FineTuning) and callback.stop_reason:
-                return callback.stop_reason
+            # a callback that stops the run says why in `stop_reason` (FineTuning: its re-tuning rounds are done)
+            reason = getattr(callback, "stop_reason", None) if callback is not self else None
+            if isinstance(reason, str) and reason:
+                return reason
             if isinstance(callback, EarlyStopping) and callback.stopping_reason_message:
                 return f"early stopping on {callback.monitor}"
         return self.stopped or "a callback stopped it"

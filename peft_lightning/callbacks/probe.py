@@ -8,21 +8,27 @@ Two figures per group, from ``B`` training batches' gradients ``g_1 .. g_B``:
   Large-Batch Training", 2018) seen from one batch, per group. It has no unit, so groups of any size and depth
   compare: a stem of 928 weights and a block of 1.6M are measured alike.
 - ``RGN = ||sum_b g_b|| / ||weight||``, the relative gradient norm (Lee et al., "Surgical Fine-Tuning Improves
-  Adaptation to Distribution Shifts", ICLR 2023), which ``auto_mode select`` and ``scale`` use. Across the layers of
-  one network it follows the architecture more than the task (measured on EfficientNet-Lite0 after a linear probe:
-  the stem's RGN is 20x the last block's, and its signal is 0: noise; docs/layers.md).
+  Adaptation to Distribution Shifts", ICLR 2023), which ``Auto``'s ``select`` and ``scale`` modes use. Across the
+  layers of one network it follows the architecture more than the task (measured on EfficientNet-Lite0 after a
+  linear probe: the stem's RGN is 20x the last block's, and its signal is 0: noise; docs/layers.md).
+
+``measure`` runs it for the ``FineTuning`` callback (on the strategy's ``probe_batches``), ``table`` prints it and
+``log_figures`` logs it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+
+from peft_lightning.callbacks.auto import Auto
+from peft_lightning.callbacks.strategy_base import Phase
 
 
 @dataclass
@@ -154,3 +160,77 @@ def probe(
         done,
         time.perf_counter() - start,
     )
+
+
+def measure(trainer: Trainer, pl_module: LightningModule, batches: int) -> dict[str, Any]:
+    """Each group's RGN and signal on ``batches`` training batches (every rank the same figures), as the record
+    ``FineTuning.probe`` keeps (saved in checkpoints)."""
+    # A loader of its own from the data module: iterating the fit's loader (whose iterator Lightning holds, and
+    # persistent workers share) would move the epoch under it.
+    dm = trainer.datamodule
+    loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
+    cache, pl_module.prefix_cache = pl_module.prefix_cache, None  # the probe runs every layer
+    # A short run spends at most a quarter of its steps' worth on the probe (at least 2 batches: the signal compares
+    # batches).
+    batches = min(batches, max(2, int(trainer.estimated_stepping_batches) // 4))
+    try:
+        result = probe(trainer, pl_module, loader, batches, pl_module.trainable_parameter_names())
+    finally:
+        pl_module.prefix_cache = cache
+    return {
+        "rgn": result.rgn,
+        "signal": result.signal,
+        "params": result.params,
+        "batches": result.batches,
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def remeasure(trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    """Each group's RGN from the training step's own gradients (``auto scale``'s re-measurement: already all-reduced
+    under DDP, so every rank computes the same figures; no extra forward or backward pass)."""
+    groups = pl_module.layer_groups()
+    g2, w2 = group_norms(pl_module, groups, pl_module.trainable_parameter_names())
+    return rgn_from_norms(trainer, [name for name, _ in groups], g2, w2)
+
+
+def warmup_factor(record: Mapping[str, Any] | None, step: int, steps: int) -> float | None:
+    """``auto``'s body warm-up at ``step``: the LR factor of the groups the probe (``record``) chose, rising linearly
+    from near 0 to 1 over ``steps`` steps after it; None outside the warm-up."""
+    if not steps or not record or "step" not in record or not 0 <= step - record["step"] <= steps:
+        return None
+    return min(1.0, (step - record["step"] + 1) / (steps + 1))
+
+
+def log_figures(trainer: Trainer, record: Mapping[str, Any], names: list[str]) -> None:
+    """The probe's figures per group and what it chose, to every logger."""
+    chosen = record["chosen"]
+    figures = {
+        **{f"probe/rgn/{g}": v for g, v in record["rgn"].items()},
+        **{f"probe/signal/{g}": v for g, v in record["signal"].items()},
+        # what the probe chose: the lowest group that trains (its index from the input side) and how many do
+        "probe/lowest_trained": float(min(names.index(g) for g in chosen)),
+        "probe/groups_trained": float(len(chosen)),
+    }
+    for logger in trainer.loggers:
+        logger.log_metrics(figures, step=trainer.global_step)
+
+
+def table(record: Mapping[str, Any], phase: Phase) -> str:
+    """The gradient probe's figures per group (``FineTuning.probe``) and what ``phase`` made of them."""
+    rgn, params = record["rgn"], record["params"]
+    signal = record.get("signal") or {}
+    groups = list(rgn)
+    norm = Auto.normalised(rgn, groups)
+    scales = phase.group_lr_scales
+    lines = [
+        f"gradient probe: {record['batches']} batches forward and backward in {record['seconds']:.1f} s"
+        " (signal: the share of a batch's gradient that is the expected gradient; rgn: relative gradient norm"
+        " ||grad|| / ||weight||, rgn/max: over the largest below the head)",
+        f"{'group':<20}{'params':>12}{'signal':>8}{'rgn':>11}{'rgn/max':>9}  {'lr scale' if scales else 'trains'}",
+    ]
+    for g, v in rgn.items():
+        chosen = f"{scales[g]:.3g}" if scales else ("yes" if g in phase.groups else "-")
+        shown = "head" if g == groups[-1] else f"{norm[g]:.3f}"
+        lines.append(f"{g:<20}{params.get(g, 0):>12,}{signal.get(g, 0.0):>8.3f}{v:>11.3g}{shown:>9}  {chosen}")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from peft_lightning.adapters import AdapterConfig
 from peft_lightning.callbacks.checkpoint import ResumableCheckpoint
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.callbacks.predictions import PredictionWriter
+from peft_lightning.callbacks.strategies import BUILTIN
 from peft_lightning.cli.args import run_key
 from peft_lightning.cli.resume import Done, config_from_checkpoint
 from peft_lightning.data.base import FineTuneDataModule
@@ -48,7 +50,7 @@ class Parser(LightningArgumentParser):
 
     def error(self, message: str, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         flat = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        raise UsageError(f"{flat[:400]} (see `fit --recipe NAME --help`)")
+        raise UsageError(strategy_error(flat) or f"{flat[:400]} (see `fit --recipe NAME --help`)")
 
 
 class PeftLightningCLI(LightningCLI):
@@ -188,7 +190,7 @@ class PeftLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # --finetuning.show_groups: the table of layer groups instead of a run (exit 0, nothing trained).
-        callback = next((c for c in self.trainer.callbacks if isinstance(c, FineTuning)), None)
+        callback = FineTuning.find(self.trainer)
         if callback is not None and callback.show_groups:
             callback.print_groups(self.model, epochs=self.trainer.max_epochs or 1)
             raise Done
@@ -250,6 +252,25 @@ class PeftLightningCLI(LightningCLI):
     def _print_run_dir(self) -> None:
         if self.trainer.is_global_zero and Path(self.run_dir).is_dir():
             print(f"run folder: {self.run_dir}")
+
+
+def strategy_error(message: str) -> str | None:
+    """jsonargparse's error for a ``--finetuning.strategy`` that is neither a built-in name nor a class path (or a
+    name given options) in one line that says what to do, else None."""
+    found = re.search(r'key "finetuning\.strategy".*Expected a dot import path string: (\S+)', message)
+    if found is None:
+        return None
+    name = found[1]
+    if name in BUILTIN:  # a name followed by options
+        cls = BUILTIN[name].__name__
+        return (
+            f"--finetuning.strategy {name} runs with its default options and takes none: to set them give its class, "
+            f"--finetuning.strategy {cls} --finetuning.strategy.OPTION VALUE (--finetuning.strategy.help {cls})"
+        )
+    return (
+        f"--finetuning.strategy {name!r} is neither a built-in strategy ({', '.join(BUILTIN)}) nor the import path "
+        "of a Strategy class (e.g. --finetuning.strategy Retune --finetuning.strategy.round_epochs 1)"
+    )
 
 
 def recipe_defaults(recipe: type[FineTuneTask]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ step-wise ``GroupLambdaLR`` and the plateau-driven ``GroupPlateau``, both with `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from torch.optim import Optimizer
@@ -59,6 +59,17 @@ def refresh_lambda_lr(sched: LambdaLR) -> None:
     """Recompute a ``LambdaLR``'s current LRs now (it does so only when it steps)."""
     for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
         group["lr"] = base * fn(sched.last_epoch)
+
+
+def refresh_all(schedulers: Iterable[Any]) -> None:
+    """Apply the LR scales now: a scheduler applies them only when it steps (per step, or per epoch under plateau),
+    and a new phase's scales must hold from its first step. The task's schedulers have ``refresh()``; a plain
+    ``LambdaLR`` of a task of one's own is recomputed the same way."""
+    for sched in schedulers:
+        if hasattr(sched, "refresh"):
+            sched.refresh()
+        elif isinstance(sched, LambdaLR):
+            refresh_lambda_lr(sched)
 
 
 class GroupLambdaLR(LambdaLR):

@@ -77,16 +77,24 @@ def _check_flags(cli: Any, args: list[str], space: Mapping[str, BaseDistribution
     """Every key of ``space`` is a ``fit`` flag of this recipe, and both ends of its range and every choice parse."""
     config = cli.config["fit"]
     for key in space:
-        if key not in config:
+        if not _is_flag(config, key):
             raise UsageError(
-                f"{source}: {key!r} is not a fit flag of recipe {name} "
-                f"(see `python -m peft_lightning fit --recipe {name} --help`)"
+                f"{source}: {key!r} is not a fit flag of recipe {name} with these flags (see `python -m "
+                f"peft_lightning fit --recipe {name} --help`; a strategy's options need its class: "
+                "--finetuning.strategy Gradual, not gradual)"
             )
     for flags in samples(space):
         try:
             cli.parser.parse_args([*args, *flags])
         except UsageError as err:
             raise UsageError(f"{source}: {err}") from None
+
+
+def _is_flag(config: Any, key: str) -> bool:
+    """Whether ``key`` is in ``config``, directly or as an option of a class given by path, as jsonargparse takes
+    it on the command line (``finetuning.strategy.groups`` for ``finetuning.strategy.init_args.groups``)."""
+    head, _, option = key.rpartition(".")
+    return key in config or (f"{head}.class_path" in config and f"{head}.init_args.{option}" in config)
 
 
 def _check_one_device(trainer: Mapping[str, Any]) -> None:
@@ -133,7 +141,7 @@ class FitCommand:
 
 def fit_command(recipe: str | None, args: Sequence[str], space: str | Path | Mapping[str, Any] | None) -> FitCommand:
     """Parse and check the ``fit`` command once: a bad flag, space or launch stops here, before any trial."""
-    from peft_lightning.cli import recipe_arg
+    from peft_lightning.cli.args import recipe_arg
     from peft_lightning.registry import get_recipe
 
     fit_args = ["fit", *(["--recipe", recipe] if recipe else []), *args]
