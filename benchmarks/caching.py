@@ -48,7 +48,7 @@ class EpochTimer(Callback):
 
 
 def precision() -> str:
-    from peft_lightning.precision import auto_precision, detect_hardware
+    from peft_lightning.engine.precision import auto_precision, detect_hardware
 
     return auto_precision(detect_hardware(), "cpu")[0]
 

@@ -72,7 +72,7 @@ def quiet_unless_debug() -> None:
     and report ...) as ``python -m peft_lightning fit`` does, unless ``PEFT_LIGHTNING_DEBUG=1``: a benchmark is an
     entry point like the CLI, so it reads that switch itself."""
     if not os.environ.get("PEFT_LIGHTNING_DEBUG"):
-        from peft_lightning.summary import hide_third_party_noise
+        from peft_lightning.output.summary import hide_third_party_noise
 
         hide_third_party_noise()
 

@@ -57,7 +57,7 @@ def machine() -> dict:
             versions[name] = importlib.import_module(name).__version__
         except ImportError:
             pass
-    from peft_lightning.precision import CPU_BF16_FLAGS, cpu_flags
+    from peft_lightning.engine.precision import CPU_BF16_FLAGS, cpu_flags
 
     return {
         "cpu": cpu,

@@ -6,7 +6,7 @@ with the recipe's own choices (top 3 blocks and the head train, lr 1e-4, 10% war
 a step runs the trained blocks only. ``hf`` is ``transformers.Trainer`` as its text-classification guide sets it up
 (lr 2e-5, batch 16, 2 epochs, weight decay 0.01, a checkpoint each epoch; the default optimizer, AdamW, and
 schedule, linear without warmup; full fine-tuning), ``bf16=True`` exactly when our ``auto`` resolves to
-``bf16-mixed`` here (``peft_lightning.precision.auto_precision``). Both train on the recipe's training passages (its
+``bf16-mixed`` here (``peft_lightning.engine.precision.auto_precision``). Both train on the recipe's training passages (its
 data module, tokenized once: the same rows and tokens) and are tested on the recipe's test split.
 
 Vision (``effnet_fashion``'s data): ``ours`` is the recipe through the CLI with ``--data.augment false
@@ -209,7 +209,7 @@ def ours_vision(budget: dict[str, Any], root: str) -> dict[str, Any]:
 
 def bf16_like_ours() -> bool:
     """Whether our ``--trainer.precision auto`` picks bf16 on this machine."""
-    from peft_lightning.precision import auto_precision, detect_hardware
+    from peft_lightning.engine.precision import auto_precision, detect_hardware
 
     return auto_precision(detect_hardware())[0].startswith("bf16")
 

@@ -131,13 +131,13 @@ OVERRIDDEN: tuple[tuple[str, str, str], ...] = (
     (
         "lightning.pytorch.loggers.csv_logs.ExperimentWriter",
         "_check_log_dir_exists",
-        "peft_lightning/run_folder.py _ContinuedMetrics (continues metrics.csv instead of deleting it; it also reads "
+        "peft_lightning/output/run_folder.py _ContinuedMetrics (continues metrics.csv instead of deleting it; it also reads "
         "the writer's `_fs`)",
     ),
     (
         "lightning.pytorch.loggers.CSVLogger",
         "_experiment",
-        "peft_lightning/run_folder.py RunCSVLogger.experiment (builds _ContinuedMetrics as Lightning's property "
+        "peft_lightning/output/run_folder.py RunCSVLogger.experiment (builds _ContinuedMetrics as Lightning's property "
         "builds its writer, through `_experiment` and `_fs`)",
     ),
     (
@@ -154,7 +154,7 @@ MIRRORED: tuple[tuple[str, str, str], ...] = (
     (
         "lightning.pytorch.trainer.connectors.checkpoint_connector._CheckpointConnector",
         "_hpc_resume_path",
-        "peft_lightning/checkpoint_files.py find_resume (finds the highest hpc_ckpt_N.ckpt in a run folder, as "
+        "peft_lightning/model_files/checkpoints.py find_resume (finds the highest hpc_ckpt_N.ckpt in a run folder, as "
         "Lightning does for `ckpt_path='hpc'`)",
     ),
 )

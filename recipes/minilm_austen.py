@@ -156,7 +156,7 @@ class MinilmAusten(TextClassifier):
         "num_workers": 0,  # padding a batch takes microseconds: worker processes would only compete for 2 cores
         "val_fraction": 0.1,
     }
-    # "auto" (peft_lightning.precision.auto_precision): bf16-mixed on GPUs and on CPUs with AMX / AVX-512 BF16, fp32
+    # "auto" (peft_lightning.engine.precision.auto_precision): bf16-mixed on GPUs and on CPUs with AMX / AVX-512 BF16, fp32
     # elsewhere: on AVX2-only CPUs bf16 autocast is emulated, and a training step of this recipe measured 3.6x slower
     # than fp32 (a bare MiniLM step 13x; docs/text.md).
     trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 1, "precision": "auto", "log_every_n_steps": 10}

@@ -57,7 +57,7 @@ def machine() -> dict:
         import lightning
 
         info["lightning"] = lightning.__version__
-        from peft_lightning.precision import auto_precision, detect_hardware
+        from peft_lightning.engine.precision import auto_precision, detect_hardware
 
         hw = detect_hardware()
         info["auto_precision"] = auto_precision(hw)[0]
@@ -129,7 +129,7 @@ def trainer_for(
 ):
     from lightning.pytorch import Trainer
 
-    from peft_lightning.strategy import trainer_overrides
+    from peft_lightning.engine.strategy import trainer_overrides
 
     args = {"precision": precision, "accelerator": "auto"}
     over = trainer_overrides(args, model)
@@ -251,7 +251,7 @@ def check_fsdp(kind: str, dry: bool) -> dict:
     from peft_lightning.adapters import AdapterConfig
     from peft_lightning.callbacks.finetuning import FineTuning
     from peft_lightning.callbacks.strategies import FreezeUnfreeze
-    from peft_lightning.strategy import fsdp_strategy
+    from peft_lightning.engine.strategy import fsdp_strategy
 
     cfg = vit_setup(dry)
     kw: dict = {}
@@ -315,7 +315,7 @@ def check_compile(dry: bool) -> dict:
         torch._dynamo.reset()
     model = vit_model(cfg, compile=True)
     if dry:
-        from peft_lightning.compile import compile_modules
+        from peft_lightning.engine.compile import compile_modules
 
         blocks = tuple(model.fsdp_block_classes())
         compile_modules([m for m in model.modules() if isinstance(m, blocks)], backend="eager")

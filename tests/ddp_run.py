@@ -23,7 +23,7 @@ from lightning.pytorch import Callback, Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peft_lightning.callbacks.finetuning import FineTuning  # noqa: E402
 from peft_lightning.callbacks.strategies import FreezeUnfreeze  # noqa: E402
-from peft_lightning.summary import RunSummary  # noqa: E402
+from peft_lightning.output.summary import RunSummary  # noqa: E402
 
 from helpers import tiny_data, tiny_model  # noqa: E402
 

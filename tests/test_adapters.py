@@ -13,7 +13,7 @@ from peft_lightning.adapters import ADAPTER_METHODS, AdapterConfig
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.callbacks.strategies import FreezeUnfreeze, Retune
 from peft_lightning.errors import UsageError
-from peft_lightning.export import export
+from peft_lightning.model_files.export import export
 from peft_lightning.tasks.vision import ImageClassifier
 
 from conftest import make_image_folder, run_cli
@@ -203,8 +203,8 @@ def test_cli_export_writes_a_model_card_from_the_checkpoint_and_its_run(tmp_path
     import timm
     from safetensors.torch import save_file
 
-    from peft_lightning.checkpoint_files import read_checkpoint
-    from peft_lightning.export import load_task
+    from peft_lightning.model_files.checkpoints import read_checkpoint
+    from peft_lightning.model_files.export import load_task
     from recipes.vit_cifar import VitCifar
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from peft_lightning.adapters import AdapterConfig
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.errors import UsageError
-from peft_lightning.export import export
+from peft_lightning.model_files.export import export
 from peft_lightning.tasks.recsys import Recommender
 
 from helpers import StopAfterEpoch

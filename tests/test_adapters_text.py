@@ -20,7 +20,7 @@ from peft_lightning.adapters import ADAPTER_METHODS, AdapterConfig
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.callbacks.strategies import FreezeUnfreeze, Retune
 from peft_lightning.errors import UsageError
-from peft_lightning.export import export
+from peft_lightning.model_files.export import export
 from peft_lightning.tasks.text import TextClassifier
 
 from helpers import PhaseRecorder, StopAfterEpoch, run_card_snippets

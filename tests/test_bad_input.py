@@ -369,9 +369,9 @@ def test_mixed_image_modes_are_converted_not_refused(tmp_path, env, cli):
 
 def test_hostile_files_run_no_code_anywhere(env):
     """Every loader of files a user passes in: refused, and the payload never ran."""
-    from peft_lightning.checkpoint_files import read_checkpoint
     from peft_lightning.errors import UsageError
-    from peft_lightning.export import load_task
+    from peft_lightning.model_files.checkpoints import read_checkpoint
+    from peft_lightning.model_files.export import load_task
     from peft_lightning.tasks.vision import load_state_dict
     from recipes.vit_cifar import VitCifar
 

@@ -1,4 +1,4 @@
-"""The numbered-block vocabulary (peft_lightning/blocks.py) that layer groups, adapter targets and FSDP units share."""
+"""The numbered-block vocabulary (peft_lightning/engine/blocks.py) that layer groups, adapter targets and FSDP units share."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from peft_lightning.blocks import BLOCK_IN_NAME, BLOCK_MODULES, BLOCK_PREFIX, block_classes
+from peft_lightning.engine.blocks import BLOCK_IN_NAME, BLOCK_MODULES, BLOCK_PREFIX, block_classes
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,12 @@ from lightning.pytorch import Trainer
 from test_recsys import synth, tiny_encoder  # noqa: F401  (fixtures)
 from test_text import tiny_bert  # noqa: F401  (fixture)
 
-from peft_lightning.batch import lr_scale
 from peft_lightning.callbacks.finetuning import FineTuning
+from peft_lightning.engine.batch import lr_scale
+from peft_lightning.engine.strategy import fsdp_strategy
 from peft_lightning.errors import UsageError
 from peft_lightning.internals import is_compiled
-from peft_lightning.strategy import fsdp_strategy
-from peft_lightning.summary import RunSummary
+from peft_lightning.output.summary import RunSummary
 
 from helpers import tiny_data, tiny_model
 

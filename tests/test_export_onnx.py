@@ -16,8 +16,8 @@ import torch
 
 from peft_lightning.adapters import AdapterConfig
 from peft_lightning.errors import UsageError
-from peft_lightning.export import export
-from peft_lightning.onnx_export import OnnxSpec, write_onnx
+from peft_lightning.model_files.export import export
+from peft_lightning.model_files.onnx_export import OnnxSpec, write_onnx
 
 from conftest import ROOT, make_image_folder
 from helpers import run_card_snippets, tiny_cli_args
@@ -36,9 +36,9 @@ def test_cli_exports_a_lora_vision_run_whose_onnx_matches_pytorch(tmp_path, cli)
     import timm
     from safetensors.torch import save_file
 
-    from peft_lightning.checkpoint_files import read_checkpoint
     from peft_lightning.data.vision import ImageDataModule, open_image
-    from peft_lightning.export import load_task
+    from peft_lightning.model_files.checkpoints import read_checkpoint
+    from peft_lightning.model_files.export import load_task
     from recipes.vit_cifar import VitCifar
 
     torch.manual_seed(0)

@@ -139,7 +139,7 @@ def test_the_wrappers_do_what_the_private_names_did(tmp_path):
 
 
 def test_find_resume_finds_the_hpc_checkpoint_lightning_would(tmp_path):
-    from peft_lightning.checkpoint_files import find_resume
+    from peft_lightning.model_files.checkpoints import find_resume
 
     for n in (2, 10):
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"x")
@@ -153,7 +153,7 @@ def test_find_resume_finds_the_hpc_checkpoint_lightning_would(tmp_path):
 def test_samples_in_counts_every_batch_format_of_the_domains():
     from transformers import BatchEncoding
 
-    from peft_lightning.report import samples_in
+    from peft_lightning.output.report import samples_in
 
     vision = {"pixel_values": torch.zeros(5, 3, 8, 8), "labels": torch.zeros(5), "index": torch.arange(5)}
     cached = {"index": torch.arange(4), "labels": torch.zeros(4)}  # a prefix-cache epoch
@@ -174,7 +174,7 @@ def test_samples_in_counts_every_batch_format_of_the_domains():
 def test_final_line_is_the_line_the_cli_printed():
     """The result line's format; that the CLI prints this very line is test_run_output's
     test_the_summary_prints_every_field_and_the_run_folder."""
-    from peft_lightning.summary import final_line
+    from peft_lightning.output.summary import final_line
 
     line = final_line("vit_cifar", {"test/acc": 0.5, "test/loss": 1.0}, None, 61, "runs/x/best.ckpt")
     assert line == "vit_cifar: test/acc 0.5000  wall 1m01s  (best checkpoint runs/x/best.ckpt)"

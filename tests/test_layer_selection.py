@@ -482,7 +482,7 @@ def test_auto_depth_trains_the_fewest_top_groups_that_hold_the_signal():
 def test_auto_depth_probes_after_its_linear_probe_and_says_what_it_chose(image_folder, one_thread, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    from peft_lightning.summary import summary_rows
+    from peft_lightning.output.summary import summary_rows
 
     seen = []
 

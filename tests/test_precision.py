@@ -12,11 +12,11 @@ from test_recsys import synth, tiny_encoder  # noqa: F401  (fixtures)
 from test_text import datamodule, sentiment_csv, tiny_bert  # noqa: F401  (fixtures)
 from torch import nn
 
-from peft_lightning import precision
+from peft_lightning.engine import precision
+from peft_lightning.engine.launch import check_launch
+from peft_lightning.engine.precision import Hardware, auto_precision, cpu_flags, resolve_auto_precision
+from peft_lightning.engine.strategy import trainer_overrides
 from peft_lightning.errors import UsageError
-from peft_lightning.launch import check_launch
-from peft_lightning.precision import Hardware, auto_precision, cpu_flags, resolve_auto_precision
-from peft_lightning.strategy import trainer_overrides
 
 from helpers import tiny_cli_args
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_lightning.checkpoint_files import find_last, read_checkpoint, resolve_ckpt_path
 from peft_lightning.data.sampling import EpochShuffle
 from peft_lightning.errors import UsageError
+from peft_lightning.model_files.checkpoints import find_last, read_checkpoint, resolve_ckpt_path
 
 from conftest import ROOT, make_image_folder
 from helpers import forked_cli, tiny_cli_args

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from peft_lightning.checkpoint_files import find_last, find_resume, read_checkpoint
 from peft_lightning.cli import main, run_key
-from peft_lightning.run_folder import run_dir, run_loggers
+from peft_lightning.model_files.checkpoints import find_last, find_resume, read_checkpoint
+from peft_lightning.output.run_folder import run_dir, run_loggers
 
 from conftest import ROOT, make_image_folder
 from helpers import tiny_cli_args

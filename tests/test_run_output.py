@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from peft_lightning.cli import main
-from peft_lightning.run_folder import run_dir
-from peft_lightning.summary import final_line, format_wall
+from peft_lightning.output.run_folder import run_dir
+from peft_lightning.output.summary import final_line, format_wall
 
 from conftest import ROOT, make_image_folder
 
@@ -433,7 +433,7 @@ def test_a_benchmarks_in_process_fits_are_quiet(tmp_path):
 def test_each_domain_names_the_modules_that_start_fresh_and_the_line_stays_short(tmp_path):
     import torch
 
-    from peft_lightning.summary import fresh_line
+    from peft_lightning.output.summary import fresh_line
     from peft_lightning.tasks.recsys import Recommender
     from peft_lightning.tasks.text import new_modules
     from peft_lightning.tasks.vision import ImageClassifier

@@ -16,7 +16,7 @@ import yaml
 from optuna.trial import TrialState
 
 import peft_lightning
-from peft_lightning.plots import find_runs
+from peft_lightning.output.plots import find_runs
 from peft_lightning.registry import builtin_names
 from peft_lightning.tuning import counted, load_space
 

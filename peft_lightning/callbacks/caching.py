@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft_lightning.callbacks.prefix_cache import PrefixCache, default_max_bytes
 from peft_lightning.contract import Tunable
 from peft_lightning.data.sampling import IndexedData, RowNumbers
-from peft_lightning.run_folder import log_dir
+from peft_lightning.output.run_folder import log_dir
 
 
 class PrefixCaching:

@@ -14,7 +14,7 @@ each closing a way a long run on a pre-emptible machine loses work:
   once.
 - A resume keeps what Lightning drops: the best score when the resumed run writes to a new folder, and a stop a
   callback decided (retune's rounds done, early stopping); a fit's end is saved, so
-  ``checkpoint_files.finished_reason`` tells a finished run from an interrupted one.
+  ``checkpoints.finished_reason`` tells a finished run from an interrupted one.
 - Every file is written to a temporary file beside its target, flushed to disk and renamed over it
   (``AtomicCheckpointIO``): a kill during the write leaves the previous file whole. Lightning's own
   ``_atomic_save`` stages the bytes in the system temp folder and ``shutil.move``s them, which is a plain (tearable)
@@ -281,7 +281,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         # The fit is over: last.ckpt must say so (written after its last epoch's end, with why a callback stopped it)
-        # so that `fit --ckpt_path` of it trains nothing more (see `checkpoint_files.finished_reason`).
+        # so that `fit --ckpt_path` of it trains nothing more (see `checkpoints.finished_reason`).
         self._write_last(trainer, again=True)
 
     def _stop_reason(self, trainer: Trainer) -> str | None:

@@ -28,8 +28,8 @@ from peft_lightning.callbacks.groups import groups_table, set_frozen_modes
 from peft_lightning.callbacks.rounds import Rounds
 from peft_lightning.callbacks.strategies import Full, Phase, State, Strategy, StrategyName, build, short_name
 from peft_lightning.contract import check_task
+from peft_lightning.engine.strategy import allow_freezing
 from peft_lightning.errors import UsageError
-from peft_lightning.strategy import allow_freezing
 from peft_lightning.tasks.schedules import refresh_all
 
 

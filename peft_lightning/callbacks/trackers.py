@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from peft_lightning.run_folder import log_dir
+from peft_lightning.output.run_folder import log_dir
 
 
 class Trackers(Callback):

@@ -109,7 +109,7 @@ def _run_lightning_cli(argv: list[str], args: list[str] | None, *, debug: bool) 
 
     recipe = get_recipe(name)
     if not debug:  # a default run shows what this project means to show; PEFT_LIGHTNING_DEBUG=1 shows all
-        from peft_lightning.summary import hide_third_party_noise
+        from peft_lightning.output.summary import hide_third_party_noise
 
         hide_third_party_noise()
     from peft_lightning.cli.lightning_cli import PeftLightningCLI

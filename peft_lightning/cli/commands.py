@@ -57,7 +57,7 @@ def export_command(argv: list[str]) -> None:
         "pip install 'peft_lightning[onnx]')",
     )
     args = parser.parse_args(argv)
-    from peft_lightning.export import export, load_task
+    from peft_lightning.model_files.export import export, load_task
     from peft_lightning.registry import get_recipe
 
     task = load_task(get_recipe(args.recipe), args.ckpt_path)
@@ -84,7 +84,7 @@ def plot_command(argv: list[str]) -> None:
     )
     parser.add_argument("--x", choices=("step", "epoch"), default="step", help="x axis (default: step)")
     args = parser.parse_args(argv)
-    from peft_lightning.plots import find_runs, plot_compare, plot_run
+    from peft_lightning.output.plots import find_runs, plot_compare, plot_run
 
     runs = find_runs(args.runs)
     if len(runs) == 1:

@@ -23,7 +23,6 @@ from jsonargparse import ActionYesNo
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from peft_lightning import launch, precision, strategy, summary
 from peft_lightning.adapters import AdapterConfig
 from peft_lightning.callbacks.checkpoint import ResumableCheckpoint
 from peft_lightning.callbacks.finetuning import FineTuning
@@ -32,9 +31,11 @@ from peft_lightning.callbacks.strategies import BUILTIN
 from peft_lightning.cli.args import run_key
 from peft_lightning.cli.resume import Done, config_from_checkpoint
 from peft_lightning.data.base import FineTuneDataModule
+from peft_lightning.engine import launch, precision, strategy
 from peft_lightning.errors import UsageError
-from peft_lightning.report import PhaseProgressBar, RunReport  # imported before parsing: --help lists them
-from peft_lightning.run_folder import run_dir, run_loggers, user_trackers
+from peft_lightning.output import summary
+from peft_lightning.output.report import PhaseProgressBar, RunReport  # imported before parsing: --help lists them
+from peft_lightning.output.run_folder import run_dir, run_loggers, user_trackers
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -155,7 +156,7 @@ class PeftLightningCLI(LightningCLI):
             self.datamodule.connect(**self.model.data_needs())
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # The run folder, its loggers and the progress bar (peft_lightning/report.py). A progress bar the user
+        # The run folder, its loggers and the progress bar (peft_lightning/output/report.py). A progress bar the user
         # configured is kept as given; a logger (`--trainer.logger MLFlowLogger ...`: a tracker) logs after the run
         # folder's own, not instead; `--trainer.logger false` keeps the folder for checkpoints.
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -212,7 +213,7 @@ class PeftLightningCLI(LightningCLI):
         """Test ``tested`` (a checkpoint; "": the weights in memory), print the result line and the summary, and
         record in ``folder`` (the checkpoints') that the fit's test ended: a resume after a kill in this test
         tests again; one after it has nothing left to do (``resume.config_from_checkpoint``)."""
-        from peft_lightning.checkpoint_files import write_test_results
+        from peft_lightning.model_files.checkpoints import write_test_results
 
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=tested or None, verbose=False)
         metrics = results[0] if results else {}
@@ -221,7 +222,7 @@ class PeftLightningCLI(LightningCLI):
         self._summary(metrics, tested)
 
     def _summary(self, metrics: dict[str, float], best: str) -> None:
-        from peft_lightning.summary import best_validation, final_line, print_summary, summary_rows
+        from peft_lightning.output.summary import best_validation, final_line, print_summary, summary_rows
 
         wall = time.perf_counter() - self.started
         if not self.trainer.is_global_zero:

@@ -45,12 +45,12 @@ def config_from_checkpoint(
     config[subcommand].ckpt_path = ckpt_path
     if not ckpt_path or not Path(ckpt_path).is_file():
         return config, None
-    from peft_lightning.checkpoint_files import read_checkpoint
+    from peft_lightning.model_files.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(ckpt_path)  # weights_only=True: one line for a corrupt or hostile file
     config = _fill_arguments(parser, config, ckpt, ckpt_path=ckpt_path, recipe_name=recipe_name)
     if subcommand == "fit":
-        from peft_lightning.checkpoint_files import test_results
+        from peft_lightning.model_files.checkpoints import test_results
 
         trainer = config[subcommand].get("trainer") or {}
         note = finished_note(ckpt, ckpt_path, trainer=trainer, recipe_name=recipe_name)
@@ -69,8 +69,8 @@ def resolve(config: Any, *, subcommand: str, recipe_name: str, run_key: str | No
     """The checkpoint a subcommand's ``config`` starts from (see ``config_from_checkpoint``), or None."""
     from lightning.pytorch.utilities import rank_zero_info
 
-    from peft_lightning.checkpoint_files import find_resume, resolve_ckpt_path
-    from peft_lightning.run_folder import run_dir
+    from peft_lightning.model_files.checkpoints import find_resume, resolve_ckpt_path
+    from peft_lightning.output.run_folder import run_dir
 
     root = Path((config.get("trainer") or {}).get("default_root_dir") or "runs")
     folder = run_dir(root, recipe_name, key=run_key)
@@ -120,7 +120,7 @@ def finished_note(ckpt: dict[str, Any], ckpt_path: str, *, trainer: Any, recipe_
     """The line a ``fit`` prints instead of training again a run that has finished (retune's rounds done, early
     stopped, ``max_epochs`` or ``max_steps`` reached), or None: a job script that always passes ``--ckpt_path last``
     ends with exit 0, not an error."""
-    from peft_lightning.checkpoint_files import finished_reason, test_results
+    from peft_lightning.model_files.checkpoints import finished_reason, test_results
 
     why = finished_reason(ckpt, trainer.get("max_epochs"), trainer.get("max_steps"))
     if why is None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from peft_lightning.callbacks.prefix_cache import PrefixCache
-    from peft_lightning.onnx_export import OnnxSpec
+    from peft_lightning.model_files.onnx_export import OnnxSpec
     from peft_lightning.prefix import Split
 
 
@@ -206,7 +206,7 @@ class FineTuneTask(LightningModule):
         """The model's repeated block classes: FSDP wraps each instance in its own unit, activation checkpointing
         and ``compile`` work per block. Default: found by name (``blocks.N``, ``layer.N`` ..., see
         ``blocks.block_classes``); a domain overrides it when its blocks are named otherwise."""
-        from peft_lightning.blocks import block_classes
+        from peft_lightning.engine.blocks import block_classes
 
         return block_classes(self)
 
@@ -231,7 +231,7 @@ class FineTuneTask(LightningModule):
 
     def configure_model(self) -> None:
         if self.compile_blocks:
-            from peft_lightning.compile import compile_modules
+            from peft_lightning.engine.compile import compile_modules
 
             blocks = tuple(self.fsdp_block_classes())
             modules = [m for m in self.modules() if blocks and isinstance(m, blocks)]
@@ -401,7 +401,7 @@ class FineTuneTask(LightningModule):
         # Every parameter is in the optimizer from the start, frozen or not: frozen ones get no gradient, so the
         # optimizer skips them, and unfreezing later needs no `add_param_group` (which LR schedulers mishandle and
         # which breaks resuming). Each group is named after its layer group for the logged learning rates.
-        from peft_lightning.batch import global_batch, lr_scale
+        from peft_lightning.engine.batch import global_batch, lr_scale
 
         batch = global_batch(self.trainer) if self.scale_lr != "none" else None
         if self.scale_lr != "none" and batch is None:

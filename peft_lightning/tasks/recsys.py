@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_lightning import adapters
-from peft_lightning.blocks import BLOCK_IN_NAME, BLOCK_MODULES
 from peft_lightning.data.checks import check_sizes, data_spec
+from peft_lightning.engine.blocks import BLOCK_IN_NAME, BLOCK_MODULES
 from peft_lightning.errors import UsageError
 from peft_lightning.tasks import ranking
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups

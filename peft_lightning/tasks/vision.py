@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_lightning import adapters
-from peft_lightning.blocks import BLOCK_MODULES, BLOCK_PREFIX
 from peft_lightning.data.checks import check_sizes, data_spec
+from peft_lightning.engine.blocks import BLOCK_MODULES, BLOCK_PREFIX
 from peft_lightning.errors import UsageError
-from peft_lightning.onnx_export import OnnxSpec
+from peft_lightning.model_files.onnx_export import OnnxSpec
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
 from peft_lightning.tasks.base import FineTuneTask, LayerGroups, Snippet
 from peft_lightning.tasks.metrics import classification_metrics, per_stage

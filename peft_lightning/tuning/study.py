@@ -226,7 +226,7 @@ def write_plots(study: optuna.Study, study_dir: Path, monitor: str) -> list[Path
         return []
     import matplotlib
 
-    matplotlib.use("Agg")  # files only, as peft_lightning.plots
+    matplotlib.use("Agg")  # files only, as peft_lightning.output.plots
     import matplotlib.pyplot as plt
     from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.visualization import matplotlib as vis

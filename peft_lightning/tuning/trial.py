@@ -163,7 +163,7 @@ def fit_command(recipe: str | None, args: Sequence[str], space: str | Path | Map
 def _hide_repeated_notices() -> None:
     import optuna
 
-    from peft_lightning.summary import hide_third_party_noise
+    from peft_lightning.output.summary import hide_third_party_noise
 
     hide_third_party_noise()  # as `fit` does (cli.main): each trial would repeat the same library notices
     # jsonargparse cannot dump the AdapterConfig the --peft.* link builds; the saved config has --peft.* (cli.main).

@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from peft_lightning import internals
+from peft_lightning.engine.precision import precision_overrides
 from peft_lightning.errors import UsageError
-from peft_lightning.precision import precision_overrides
 
 if TYPE_CHECKING:
-    from peft_lightning.precision import Hardware
+    from peft_lightning.engine.precision import Hardware
 
 
 def fsdp_strategy(task: Any, name: str = "fsdp", **kwargs: Any) -> Any:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peft_lightning.internals import BatchNorm
-from peft_lightning.onnx_export import EXPORTERS, OUTPUT
+from peft_lightning.model_files.onnx_export import EXPORTERS, OUTPUT
 
 if TYPE_CHECKING:
-    from peft_lightning.onnx_export import OnnxWritten
+    from peft_lightning.model_files.onnx_export import OnnxWritten
     from peft_lightning.tasks.base import FineTuneTask
 
 

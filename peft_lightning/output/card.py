@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from peft_lightning.adapters import ADAPTER_METHODS, find
-from peft_lightning.card_snippets import load_snippets
+from peft_lightning.output.card_snippets import load_snippets
 
 if TYPE_CHECKING:
     from peft_lightning.adapters import AdapterConfig
-    from peft_lightning.onnx_export import OnnxWritten
+    from peft_lightning.model_files.onnx_export import OnnxWritten
     from peft_lightning.tasks.base import FineTuneTask
 
 

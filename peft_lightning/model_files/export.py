@@ -22,10 +22,10 @@ from typing import Any
 from torch import nn
 
 from peft_lightning.adapters import find
-from peft_lightning.card import model_card
-from peft_lightning.checkpoint_files import read_checkpoint
 from peft_lightning.errors import UsageError
-from peft_lightning.onnx_export import OnnxSpec, require_onnx, write_onnx
+from peft_lightning.model_files.checkpoints import read_checkpoint
+from peft_lightning.model_files.onnx_export import OnnxSpec, require_onnx, write_onnx
+from peft_lightning.output.card import model_card
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -87,7 +87,7 @@ def export(
     (``task.onnx_spec``; ``onnx_export.write_onnx``). A task that cannot be exported, or missing ``onnx`` packages,
     stop with one line before anything is written.
 
-    ``README.md`` is a model card (``peft_lightning/card.py``) in place of peft's empty template: the recipe (its
+    ``README.md`` is a model card (``peft_lightning/output/card.py``) in place of peft's empty template: the recipe (its
     name, ``recipe``), base model and its weights, data, adapter options, trainable parameters, the metrics recorded
     with the checkpoint at ``ckpt_path`` (the file the task was loaded from, if any) and how to load the export."""
     out = Path(out)

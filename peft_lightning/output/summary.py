@@ -15,13 +15,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from peft_lightning.batch import global_batch
 from peft_lightning.callbacks.finetuning import FineTuning
 from peft_lightning.callbacks.strategies import Auto
-from peft_lightning.run_folder import log_dir
+from peft_lightning.engine.batch import global_batch
+from peft_lightning.output.run_folder import log_dir
 
 if TYPE_CHECKING:
-    from peft_lightning.report import RunReport
+    from peft_lightning.output.report import RunReport
 
 
 # --- the start of fit ---

@@ -8,11 +8,11 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from peft_lightning.engine.precision import on_gpu
 from peft_lightning.errors import UsageError
-from peft_lightning.precision import on_gpu
 
 if TYPE_CHECKING:
-    from peft_lightning.precision import Hardware
+    from peft_lightning.engine.precision import Hardware
 
 
 def _strategy_name(strategy: Any) -> str:

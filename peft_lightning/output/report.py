@@ -10,8 +10,8 @@ end-of-run table) is formatted in ``summary.py``.
 
 Example (in a notebook, the same pieces the CLI wires):
     >>> from lightning.pytorch import Trainer  # doctest: +SKIP
-    >>> from peft_lightning.run_folder import run_dir, run_loggers  # doctest: +SKIP
-    >>> from peft_lightning.summary import print_summary, summary_rows  # doctest: +SKIP
+    >>> from peft_lightning.output.run_folder import run_dir, run_loggers  # doctest: +SKIP
+    >>> from peft_lightning.output.summary import print_summary, summary_rows  # doctest: +SKIP
     >>> folder = run_dir("runs", "effnet_fashion")  # doctest: +SKIP
     >>> report = RunReport()  # doctest: +SKIP
     >>> trainer = Trainer(default_root_dir=folder, logger=run_loggers(folder),
@@ -214,7 +214,7 @@ class RunReport(Callback):
             return
         csv.save()  # flush the rows still in memory
         try:
-            from peft_lightning.plots import plot_run
+            from peft_lightning.output.plots import plot_run
 
             self.plot_path = plot_run(Path(csv.log_dir))
         except Exception as err:  # the run itself succeeded: a plot must not lose it, but say what happened
