@@ -100,6 +100,25 @@ def train(
     return model, trainer
 
 
+def save_tiny_bert(folder: Path, vocab: list[str], max_position_embeddings: int = 64) -> Path:
+    """A 2-layer, 32-wide BERT body (no head) and a WordPiece tokenizer over ``vocab``, saved in ``folder`` as
+    ``save_pretrained`` does; the weights are seeded (0)."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=max_position_embeddings,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    return folder
+
+
 def tiny_cli_args(dataset: Path, root: Path, *extra: str, recipe: str = "vit_cifar") -> list[str]:
     """``fit`` of a tiny random EfficientNet (3 classes, 32 px, batch 4, a fifth of the folder for validation, fp32,
     on the CPU whatever else the machine has, no progress bar, no test after fit) on an image folder, for tests

@@ -20,7 +20,7 @@ from peft_lightning.model_files.export import export
 from peft_lightning.model_files.onnx_export import OnnxSpec, write_onnx
 
 from conftest import ROOT, make_image_folder
-from helpers import run_card_snippets, tiny_cli_args
+from helpers import run_card_snippets, save_tiny_bert, tiny_cli_args
 
 TOLERANCE = 1e-4  # fp32: the exporters reorder a few float operations, nothing more
 WORDS = ["the", "a", "movie", "was", "good", "bad", "fine"]
@@ -105,22 +105,8 @@ def test_cli_exports_a_lora_vision_run_whose_onnx_matches_pytorch(tmp_path, cli)
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer, 32-wide BertModel with a WordPiece tokenizer (as tests/test_adapters_text.py builds it)."""
-    import transformers
-
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *string.ascii_lowercase]
-    config = transformers.BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    transformers.BertModel(config).save_pretrained(folder)
-    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    return str(folder)
+    return str(save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), vocab))
 
 
 def test_text_export_onnx_matches_pytorch_at_two_batch_sizes_and_lengths(tiny_bert, tmp_path):

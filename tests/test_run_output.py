@@ -282,24 +282,11 @@ def tiny_encoder(tmp_path_factory) -> Path:
     tokenizer, saved as ``save_pretrained`` does: a classifier built on it starts with a new head."""
     import string
 
-    import torch
-    import transformers
+    from helpers import save_tiny_bert
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase]
     vocab += [f"##{c}" for c in string.ascii_lowercase]
-    config = transformers.BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_encoder")
-    transformers.BertModel(config).save_pretrained(folder)
-    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_encoder"), vocab, max_position_embeddings=128)
 
 
 def shown_noise(res: subprocess.CompletedProcess) -> list[str]:
