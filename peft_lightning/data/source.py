@@ -167,6 +167,19 @@ def _check_empty_splits(path: Path) -> None:
             )
 
 
+def label_column_if_any(features: Any, named: Any) -> tuple[str | None, list[str] | None]:
+    """The label column of data to predict on, which may have none: ``named`` when the table has it, else the first
+    ``ClassLabel``, else ``label``/``labels``; and its class names when it holds class ids (None: it holds the
+    names themselves, or there is no column)."""
+    import datasets
+
+    column = named if isinstance(named, str) and named in features else None
+    column = column or next((k for k, v in features.items() if isinstance(v, datasets.ClassLabel)), None)
+    column = column or next((k for k in ("label", "labels") if k in features), None)
+    names = getattr(features[column], "names", None) if column is not None else None
+    return column, list(names) if names is not None else None
+
+
 def describe(feature: Any) -> str:
     """A short name of a ``datasets`` feature for messages: ``image``, ``int64``, ``list of int64`` ..."""
     import datasets

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from peft_lightning.data.base import Collate, FineTuneDataModule
 from peft_lightning.data.checks import DataSpec, at_least, check_options
-from peft_lightning.data.source import hub_error
+from peft_lightning.data.source import hub_error, label_column_if_any, load_predict_table
 from peft_lightning.data.text_columns import (
     check_label_range,
     class_ids,
@@ -273,20 +273,12 @@ class TextDataModule(FineTuneDataModule):
 
     def new_predict_set(self, source: str) -> Any:
         """The texts ``predict_data`` names, with their rows and, for single-label data, their true labels."""
-        import datasets
-
-        from peft_lightning.data.source import load_predict_table
-
         hp = self.hparams
         table = load_predict_table(source, hp.test_split, hp.cache_dir, self.source_kinds)
         text, pair = text_columns(table.features, hp.text_column, hp.text_pair_column)
-        named = hp.label_column if isinstance(hp.label_column, str) and hp.label_column in table.features else None
-        label = named or next((k for k, v in table.features.items() if isinstance(v, datasets.ClassLabel)), None)
-        label = label or next((k for k in ("label", "labels") if k in table.features), None)
+        label, names = label_column_if_any(table.features, hp.label_column)
         target = None
         if label is not None and not hp.multi_label:  # names as written, class ids as ids (the task names them)
-            feature = table.features[label]
-            names = list(feature.names) if hasattr(feature, "names") else None
             target = lambda b: [names[v] if names is not None and v is not None else v for v in b[label]]  # noqa: E731
         self.tokenizer = self.tokenizer or self.resolve_tokenizer()
         return self._encode_predict(table, text, pair, target)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from peft_lightning.data.base import FineTuneDataModule
 from peft_lightning.data.checks import POSITIVE, PROBABILITY, DataSpec, check_options, increasing_pair, within
-from peft_lightning.data.source import find_column
+from peft_lightning.data.source import find_column, label_column_if_any, load_predict_table, local_path
 from peft_lightning.errors import UsageError
 
 if TYPE_CHECKING:
@@ -234,8 +234,6 @@ class ImageDataModule(FineTuneDataModule):
         import datasets
         from PIL import Image
 
-        from peft_lightning.data.source import load_predict_table, local_path
-
         self.data_config = self.data_config or self.resolve_data_config()
         path = local_path(source)
         if path is not None and path.is_file() and path.suffix.lower() in Image.registered_extensions():
@@ -245,13 +243,7 @@ class ImageDataModule(FineTuneDataModule):
             table = load_predict_table(source, self.hparams.test_split, self.hparams.cache_dir, what)
         features = table.features
         image_col = find_column(features, self.hparams.image_column, "image", is_image, "images")
-        label_col = self.hparams.label_column if self.hparams.label_column in features else None
-        label_col = label_col or next((k for k, v in features.items() if isinstance(v, datasets.ClassLabel)), None)
-        label_col = label_col or next((k for k in ("label", "labels") if k in features), None)
-        if label_col is not None and hasattr(features[label_col], "names"):
-            names = list(features[label_col].names)
-        else:
-            names = None  # labels written as names already (or no labels)
+        label_col, names = label_column_if_any(features, self.hparams.label_column)
         table = table.select_columns([c for c in (image_col, label_col) if c])
         if isinstance(table.features[image_col], datasets.Image):
             table = table.cast_column(image_col, datasets.Image(decode=False))
