@@ -63,6 +63,20 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert auto_precision(Hardware(cpu_flags=cpu_flags(info)))[0] == "bf16-mixed"
 
 
+def test_cpu_bf16_0_hides_the_bf16_units_from_auto(monkeypatch, tmp_path):
+    # How the suite's time on a CPU without bf16 is measured on any machine.
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: cpu_flags(info))
+    monkeypatch.setattr(precision.platform, "system", lambda: "Linux")
+    monkeypatch.delenv(precision.NO_CPU_BF16, raising=False)
+    assert auto_precision(precision.detect_hardware(), "cpu")[0] == "bf16-mixed"
+    monkeypatch.setenv(precision.NO_CPU_BF16, "0")
+    seen = precision.detect_hardware()
+    assert "avx2" in seen.cpu_flags and not seen.cpu_bf16
+    assert auto_precision(seen, "cpu")[0] == "32-true"
+
+
 def test_only_auto_is_resolved_and_the_reason_is_kept():
     defaults = {"precision": "auto", "max_epochs": 1}
     note = resolve_auto_precision(defaults, AMX)

@@ -9,6 +9,7 @@ fp32 (docs/text.md). Everything here chooses among Lightning's own precision plu
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -76,17 +77,26 @@ def _cuda_bf16() -> bool:
         return False
 
 
+NO_CPU_BF16 = "PEFT_LIGHTNING_CPU_BF16"
+"""Set to ``0`` to have ``auto`` see this CPU as one without bf16 units (it then picks ``32-true``): the suite's
+time on a CPU without bf16 is measured on any machine with ``PEFT_LIGHTNING_CPU_BF16=0 pytest``, and subprocesses
+inherit it."""
+
+
 def detect_hardware() -> Hardware:
     """This machine's CUDA devices and CPU features (no CUDA context is created in this process)."""
     import torch
     from lightning.fabric.accelerators.cuda import num_cuda_devices
 
     n = num_cuda_devices()
+    flags = cpu_flags() if platform.system() == "Linux" else frozenset()
+    if os.environ.get(NO_CPU_BF16) == "0":
+        flags = flags - set(CPU_BF16_FLAGS)
     return Hardware(
         cuda_devices=n,
         cuda_bf16=n > 0 and _cuda_bf16(),
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        cpu_flags=cpu_flags() if platform.system() == "Linux" else frozenset(),
+        cpu_flags=flags,
     )
 
 
