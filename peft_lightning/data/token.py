@@ -234,38 +234,38 @@ class TokenDataModule(FineTuneDataModule):
         return self.read_source(self.hparams.dataset)
 
     def find_columns(self, ds: datasets.DatasetDict) -> tuple[datasets.DatasetDict, str | None]:
+        """The words and tags columns, the tag set, and every sentence checked (one tag per word, each in the set),
+        in the splits as given: a message's sentence number is the row of the file or split."""
         hp = self.hparams
         features = ds[hp.train_split].features
         named = hp.tokens_column or next((c for c in TOKENS_COLUMNS if c in features), None)
-        self._tokens = find_column(features, named, "tokens", holds_words, "lists of words")
+        if named is None:  # the first list of strings that is not named as tags
+            tags = (hp.tags_column, *TAGS_COLUMNS)
+            named = next((c for c, f in features.items() if holds_words(f) and c not in tags), None)
+        self._tokens = find_column(features, named, "tokens", holds_words if named else None, "lists of words")
         named = hp.tags_column or next((c for c in TAGS_COLUMNS if c in features and c != self._tokens), None)
         if named is None:  # the first list of tags after the words
             named = next((c for c in features if c != self._tokens and holds_tags(features[c])), None)
-        self._tags = find_column(features, named, "tags", holds_tags, "lists of tag names or ids")
-        return ds, None  # sentences carry many tags: a plain seeded carve
-
-    def read_labels(self, ds: datasets.DatasetDict) -> None:
-        hp = self.hparams
-        splits = {s: ds[s] for s in (hp.train_split, hp.val_split, hp.test_split)}
-        feature = ds[hp.train_split].features[self._tags]
-        self._classes = classes = getattr(_inner(feature), "names", None)  # ClassLabel ids: their names
-        if classes is None and holds_ids(feature):
+        self._tags = find_column(features, named, "tags", holds_tags if named else None, "lists of tag names or ids")
+        self._classes = classes = getattr(_inner(features[self._tags]), "names", None)  # ClassLabel ids: their names
+        if classes is None and holds_ids(features[self._tags]):
             if not hp.label_names:
                 raise UsageError(
                     f"column {self._tags!r} holds tag ids: name them, in id order, with --data.label_names"
                 )
             self._classes = classes = list(hp.label_names)
-        self.label_names = list(hp.label_names or classes or _found_tags(splits.values(), self._tags))
+        self.label_names = list(hp.label_names or classes or _found_tags(ds.values(), self._tags))
         index = {n: i for i, n in enumerate(self.label_names)}
-        if classes is not None:
-            unknown = [n for n in classes if n not in index]
-            if unknown:
-                raise UsageError(f"tags {unknown} are not in label_names ({', '.join(self.label_names)}): list them")
-            self._lookup: Any = [index[n] for n in classes]
-        else:
-            self._lookup = index
-        for split, rows in splits.items():
+        unknown = [n for n in classes or () if n not in index]
+        if unknown:
+            raise UsageError(f"tags {unknown} are not in label_names ({', '.join(self.label_names)}): list them")
+        self._lookup: Any = [index[n] for n in classes] if classes is not None else index
+        for split, rows in ds.items():
             _check_rows(rows, split, self._tokens, self._tags, classes or self.label_names)
+        return ds, None  # sentences carry many tags: a plain seeded carve
+
+    def read_labels(self, ds: datasets.DatasetDict) -> None:
+        hp = self.hparams
         self.tokenizer = self.resolve_tokenizer()
         self._fingerprint = [
             ENCODING_VERSION,

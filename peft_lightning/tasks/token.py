@@ -26,6 +26,7 @@ from torchmetrics import Metric
 from peft_lightning.data.token import IGNORE
 from peft_lightning.errors import UsageError
 from peft_lightning.model_files.onnx_export import OnnxSpec
+from peft_lightning.tasks.base import Snippet
 from peft_lightning.tasks.text import TextClassifier
 
 SpanScheme = Literal["auto", "IOB2", "IOBES", "none"]
@@ -294,6 +295,15 @@ class TokenClassifier(TextClassifier):
                 row["labels"] = batch["target"][j]
             rows.append(row)
         return rows
+
+    def base_snippet(self) -> Snippet:
+        """``TextClassifier``'s, with the tag names on the model's config (its ``id2label``): what a reader of its
+        predictions needs, and what the base checkpoint cannot know."""
+        snippet = super().base_snippet()
+        if self.class_names and snippet.code[0].startswith("base = "):
+            names = dict(enumerate(self.class_names))
+            snippet.code.append(f"base.config.id2label = {names!r}  # the tags, by id")
+        return snippet
 
     def onnx_spec(self, model: nn.Module, data: dict[str, Any]) -> OnnxSpec:
         """``TextClassifier``'s inputs; the logits are ``[batch, sequence, tags]``, one row per sub-word."""
