@@ -8,6 +8,7 @@ from lightning.pytorch import Trainer
 
 from peft_lightning.data.vision import ImageDataModule, open_image
 from peft_lightning.errors import UsageError
+from peft_lightning.tasks.optim import param_groups
 from peft_lightning.tasks.vision import ImageClassifier, load_state_dict
 
 
@@ -27,7 +28,7 @@ def test_head_reset_and_named_layer_groups():
 def test_param_groups_are_named_and_skip_decay_on_1d():
     model = tiny()
     model.lr_scales.layer = {"stem": 0.1}
-    groups = list(model._iter_param_groups())
+    groups = list(param_groups(model))
     by_name = {g["name"]: g for g in groups}
     assert by_name["stem"]["lr"] == pytest.approx(model.lr * 0.1)
     assert by_name["head.no_wd"]["weight_decay"] == 0.0 and by_name["head"]["weight_decay"] > 0

@@ -1,4 +1,5 @@
-"""The base every domain task shares: optimizer and scheduler wiring, named parameter groups, recipe metadata.
+"""The base every domain task shares: recipe metadata, the fine-tuning contract's state, adapters and checkpoints
+(its optimizer is ``optim.py``'s, and what ``export`` asks of it ``export_hooks.py``'s).
 
 A *recipe* is a subclass of a domain task (``FineTuneTask`` → ``ImageClassifier`` → ``EffnetFashion``) that
 sets the class attributes below, its defaults included (``model_defaults``, ``data_defaults``, ``trainer_defaults``,
@@ -9,9 +10,7 @@ sets the class attributes below, its defaults included (``model_defaults``, ``da
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -21,13 +20,11 @@ from peft_lightning import internals
 from peft_lightning.adapters import AdapterConfig
 from peft_lightning.contract import LayerGroups, LRScales
 from peft_lightning.data.checks import data_spec
-from peft_lightning.tasks.schedules import GroupLambdaLR, GroupPlateau, warmup_cosine
+from peft_lightning.tasks import optim
+from peft_lightning.tasks.export_hooks import ExportHooks, Snippet  # noqa: F401  (Snippet: domains import it here)
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from peft_lightning.callbacks.prefix_cache import PrefixCache
-    from peft_lightning.model_files.onnx_export import OnnxSpec
     from peft_lightning.prefix import Split
 
 
@@ -48,15 +45,7 @@ def _init_with_defaults(cls: type) -> Any:
     return __init__
 
 
-class Snippet(NamedTuple):
-    """Python for the exported model card's "How to load" section: the import lines it needs (the card merges and
-    sorts them with its own) and the code, which sets the names the card's text uses (``base``, ``merged``)."""
-
-    imports: list[str]
-    code: list[str]
-
-
-class FineTuneTask(LightningModule):
+class FineTuneTask(ExportHooks, LightningModule):
     """Base LightningModule of every domain: optimizer, LR schedule and parameter groups named by layer group.
 
     Args:
@@ -378,127 +367,5 @@ class FineTuneTask(LightningModule):
         ):
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
 
-    # --- optimizer wiring ---
-    def _iter_param_groups(self) -> Iterator[dict[str, Any]]:
-        params = dict(self.named_parameters())
-        seen: set[str] = set()
-        for name, names in self.layer_groups():
-            names = [n for n in names if n in params and n not in seen]
-            seen.update(names)
-            scale = self.lr_scales.layer.get(name, 1.0)
-            # Biases and norm weights (1-D) take no weight decay: the timm / HF convention.
-            decay = [params[n] for n in names if params[n].ndim > 1]
-            no_decay = [params[n] for n in names if params[n].ndim <= 1]
-            if decay:
-                yield {"name": name, "params": decay, "lr": self.lr * scale, "weight_decay": self.weight_decay}
-            if no_decay:
-                yield {"name": f"{name}.no_wd", "params": no_decay, "lr": self.lr * scale, "weight_decay": 0.0}
-        rest = [p for n, p in params.items() if n not in seen]
-        if rest:
-            yield {"name": "other", "params": rest, "lr": self.lr, "weight_decay": self.weight_decay}
-
     def configure_optimizers(self) -> Any:
-        # Every parameter is in the optimizer from the start, frozen or not: frozen ones get no gradient, so the
-        # optimizer skips them, and unfreezing later needs no `add_param_group` (which LR schedulers mishandle and
-        # which breaks resuming). Each group is named after its layer group for the logged learning rates.
-        from peft_lightning.engine.batch import global_batch, lr_scale
-
-        batch = global_batch(self.trainer) if self.scale_lr != "none" else None
-        if self.scale_lr != "none" and batch is None:
-            from peft_lightning.errors import UsageError
-
-            raise UsageError("--model.scale_lr needs the per-device batch size (the datamodule's batch_size)")
-        self.lr = self.base_lr * (lr_scale(self.scale_lr, batch.size, self.reference_batch()) if batch else 1.0)
-        groups = list(self._iter_param_groups())
-        if self.optimizer_name == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=True)
-        elif self.optimizer_name == "adam":
-            opt = torch.optim.Adam(groups, lr=self.lr)
-        else:
-            opt = torch.optim.AdamW(groups, lr=self.lr)
-        total = int(self.trainer.estimated_stepping_batches)
-        if self.schedule_epochs and self.trainer.max_epochs and self.trainer.max_epochs > 0:
-            total = total * self.schedule_epochs // self.trainer.max_epochs
-        total = max(1, total)
-        warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
-        # The layer, phase and group scales of the fine-tuning callback are read live by every scheduler: the
-        # callback can change them between epochs (milestones, retune rounds, auto) without touching the optimizer,
-        # and a resumed run recomputes them.
-        names = [g["name"].removesuffix(".no_wd") for g in groups]
-        for g in opt.param_groups:  # the scales are applied by the schedulers below
-            g["lr"] = g["initial_lr"] = self.lr
-        if self.scheduler_name == "plateau":
-            factors = [partial(self.lr_scales.factor, n) for n in names]
-            sched: Any = GroupPlateau(opt, factors, mode=self.monitor_mode, factor=0.5, patience=1)
-            return {
-                "optimizer": opt,
-                "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch"},
-            }
-        if self.scheduler_name == "onecycle" and not self.warmup:
-            warmup = int(0.3 * total)  # OneCycleLR's default pct_start
-        shape = warmup_cosine(warmup, total, self.min_lr_ratio, self.scheduler_name)
-        sched = GroupLambdaLR(opt, [self._group_lambda(shape, n) for n in names])
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def _group_lambda(self, shape: Any, name: str) -> Any:
-        return lambda step: shape(step) * self.lr_scales.factor(name)
-
-    # --- export and its model card: what `export` and `card` ask of a domain (each overrides what differs) ---
-    library: ClassVar[str] = ""
-    """The library the base model comes from, as the model card names it (``timm``, ``transformers``); "" for a model
-    the task builds itself."""
-    peft_task_type: ClassVar[str | None] = None
-    """peft's task type of the adapters (``SEQ_CLS`` ...), saved in ``adapter_config.json`` so that
-    ``PeftModel.from_pretrained`` returns the matching class; None: a plain ``PeftModel``."""
-
-    def weights_source(self) -> str:
-        """Where the base weights come from, in words (the model card's "Base model")."""
-        return "the recipe's defaults"
-
-    def hub_base_model(self) -> str | None:
-        """The Hugging Face hub id of the base model, which the card's metadata links to; None: not a hub model."""
-        return None
-
-    def export_merged(self, merged: nn.Module, out: Path) -> Path:
-        """Write ``merged`` (the task's model, adapters merged in: see ``export``) into the folder ``out`` in its
-        library's format, and return its path. Here: its state_dict as ``model.safetensors``."""
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, str(out / "model.safetensors"))
-        return out / "model.safetensors"
-
-    def merged_option(self, whole_task: bool = False) -> str:
-        """The ``predict`` option that loads what ``export_merged`` wrote, or with ``whole_task`` the whole task's
-        weights (what ``export`` writes where more than the adapted model trained). Here: ``--model.init_from``."""
-        return "--model.init_from"
-
-    def base_snippet(self) -> Snippet:
-        """The card's Python that sets ``base``, the model without adapters as training built it, onto which
-        ``PeftModel.from_pretrained`` loads the export. Here: the recipe class builds it (its own ``build_model``)."""
-        cls, hp = type(self), dict(self.hparams)
-        names = ("model_name", "num_classes", "num_labels", "pretrained", "checkpoint_path")
-        keep = {k: hp[k] for k in names if k in hp}
-        return Snippet(
-            [f"from {cls.__module__} import {cls.__qualname__}"],
-            [
-                f"base = {cls.__qualname__}({', '.join(f'{k}={v!r}' for k, v in keep.items())}).model"
-                "  # the recipe's base model, without adapters"
-            ],
-        )
-
-    def merged_snippet(self, path: Path) -> Snippet | None:
-        """The card's Python that sets ``merged``: what ``export_merged`` wrote at ``path``, loaded with its library
-        alone; None: only the recipe loads it (``merged_option``)."""
-        return None
-
-    def onnx_spec(self, model: nn.Module, data: dict[str, Any]) -> OnnxSpec:
-        """What ``export --onnx`` writes of ``model`` (this task's model, adapters merged, in eval mode): the module,
-        named example inputs with their dynamic axes, and the model card's lines for onnxruntime
-        (``onnx_export.OnnxSpec``). ``data``: the datamodule's arguments recorded with the checkpoint (image size,
-        ``max_length`` ...), empty when there are none. A domain that can be exported overrides it; here it refuses."""
-        from peft_lightning.errors import UsageError
-
-        raise UsageError(
-            f"{type(self).__name__} cannot be exported to ONNX: its domain defines no ONNX inputs "
-            "(FineTuneTask.onnx_spec); export without --onnx"
-        )
+        return optim.configure_optimizers(self)

@@ -18,7 +18,8 @@ from peft_lightning.engine.blocks import BLOCK_IN_NAME, BLOCK_MODULES
 from peft_lightning.errors import UsageError
 from peft_lightning.model_files.onnx_export import ByName, OnnxSpec
 from peft_lightning.prefix import Split, container_item, start_at, stop_before
-from peft_lightning.tasks.base import FineTuneTask, LayerGroups, Snippet
+from peft_lightning.tasks.base import FineTuneTask, LayerGroups
+from peft_lightning.tasks.export_hooks import Snippet
 from peft_lightning.tasks.metrics import classification_metrics, per_stage
 from peft_lightning.tasks.rows import class_names_or_ids, class_rows, multi_label_rows
 
