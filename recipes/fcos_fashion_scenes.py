@@ -40,7 +40,7 @@ class FashionScenes(DetectionDataModule):
     def __init__(
         self,
         dataset: str = FASHION_MNIST_DIR,
-        scenes: tuple[int, int, int] = (1500, 200, 500),
+        scenes: tuple[int, int, int] = (1000, 200, 500),
         canvas: int = 128,
         **kwargs: Any,
     ) -> None:
@@ -90,7 +90,7 @@ class FcosFashionScenes(DetectionTask):
         "eval_batch_size": 100,
         "num_workers": 1,
     }
-    trainer_defaults = {"max_epochs": 4, "precision": "auto"}
+    trainer_defaults = {"max_epochs": 4, "precision": "32-true"}
     finetuning_defaults = {
         "strategy": {"class_path": "peft_lightning.callbacks.strategies.Head", "init_args": {"groups": 2}}
     }

@@ -305,3 +305,39 @@ def test_bad_annotations_stop_with_one_line(coco, tmp_path, cli, case, match):
     code, _, err = cli("fit", "--recipe", "fcos_fashion_scenes", *TINY_FLAGS, f"--data.dataset={folder}")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and match in lines[0], err
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_step_resumes_to_the_uninterrupted_run(coco, tmp_path):
+    """SIGKILL in the middle of step 8 (epoch 1 of 2, the frozen backbone's pyramid cached), then ``--ckpt_path
+    last``: the same weights and validation metrics as a run never stopped."""
+    import signal
+
+    from test_reliability import assert_same_run, kill_args
+
+    from helpers import forked_cli
+
+    def args(root: Path, *extra: str) -> list[str]:
+        return [
+            "fit",
+            "--recipe",
+            "fcos_fashion_scenes",
+            *TINY_FLAGS,
+            f"--data.dataset={coco}",
+            "--trainer.max_epochs=2",
+            "--trainer.deterministic=true",
+            "--test_after_fit=false",
+            f"--trainer.default_root_dir={root}",
+            "--checkpoint.last_every_n_train_steps=3",
+            "--trainer.callbacks+=reliability_callbacks.RecordMetrics",
+            f"--trainer.callbacks.path={root / 'metrics.jsonl'}",
+            *extra,
+        ]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert forked_cli(args(whole)).returncode == 0
+    res = forked_cli(args(killed, *kill_args(8)))
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    res = forked_cli(args(killed, "--ckpt_path", "last"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(whole, killed, "SIGKILL at step 8")
