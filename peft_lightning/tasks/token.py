@@ -246,14 +246,12 @@ class TokenClassifier(TextClassifier):
 
     # --- steps ---
     def _logits_and_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = batch["labels"]
         if self.training and self.prefix_cache is not None and "index" in batch:
-            logits = self.prefix_cache.logits(batch)
+            logits = self.prefix_cache.logits(batch)  # [batch, the batch's longest row, tags], as uncached
         else:
             logits = self(**self._inputs(batch))
-        labels = labels[:, : logits.shape[1]]  # a cached epoch's labels may be wider than its batch's longest row
         loss = F.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, label_smoothing=self.label_smoothing
+            logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, label_smoothing=self.label_smoothing
         )
         return logits, loss
 
