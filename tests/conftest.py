@@ -85,3 +85,9 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end runs (``slow``) first, the rest in file order: pytest-xdist hands tests out in this order, so
+    the longest ones start while every worker is free instead of forming a tail one worker runs alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
