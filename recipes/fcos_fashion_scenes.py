@@ -8,8 +8,9 @@ from its test images. They are written once as COCO files and PNGs to the ``data
 Why these numbers (docs/detection.md has the measurements, 2 CPU cores): at 128 px the items are 3-8 cells of
 the stride-8 level, which FCOS assigns objects below 64 px to; P6/P7 (for objects over ~250 px) would only cost
 time, so ``extra_levels`` is off. The pyramid and head are 64 wide with 2 convolutions per branch (torchvision's
-FCOS: 256 and 4) so that a step costs mostly the backbone. Training the backbone's top blocks with the
-new layers beats a frozen backbone at the same time budget; the lower blocks stay frozen.
+FCOS: 256 and 4) so that a step costs mostly the backbone. The default trains the new pyramid and head on the
+frozen backbone, whose feature levels are computed once and cached: the cheapest run (test mAP@50 0.593, against
+0.056 with a random backbone); ``--finetuning.strategy auto`` found better boxes (0.657) for twice the CPU time.
 """
 
 from __future__ import annotations
