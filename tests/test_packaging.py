@@ -13,7 +13,7 @@ from conftest import ROOT
 # Offline assets scripts/setup.sh installs for the offline recipes: optional, never a dependency.
 SETUP_ASSETS = set(re.findall(r"^have (\w+) \|\|", (ROOT / "scripts" / "setup.sh").read_text(), re.M))
 # Found by Lightning by package name (its TensorBoardLogger), never imported by this project.
-USED_WITHOUT_IMPORT = {"tensorboard"}
+USED_WITHOUT_IMPORT = {"tensorboard", "pycocotools"}  # found by name by Lightning / torchmetrics
 
 
 def _norm(name: str) -> str:
