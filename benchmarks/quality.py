@@ -40,6 +40,25 @@ ROWS = {
         "test/acc",
         ["--data.max_train_samples", "160", "--data.max_val_samples", "64", "--data.max_test_samples", "128"],
     ),
+    "minilm_punctuation": (
+        "minilm_punctuation",
+        "test/f1",
+        ["--data.max_train_samples", "160", "--data.max_val_samples", "64", "--data.max_test_samples", "128"],
+    ),
+    "fcos_fashion_scenes": (
+        "fcos_fashion_scenes",
+        "test/map_50",
+        [
+            "--data.max_train_samples",
+            "64",
+            "--data.max_val_samples",
+            "32",
+            "--data.max_test_samples",
+            "32",
+            "--trainer.max_epochs",
+            "1",
+        ],
+    ),
     "bpr_movielens": (
         "bpr_movielens",
         "test/ndcg@10",
