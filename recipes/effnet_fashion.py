@@ -42,19 +42,19 @@ class FashionMNIST(ImageDataModule):
                     "Debian's dataset-fashion-mnist) or pass --data.dataset zalando-datasets/fashion_mnist"
                 )
             return super().load_splits()
-        import datasets
+        return self.derived_splits("fashion_mnist", lambda: fashion_mnist_splits(path))
 
-        cache = Path(self.hparams.cache_dir or datasets.config.HF_DATASETS_CACHE) / "peft_lightning" / "fashion_mnist"
-        if (cache / "dataset_dict.json").is_file():
-            return datasets.load_from_disk(str(cache))
-        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
-        splits = {}
-        for split, prefix in (("train", "train"), ("test", "t10k")):
-            images, labels = read_idx(path, prefix)
-            splits[split] = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features)
-        ds = datasets.DatasetDict(splits)
-        ds.save_to_disk(str(cache))
-        return datasets.load_from_disk(str(cache))
+
+def fashion_mnist_splits(path: Path) -> Any:
+    """Debian's IDX files as a ``datasets.DatasetDict`` of images and class labels (train, test)."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = read_idx(path, prefix)
+        splits[split] = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features)
+    return datasets.DatasetDict(splits)
 
 
 def read_idx(folder: Path, prefix: str) -> tuple[Any, Any]:

@@ -54,11 +54,10 @@ class FashionScenes(DetectionDataModule):
             if path.is_absolute() and not path.exists():
                 raise UsageError(f"Fashion-MNIST not found at {str(path)!r}: run scripts/setup.sh")
             return super().load_splits()
-        import datasets
 
         train, val, test = hp.scenes
         name = f"fashion_scenes-{hp.canvas}px-{train}-{val}-{test}-seed{hp.seed}"
-        folder = Path(hp.cache_dir or datasets.config.HF_DATASETS_CACHE) / "peft_lightning" / name
+        folder = self.own_cache(name)
         names = (hp.train_split, hp.val_split, hp.test_split)
         if not (folder / f"{hp.test_split}.json").is_file():  # written last: its presence means all are there
             images, labels = read_idx(path, "train")

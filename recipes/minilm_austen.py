@@ -108,14 +108,15 @@ class AustenNovels(TextDataModule):
         super().__init__(**kwargs)
 
     def load_splits(self) -> Any:
+        hp = self.hparams
+        key = f"v1-l{hp.passage_lines}-b{hp.block_passages}-f{hp.val_fraction}-s{hp.seed}"
+        return self.derived_splits(f"austen/{key}", self.passages)
+
+    def passages(self) -> Any:
+        """The novels' passages, labelled by novel, in blocks drawn into the three splits."""
         import datasets
 
         hp = self.hparams
-        # Passages and splits are built once and saved as Arrow, so tokenization is cached against files too.
-        key = f"v1-l{hp.passage_lines}-b{hp.block_passages}-f{hp.val_fraction}-s{hp.seed}"
-        cache = Path(hp.cache_dir or datasets.config.HF_DATASETS_CACHE) / "peft_lightning" / "austen" / key
-        if (cache / "dataset_dict.json").is_file():
-            return datasets.load_from_disk(str(cache))
         rows: dict[str, dict[str, list]] = {s: {"text": [], "label": []} for s in ("train", "validation", "test")}
         for label, (_name, lines) in enumerate(read_novels(hp.dataset).items()):
             passages = make_passages(lines, hp.passage_lines)
@@ -126,9 +127,7 @@ class AustenNovels(TextDataModule):
         features = datasets.Features(
             {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(NOVELS.values()))}
         )
-        ds = datasets.DatasetDict({s: datasets.Dataset.from_dict(r, features) for s, r in rows.items()})
-        ds.save_to_disk(str(cache))
-        return datasets.load_from_disk(str(cache))
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(r, features) for s, r in rows.items()})
 
 
 class MinilmAusten(TextClassifier):

@@ -19,7 +19,6 @@ loaded machine, is in docs/token_classification.md.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, ClassVar
 
 from peft_lightning.assets import AUSTEN_DIR
@@ -71,14 +70,15 @@ class AustenPunctuation(TokenDataModule):
         super().__init__(**kwargs)
 
     def load_splits(self) -> Any:
+        hp = self.hparams
+        key = f"v1-w{hp.words_per_example}-b{hp.block_examples}-f{hp.val_fraction}-s{hp.seed}"
+        return self.derived_splits(f"austen_punct/{key}", self.examples)
+
+    def examples(self) -> Any:
+        """The novels' words with their tags, in examples of ``words_per_example``, in blocks drawn into the splits."""
         import datasets
 
         hp = self.hparams
-        # Built once and saved as Arrow, so tokenization is cached against files too.
-        key = f"v1-w{hp.words_per_example}-b{hp.block_examples}-f{hp.val_fraction}-s{hp.seed}"
-        cache = Path(hp.cache_dir or datasets.config.HF_DATASETS_CACHE) / "peft_lightning" / "austen_punct" / key
-        if (cache / "dataset_dict.json").is_file():
-            return datasets.load_from_disk(str(cache))
         rows: dict[str, dict[str, list]] = {s: {"tokens": [], "tags": []} for s in ("train", "validation", "test")}
         n = hp.words_per_example
         for number, lines in enumerate(read_novels(hp.dataset).values()):
@@ -91,9 +91,7 @@ class AustenPunctuation(TokenDataModule):
         features = datasets.Features(
             {"tokens": datasets.List(datasets.Value("string")), "tags": datasets.List(datasets.ClassLabel(names=TAGS))}
         )
-        ds = datasets.DatasetDict({s: datasets.Dataset.from_dict(r, features) for s, r in rows.items()})
-        ds.save_to_disk(str(cache))
-        return datasets.load_from_disk(str(cache))
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(r, features) for s, r in rows.items()})
 
 
 class MinilmPunctuation(TokenClassifier):

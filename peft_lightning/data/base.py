@@ -22,6 +22,7 @@ builds its own ``Trainer`` calls ``data.connect(**model.data_needs())``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -164,6 +165,23 @@ class FineTuneDataModule(LightningDataModule):
         """Return the raw splits. Subclasses override this for sources ``datasets`` cannot read."""
         hp = self.hparams
         return load_source(hp.dataset, hp.config_name, hp.cache_dir, self.source_kinds)
+
+    def own_cache(self, name: str) -> Path:
+        """The folder of data this module derives itself (passages, scenes, splits read from raw files):
+        ``cache_dir`` (default: ``datasets``' cache) / ``peft_lightning`` / ``name``."""
+        import datasets
+
+        return Path(self.hparams.cache_dir or datasets.config.HF_DATASETS_CACHE, "peft_lightning", name)
+
+    def derived_splits(self, name: str, build: Callable[[], datasets.DatasetDict]) -> datasets.DatasetDict:
+        """The splits ``build`` makes from files ``datasets`` cannot read, built once and saved as Arrow in
+        ``own_cache(name)``: later runs read them back, so their tokenization is cached against files too."""
+        import datasets
+
+        folder = self.own_cache(name)
+        if not (folder / "dataset_dict.json").is_file():
+            build().save_to_disk(str(folder))
+        return datasets.load_from_disk(str(folder))
 
     def _predicting_new_data(self) -> bool:
         return bool(self.hparams.predict_data) and self.trainer is not None and self.trainer.predicting
