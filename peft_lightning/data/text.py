@@ -95,6 +95,18 @@ def encode_for_predict(
     return out
 
 
+def tokenizer_for(option: str | None, connected: Any) -> Any:
+    """The tokenizer a text data module uses: ``--data.tokenizer`` (``option``) if given, else the one the model's
+    ``connect`` handed over; one line when there is neither."""
+    if option:
+        return load_tokenizer(option, flag="--data.tokenizer")
+    if connected is not None:
+        return connected
+    raise UsageError(
+        "no tokenizer: pass --data.tokenizer NAME_OR_DIR, or connect the model's: data.connect(**model.data_needs())"
+    )
+
+
 class TextDataModule(FineTuneDataModule):
     """Train/val/test text-classification data, tokenized for the model being tuned.
 
@@ -187,14 +199,7 @@ class TextDataModule(FineTuneDataModule):
 
     def resolve_tokenizer(self) -> Any:
         """``tokenizer`` if given, else the connected model's."""
-        if self.hparams.tokenizer:
-            return load_tokenizer(self.hparams.tokenizer, flag="--data.tokenizer")
-        if self.model_tokenizer is not None:
-            return self.model_tokenizer
-        raise UsageError(
-            "no tokenizer: pass --data.tokenizer NAME_OR_DIR, or connect the model's: "
-            "data.connect(**model.data_needs())"
-        )
+        return tokenizer_for(self.hparams.tokenizer, self.model_tokenizer)
 
     def prepare_data(self) -> None:
         # Loads, carves and tokenizes on one process per node; `setup` on the other ranks then reads the caches.

@@ -18,7 +18,7 @@ from peft_lightning.data.base import Collate, FineTuneDataModule
 from peft_lightning.data.checks import DataSpec, at_least, check_options
 from peft_lightning.data.conll import CONLL_SUFFIXES, conll_files, load_conll
 from peft_lightning.data.source import find_column, load_predict_table, load_source, local_path
-from peft_lightning.data.text import load_tokenizer, tokenizer_fingerprint
+from peft_lightning.data.text import tokenizer_fingerprint, tokenizer_for
 from peft_lightning.errors import UsageError
 from peft_lightning.internals import dataset_fingerprint
 
@@ -197,13 +197,7 @@ class TokenDataModule(FineTuneDataModule):
 
     def resolve_tokenizer(self) -> Any:
         """``tokenizer`` if given, else the connected model's; it must map pieces back to words (a fast one)."""
-        hp = self.hparams
-        tokenizer = load_tokenizer(hp.tokenizer) if hp.tokenizer else self.model_tokenizer
-        if tokenizer is None:
-            raise UsageError(
-                "no tokenizer: pass --data.tokenizer NAME_OR_DIR, or connect the model's: "
-                "data.connect(**model.data_needs())"
-            )
+        tokenizer = tokenizer_for(self.hparams.tokenizer, self.model_tokenizer)
         if not tokenizer.is_fast:
             raise UsageError(
                 f"{type(tokenizer).__name__} cannot map sub-words back to words (word_ids): token classification "
